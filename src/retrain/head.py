@@ -1,0 +1,34 @@
+"""The dense head: Dropout -> Dense(softmax), trained on cached backbone features."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+CLASSIFIER = "classifier"
+
+
+def build_head(feature_size: int, classes: int, dropout: float, seed: int) -> keras.Model:
+    features = keras.Input((feature_size,), name="features")
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(features)
+    probabilities = keras.layers.Dense(classes, activation="softmax", name=CLASSIFIER)(x)
+    return keras.Model(features, probabilities, name="head")
+
+
+def compile_classifier(model: keras.Model, learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def train_head(head: keras.Model, train: tuple[np.ndarray, np.ndarray],
+               val: tuple[np.ndarray, np.ndarray], *, learning_rate: float, epochs: int,
+               batch_size: int, class_weight: dict | None = None,
+               patience: int = 0, callbacks: list | None = None) -> keras.callbacks.History:
+    compile_classifier(head, learning_rate)
+    callbacks = list(callbacks or [])
+    if patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=patience, restore_best_weights=True))
+    # fit shuffles each epoch from the global seed set by make_deterministic.
+    return head.fit(*train, validation_data=val, epochs=epochs, batch_size=batch_size,
+                    class_weight=class_weight, callbacks=callbacks, shuffle=True, verbose=2)

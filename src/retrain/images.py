@@ -1,0 +1,136 @@
+"""The one image loader. Every stage that reads pixels (split, extract, finetune, evaluate,
+render, predict) goes through `load_image`, so a model always sees the same pixels for the
+same file.
+
+Pillow decodes JPEG, PNG, GIF (first frame), BMP and WebP: the formats TensorFlow's own
+decoders read. EXIF orientation is applied, grayscale/CMYK/16-bit/alpha become 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retrain.atomic import atomic_path
+from retrain.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# Decompression-bomb guard: larger images are refused before their pixels are decoded.
+MAX_PIXELS = 80_000_000
+
+
+def is_image_name(path: str | Path) -> bool:
+    name = Path(path).name
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Decode a whole image file as upright 8-bit RGB, or raise DataError saying why not."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.format not in SUPPORTED_FORMATS:
+                    raise DataError(f"{path}: unsupported image format {img.format}")
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(
+                        f"{path}: {width}x{height} exceeds the {MAX_PIXELS:,}-pixel limit"
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: cannot decode ({exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255.
+        array = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        img = Image.fromarray(np.round(array * (255.0 / peak)).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency onto white, as a viewer would show it.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Pixels of `path` as uint8 (size, size, 3), resized bilinearly with antialiasing."""
+    img = read_rgb(path)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def iter_image_batches(
+    paths: Sequence[str | Path], size: int, batch_size: int, workers: int | None = None
+) -> Iterator[np.ndarray]:
+    """Yield uint8 batches in order, decoding ahead on a thread pool.
+
+    Pillow releases the GIL while decoding, so threads overlap decoding with the model's
+    compute; at most `2 * workers` batches are in flight, so memory stays bounded.
+    """
+    workers = workers or min(4, os.cpu_count() or 1)
+
+    def load_batch(start: int) -> np.ndarray:
+        return np.stack([load_image(p, size) for p in paths[start : start + batch_size]])
+
+    starts = iter(range(0, len(paths), batch_size))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for start in starts:
+            pending.append(pool.submit(load_batch, start))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            batch = pending.popleft().result()
+            next_start = next(starts, None)
+            if next_start is not None:
+                pending.append(pool.submit(load_batch, next_start))
+            yield batch
+
+
+def cached_image_array(
+    paths: Sequence[str | Path], digests: Iterable[str], size: int, cache_dir: str | Path
+) -> np.ndarray:
+    """All images decoded once at `size`, as a read-only uint8 memmap (N, size, size, 3).
+
+    The cache file is named after the images' sha256 digests and the size, so any change to
+    the data or the size makes a new one; an existing file is reused without decoding.
+    """
+    key = hashlib.sha256(f"v1:{size}:".encode() + ",".join(digests).encode()).hexdigest()[:32]
+    cache_dir = Path(cache_dir)
+    dest = cache_dir / f"images-{size}px-{key}.npy"
+    if not dest.exists():
+        with atomic_path(dest) as tmp:
+            array = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
+            )
+            start = 0
+            for batch in iter_image_batches(paths, size, batch_size=64):
+                array[start : start + len(batch)] = batch
+                start += len(batch)
+            array.flush()
+            del array
+    return np.load(dest, mmap_mode="r")

@@ -1,0 +1,228 @@
+"""Build split manifests: list every image once, check it, and assign it to train/val/test.
+
+Splits are made on files (never by `take`/`skip` on a shuffled stream, which reshuffles on
+every pass and leaks images between splits), stratified by class and seeded. Byte-identical
+files move together; identical files filed under two classes are dropped, since either
+label would be wrong for one of them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from retrain.atomic import atomic_path
+from retrain.errors import DataError
+from retrain.images import is_image_name, read_rgb
+
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ["path", "label", "label_index", "sha256", "width", "height"]
+SKIPPED_NAMES = ("__MACOSX",)
+MIN_IMAGES_TO_SPLIT = 3  # one each for train, val and test
+# Reason prefix -> metrics key; the empty prefix catches every decoding failure.
+EXCLUSION_KINDS = {
+    "identical file": "cross_class_duplicates",
+    "class not selected": "unselected_class",
+    "not an image file name": "not_image_files",
+    "": "unreadable_images",
+}
+
+
+@dataclass
+class Manifests:
+    splits: dict[str, pd.DataFrame]
+    classes: list[str]
+    excluded: pd.DataFrame  # path, reason
+
+
+def dataset_root(raw_dir: Path) -> Path:
+    """The folder holding the class folders: `raw_dir` itself or its single subfolder."""
+    entries = [p for p in raw_dir.iterdir() if not _skipped(p)]
+    folders = [p for p in entries if p.is_dir()]
+    if len(folders) == 1 and not any(is_image_name(p) for p in entries):
+        inner = [p for p in folders[0].iterdir() if p.is_dir() and not _skipped(p)]
+        if inner:
+            return folders[0]
+    return raw_dir
+
+
+def _skipped(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in SKIPPED_NAMES
+
+
+def list_candidates(root: Path) -> list[tuple[Path, str]]:
+    """(file, class name) for every file under each class folder, nested folders included."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders found")
+    found = []
+    for class_dir in class_dirs:
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not _skipped(Path(d)))
+            found += [(Path(dirpath) / f, class_dir.name) for f in sorted(filenames)
+                      if not f.startswith(".")]
+    return found
+
+
+def inspect_image(path: Path) -> dict:
+    """Decode once (to prove the file is usable) and hash the bytes."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    width, height = read_rgb(path).size
+    return {"sha256": digest, "width": width, "height": height}
+
+
+def scan_images(root: Path, base: Path, workers: int | None = None):
+    """Return (rows of usable images, rows of excluded files with a reason)."""
+    candidates = list_candidates(root)
+    rows, excluded = [], []
+
+    def check(candidate):
+        path, label = candidate
+        rel = path.relative_to(base).as_posix()
+        if not is_image_name(path):
+            return None, {"path": rel, "reason": "not an image file name"}
+        try:
+            return {"path": rel, "label": label, **inspect_image(path)}, None
+        except DataError as exc:
+            return None, {"path": rel, "reason": str(exc).split(": ", 1)[-1]}
+
+    with concurrent.futures.ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        for row, bad in pool.map(check, candidates):
+            if row:
+                rows.append(row)
+            else:
+                excluded.append(bad)
+    return rows, excluded
+
+
+def drop_cross_class_duplicates(rows: list[dict], excluded: list[dict]) -> list[dict]:
+    labels_by_digest = defaultdict(set)
+    for row in rows:
+        labels_by_digest[row["sha256"]].add(row["label"])
+    kept = []
+    for row in rows:
+        labels = labels_by_digest[row["sha256"]]
+        if len(labels) > 1:
+            excluded.append({"path": row["path"],
+                             "reason": "identical file under classes " + ", ".join(sorted(labels))})
+        else:
+            kept.append(row)
+    return kept
+
+
+def select_classes(rows, excluded, min_images: int, top_n: int) -> list[dict]:
+    """Keep classes with at least `min_images` images and/or the `top_n` most frequent."""
+    counts = Counter(row["label"] for row in rows)
+    keep = {label for label, n in counts.items() if n >= min_images}
+    if top_n:
+        ranked = sorted(keep, key=lambda label: (-counts[label], label))
+        keep = set(ranked[:top_n])
+    for row in rows:
+        if row["label"] not in keep:
+            excluded.append({"path": row["path"], "reason": "class not selected "
+                             f"({counts[row['label']]} images; split.min_images_per_class="
+                             f"{min_images}, split.top_classes={top_n})"})
+    return [row for row in rows if row["label"] in keep]
+
+
+def assign_splits(rows, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Stratified, seeded split of groups of identical files; returns {sha256: split}."""
+    groups = sorted({(row["sha256"], row["label"]) for row in rows})
+    per_class = Counter(label for _, label in groups)
+    for label, n in sorted(per_class.items()):
+        if n < MIN_IMAGES_TO_SPLIT:
+            raise DataError(f"class '{label}' has {n} distinct image(s); at least "
+                            f"{MIN_IMAGES_TO_SPLIT} are needed to split it (drop small classes "
+                            "with split.min_images_per_class)")
+    digests = [digest for digest, _ in groups]
+    labels = [label for _, label in groups]
+    try:
+        rest, val, rest_labels, _ = train_test_split(
+            digests, labels, test_size=val_fraction, stratify=labels, random_state=seed)
+        train, test = train_test_split(
+            rest, test_size=test_fraction, stratify=rest_labels, random_state=seed)
+    except ValueError as exc:
+        raise DataError(f"cannot split {len(digests)} images in {len(per_class)} classes: "
+                        f"{exc}") from None
+    return {**{d: "train" for d in train}, **{d: "val" for d in val}, **{d: "test" for d in test}}
+
+
+def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: float,
+                    seed: int, min_images_per_class: int = 0, top_classes: int = 0) -> Manifests:
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise DataError(f"{raw_dir}: dataset folder not found (run the fetch stage first)")
+    rows, excluded = scan_images(dataset_root(raw_dir), raw_dir)
+    rows = drop_cross_class_duplicates(rows, excluded)
+    rows = select_classes(rows, excluded, min_images_per_class, top_classes)
+    if not rows:
+        raise DataError(f"{raw_dir}: no usable images")
+    classes = sorted({row["label"] for row in rows})
+    if len(classes) < 2:
+        raise DataError(f"{raw_dir}: only one class ({classes[0]}); at least two are needed")
+    split_of = assign_splits(rows, val_fraction, test_fraction, seed)
+    index = {label: i for i, label in enumerate(classes)}
+    frame = pd.DataFrame(rows)
+    frame["label_index"] = frame["label"].map(index)
+    frame["split"] = frame["sha256"].map(split_of)
+    splits = {
+        name: frame[frame["split"] == name][MANIFEST_COLUMNS].sort_values("path")
+        .reset_index(drop=True)
+        for name in SPLITS
+    }
+    excluded_frame = pd.DataFrame(excluded, columns=["path", "reason"]).sort_values("path")
+    return Manifests(splits, classes, excluded_frame.reset_index(drop=True))
+
+
+def data_metrics(manifests: Manifests) -> dict:
+    """Images per class per split and exclusion counts, for metrics/data.json."""
+    per_split = {}
+    for name, frame in manifests.splits.items():
+        counts = frame["label"].value_counts()
+        per_split[name] = {label: int(counts.get(label, 0)) for label in manifests.classes}
+        per_split[name]["total"] = len(frame)
+    reasons = Counter(manifests.excluded["reason"].map(_reason_kind))
+    return {
+        "classes": len(manifests.classes),
+        "images": per_split,
+        "excluded": {"total": len(manifests.excluded),
+                     **{kind: reasons.get(kind, 0) for kind in EXCLUSION_KINDS.values()}},
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    for prefix, kind in EXCLUSION_KINDS.items():
+        if reason.startswith(prefix):
+            return kind
+    return EXCLUSION_KINDS[""]
+
+
+def write_manifests(manifests: Manifests, out_dir: str | Path) -> None:
+    """Write {train,val,test}.csv, classes.txt and excluded.csv as one atomic folder."""
+    with atomic_path(out_dir, directory=True) as tmp:
+        for name, frame in manifests.splits.items():
+            frame.to_csv(tmp / f"{name}.csv", index=False, lineterminator="\n")
+        (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in manifests.classes))
+        manifests.excluded.to_csv(tmp / "excluded.csv", index=False, lineterminator="\n")
+
+
+def read_split(manifest_dir: str | Path, split: str) -> pd.DataFrame:
+    path = Path(manifest_dir) / f"{split}.csv"
+    if not path.exists():
+        raise DataError(f"{path}: manifest not found (run the split stage first)")
+    return pd.read_csv(path, dtype={"path": str, "label": str, "sha256": str},
+                       keep_default_na=False)
+
+
+def read_classes(manifest_dir: str | Path) -> list[str]:
+    path = Path(manifest_dir) / "classes.txt"
+    if not path.exists():
+        raise DataError(f"{path}: class list not found (run the split stage first)")
+    return path.read_text().splitlines()

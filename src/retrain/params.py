@@ -1,0 +1,177 @@
+"""The one params loader: reads params.yaml and validates it against the schema below.
+
+Validation runs before any download or model work, so a typo (for example from
+`dvc exp run -S head.learnig_rate=...`) fails at once with the key named, instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from retrain.errors import ParamsError
+
+BACKBONES = ("mobilenet_v2", "resnet50_v2", "xception", "vgg16", "efficientnet_b0")
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type | tuple[type, ...]
+    check: Callable[[Any], bool] = lambda value: True
+    expect: str = ""
+
+
+def _number(lo: float, hi: float, *, lo_open=False, hi_open=False, integer=False) -> Field:
+    def check(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > lo if lo_open else value >= lo
+        below = value < hi if hi_open else value <= hi
+        return above and below
+
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    kind = int if integer else (int, float)
+    return Field(kind, check, f"a number in {left}{lo}, {hi}{right}")
+
+
+def _choice(*options: str) -> Field:
+    return Field(str, lambda value: value in options, "one of " + ", ".join(options))
+
+
+def _nonempty_str() -> Field:
+    return Field(str, lambda value: bool(value.strip()), "a non-empty string")
+
+
+def _sha256() -> Field:
+    def check(value):
+        return len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())
+
+    return Field(str, check, "64 hexadecimal digits")
+
+
+def _imagenet_indices() -> Field:
+    def check(value):
+        return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1000 for i in value)
+
+    return Field(list, check, "a list of ImageNet class indices in [0, 999]")
+
+
+def _gates() -> Field:
+    def check(value):
+        return all(
+            isinstance(gate, dict)
+            and set(gate) == {"metric", "direction", "tolerance"}
+            and isinstance(gate["metric"], str)
+            and gate["direction"] in ("higher", "lower")
+            and isinstance(gate["tolerance"], (int, float))
+            and gate["tolerance"] >= 0
+            for gate in value
+        )
+
+    return Field(list, check, "a list of {metric, direction: higher|lower, tolerance >= 0}")
+
+
+INF = float("inf")
+
+SCHEMA: dict[str, Any] = {
+    "seed": _number(0, 2**31 - 1, integer=True),
+    "data": {
+        "url": _nonempty_str(),
+        "sha256": _sha256(),
+        "timeout_s": _number(0, 3600, lo_open=True),
+        "retries": _number(0, 100, integer=True),
+        "max_members": _number(1, INF, integer=True),
+        "max_extracted_mb": _number(0, INF, lo_open=True),
+    },
+    "split": {
+        "val_fraction": _number(0, 1, lo_open=True, hi_open=True),
+        "test_fraction": _number(0, 1, lo_open=True, hi_open=True),
+        "min_images_per_class": _number(0, INF, integer=True),
+        "top_classes": _number(0, INF, integer=True),
+    },
+    "model": {
+        "backbone": _choice(*BACKBONES),
+        "weights": _nonempty_str(),
+        "image_size": _number(32, 1024, integer=True),
+        "alpha": Field((int, float), lambda v: v in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+                       "one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4"),
+    },
+    "extract": {
+        "batch_size": _number(1, 4096, integer=True),
+        "engine": _choice("auto", "keras", "litert"),
+    },
+    "head": {
+        "dropout": _number(0, 1, hi_open=True),
+        "learning_rate": _number(0, 10, lo_open=True),
+        "epochs": _number(1, 10000, integer=True),
+        "batch_size": _number(1, 65536, integer=True),
+        "class_weights": Field(bool, expect="true or false"),
+        "early_stopping_patience": _number(0, 10000, integer=True),
+    },
+    "finetune": {
+        "from_layer": _number(0, 100000, integer=True),
+        "lr_factor": _number(0, 100, lo_open=True),
+        "epochs": _number(1, 10000, integer=True),
+        "batch_size": _number(1, 4096, integer=True),
+        "augment": {
+            "flip": Field(bool, expect="true or false"),
+            "brightness": _number(0, 1),
+            "contrast": _number(0, 1),
+        },
+    },
+    "render": {
+        "cam_method": _choice("cam", "gradcam"),
+        "cam_samples": _number(1, 64, integer=True),
+        "confusion_clip": _number(0, INF),
+    },
+    "prefilter": {
+        "enabled": Field(bool, expect="true or false"),
+        "imagenet_classes": _imagenet_indices(),
+        "threshold": _number(0, 1),
+    },
+    "report": {
+        "gates": _gates(),
+    },
+}
+
+
+def validate(params: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dict[str, Any]:
+    """Check `params` against `schema`; raise ParamsError naming the first bad key."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params'}: expected a mapping of keys")
+    for key in params:
+        if key not in schema:
+            raise ParamsError(f"{prefix}{key}: unknown key (expected one of {', '.join(schema)})")
+    for key, spec in schema.items():
+        name = f"{prefix}{key}"
+        if key not in params:
+            raise ParamsError(f"{name}: missing")
+        value = params[key]
+        if isinstance(spec, dict):
+            validate(value, spec, name + ".")
+            continue
+        # bool is an int in Python; a `true` where a number belongs is still a mistake.
+        wrong_type = not isinstance(value, spec.kind) or (
+            isinstance(value, bool) and spec.kind is not bool
+        )
+        if wrong_type or not spec.check(value):
+            raise ParamsError(f"{name}: expected {spec.expect}, got {value!r}")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and validate the whole params file."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    return validate(params)

@@ -1,0 +1,48 @@
+"""Stage `extract`: pooled features of the frozen base for every manifest row, in order."""
+
+import argparse
+from pathlib import Path
+
+from retrain.atomic import atomic_path, write_json
+from retrain.backbones import check_model_params
+from retrain.errors import exits_cleanly
+from retrain.manifests import SPLITS, read_split
+from retrain.params import load_params
+
+
+@exits_cleanly
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--raw", required=True, help="image folder written by fetch")
+    parser.add_argument("--manifests", required=True)
+    parser.add_argument("--out", required=True, help="feature folder to write")
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args()
+    params = load_params()
+    model_params, extract = params["model"], params["extract"]
+    check_model_params(model_params)  # before TensorFlow starts
+    manifests = {split: read_split(args.manifests, split) for split in SPLITS}
+
+    from retrain.features import base_summary, build_extractor, extract_to_file, make_engine
+    from retrain.reproducibility import make_deterministic
+
+    make_deterministic(params["seed"])
+    base, extractor = build_extractor(model_params)
+    engine = make_engine(extract["engine"], extractor, model_params)
+    seconds = images = 0
+    with atomic_path(args.out, directory=True) as tmp:
+        for split, frame in manifests.items():
+            paths = [Path(args.raw) / p for p in frame["path"]]
+            stats = extract_to_file(engine, paths, model_params["image_size"],
+                                    extract["batch_size"], tmp / f"{split}.npy", desc=split)
+            seconds += stats.seconds
+            images += stats.images
+    summary = base_summary(base)
+    write_json(args.metrics, {**summary, "engine": engine.name, "images": images,
+                              "images_per_second": round(images / seconds, 2)})
+    print(f"extract: {images} images, {summary['feature_size']} features each, "
+          f"{images / seconds:.1f} images/s ({engine.name})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Stage `finetune`: assemble the full model, unfreeze the top of the base, train on images."""
+
+import argparse
+import json
+from pathlib import Path
+
+from retrain.atomic import atomic_path, write_json
+from retrain.backbones import check_model_params
+from retrain.errors import exits_cleanly
+from retrain.manifests import read_split
+from retrain.params import load_params
+
+
+@exits_cleanly
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--manifests", required=True)
+    parser.add_argument("--head", required=True, help="trained head (.keras)")
+    parser.add_argument("--head-metrics", required=True, help="metrics of train_head")
+    parser.add_argument("--model", required=True, help="full model to write (.keras)")
+    parser.add_argument("--serving", required=True, help="SavedModel folder to export")
+    parser.add_argument("--live", required=True, help="dvclive folder for the curves")
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args()
+    params = load_params()
+    model_params, tune = params["model"], params["finetune"]
+    check_model_params(model_params)
+    splits = {split: read_split(args.manifests, split) for split in ("train", "val")}
+
+    import keras
+    from dvclive import Live
+
+    from retrain.backbones import build_base
+    from retrain.cache import user_cache_dir
+    from retrain.finetune import (augmenter, assemble_model, count_params, fine_tune,
+                                  image_dataset, unfreeze_from)
+    from retrain.images import cached_image_array
+    from retrain.reproducibility import make_deterministic
+    from retrain.training import CurveLogger, balanced_class_weights, history_summary
+
+    make_deterministic(params["seed"])
+    head = keras.models.load_model(args.head)
+    model = assemble_model(build_base(model_params), head)
+    unfreeze_from(model, tune["from_layer"])
+    size, seed = model_params["image_size"], params["seed"]
+    datasets = {}
+    for split, frame in splits.items():
+        images = cached_image_array([Path(args.raw) / p for p in frame["path"]],
+                                    frame["sha256"], size, user_cache_dir("images"))
+        labels = frame["label_index"].to_numpy("int64")
+        datasets[split] = image_dataset(
+            images, labels, tune["batch_size"], seed=seed, shuffle=split == "train",
+            augment=augmenter(tune["augment"], seed) if split == "train" else None)
+    labels = splits["train"]["label_index"].to_numpy()
+    weights = balanced_class_weights(labels, head.output.shape[-1]) \
+        if params["head"]["class_weights"] else None
+    head_epochs = json.loads(Path(args.head_metrics).read_text())["epochs_run"]
+
+    with atomic_path(args.live, directory=True) as live_dir, \
+            Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
+        history = fine_tune(model, datasets["train"], datasets["val"],
+                            learning_rate=params["head"]["learning_rate"] * tune["lr_factor"],
+                            epochs=tune["epochs"], class_weight=weights,
+                            callbacks=[CurveLogger(live, first_step=head_epochs)])
+    with atomic_path(args.model) as tmp:
+        model.save(tmp)
+    with atomic_path(args.serving, directory=True) as tmp:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+    summary = {**history_summary(history), "params": count_params(model),
+               "from_layer": tune["from_layer"],
+               "from_layer_name": model.get_layer("backbone").layers[tune["from_layer"]].name}
+    write_json(args.metrics, summary)
+    print(f"finetune: val_accuracy {summary.get('val_accuracy', float('nan')):.4f}, "
+          f"{summary['params']['trainable']:,} trainable params")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Stage `split`: list, check and split the images into train/val/test manifests."""
+
+import argparse
+
+from retrain.atomic import write_json
+from retrain.errors import exits_cleanly
+from retrain.manifests import build_manifests, data_metrics, write_manifests
+from retrain.params import load_params
+
+
+@exits_cleanly
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--raw", required=True, help="folder written by the fetch stage")
+    parser.add_argument("--out", required=True, help="manifest folder to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    args = parser.parse_args()
+    params = load_params()
+    split = params["split"]
+    manifests = build_manifests(
+        args.raw,
+        val_fraction=split["val_fraction"],
+        test_fraction=split["test_fraction"],
+        seed=params["seed"],
+        min_images_per_class=split["min_images_per_class"],
+        top_classes=split["top_classes"],
+    )
+    write_manifests(manifests, args.out)
+    metrics = data_metrics(manifests)
+    write_json(args.metrics, metrics)
+    sizes = ", ".join(f"{name} {metrics['images'][name]['total']}" for name in manifests.splits)
+    print(f"split: {len(manifests.classes)} classes; {sizes}; "
+          f"excluded {metrics['excluded']['total']} (see {args.out}/excluded.csv)")
+
+
+if __name__ == "__main__":
+    main()
