@@ -40,9 +40,12 @@ BASE_METRICS = {
 
 ACCURACY = "finetuned.test_accuracy"
 
+# dvc would otherwise start a background process per command to send usage statistics.
+QUIET_ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, env=QUIET_ENV)
 
 
 def _dvc(*args: str, cwd: Path) -> None:
@@ -69,7 +72,6 @@ def base_repo(tmp_path_factory) -> Path:
     _run(["git", "config", "user.email", "ci@example.com"], repo)
     _run(["git", "config", "user.name", "CI"], repo)
     _dvc("init", "-q", cwd=repo)
-    _dvc("config", "core.analytics", "false", cwd=repo)
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "metrics").mkdir()
@@ -123,16 +125,17 @@ def test_improvement_exits_0(repo, capsys):
     assert f"| `metrics/evaluate.json` | `{ACCURACY}` | 0.9 | 0.95 | +0.05 |" in out
 
 
-@pytest.mark.parametrize("accuracy", [0.895, 0.89])
-def test_a_drop_within_tolerance_passes(repo, accuracy):
-    write_metrics(repo, test_accuracy=accuracy)
+def test_a_drop_of_exactly_the_tolerance_passes(repo):
+    # 0.9 - 0.89 is 0.010000000000000009 in floating point: still within 0.01.
+    write_metrics(repo, test_accuracy=0.89)
 
     markdown, passed = build_report("base", [gate(ACCURACY, tolerance=0.01)])
 
     assert passed, markdown
 
 
-@pytest.mark.parametrize(("loss", "passed"), [(0.20, True), (0.33, True), (0.40, False)])
+# A higher-is-better gate would judge both of these the other way round.
+@pytest.mark.parametrize(("loss", "passed"), [(0.20, True), (0.40, False)])
 def test_lower_is_better_gate(repo, loss, passed):
     write_metrics(repo, test_loss=loss)
 
@@ -209,7 +212,7 @@ def test_cli_exit_status_in_a_subprocess(repo):
     """What CI sees: the process's exit status, not a return value."""
     write_metrics(repo, test_accuracy=0.80)
     code = "import sys; from retrain.report import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**QUIET_ENV, "PYTHONPATH": str(ROOT / "src")}
 
     done = subprocess.run(
         [sys.executable, "-c", code, "--base", "base", "--out", "report.md"],

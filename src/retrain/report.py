@@ -87,23 +87,39 @@ class Report:
 # --- dvc -----------------------------------------------------------------------------------
 
 
-def _dvc_json(args: list[str], repo_dir: str | Path) -> tuple[dict[str, Any], str]:
-    """Run `dvc ARGS --json` in repo_dir; return the parsed output and dvc's stderr.
+class _Dvc:
+    """One `dvc ARGS --json` run in repo_dir, started now and read later.
 
-    dvc runs under this interpreter so the report sees the dvc installed next to it, not
-    whichever one happens to be first on PATH.
+    The report needs three dvc commands of about a second each, mostly interpreter start-up;
+    they only read the repository, so they run side by side. dvc runs under this interpreter
+    so the report sees the dvc installed next to it, not whichever is first on PATH.
     """
-    cmd = [sys.executable, "-m", "dvc", *args, "--json"]
-    try:
-        done = subprocess.run(cmd, cwd=repo_dir, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise ReportError(f"could not run dvc in {repo_dir}: {exc.strerror}") from None
-    if done.returncode != 0:
-        raise ReportError(f"dvc {' '.join(args)}: {_last_line(done.stderr)}")
-    try:
-        return json.loads(done.stdout or "{}"), done.stderr
-    except json.JSONDecodeError:
-        raise ReportError(f"dvc {' '.join(args)}: output is not JSON") from None
+
+    def __init__(self, args: list[str], repo_dir: str | Path):
+        self.name = "dvc " + " ".join(args)
+        cmd = [sys.executable, "-m", "dvc", *args, "--json"]
+        try:
+            self.proc = subprocess.Popen(
+                cmd, cwd=repo_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        except OSError as exc:
+            raise ReportError(f"could not run dvc in {repo_dir}: {exc.strerror}") from None
+
+    def result(self) -> tuple[dict[str, Any], str]:
+        """The parsed JSON output and dvc's stderr; a failure becomes a ReportError."""
+        stdout, stderr = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise ReportError(f"{self.name}: {_last_line(stderr)}")
+        try:
+            return json.loads(stdout or "{}"), stderr
+        except json.JSONDecodeError:
+            raise ReportError(f"{self.name}: output is not JSON") from None
+
+    def stop(self) -> None:
+        """Reap the process; one still running after another failed is no longer needed."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def _last_line(stderr: str) -> str:
@@ -173,14 +189,13 @@ def _under(path: str, folder: str) -> bool:
     return path.rstrip("/") == folder or path.startswith(folder + "/")
 
 
-def _dvc_changed(base: str, repo_dir: Path, figures_dir: str) -> set[str]:
+def _dvc_changed(diff: dict[str, Any], repo_dir: Path, figures_dir: str) -> set[str]:
     """Changed DVC-tracked files under figures_dir.
 
     `dvc diff` lists files inside a tracked folder only when the base's folder listing is in
     the local cache; on a fresh CI checkout it names just the folder, so then every figure in
     it counts as changed.
     """
-    diff, _ = _dvc_json(["diff", base], repo_dir)
     entries = [e["path"] for kind in ("added", "modified") for e in diff.get(kind, [])]
     entries += [e["path"]["new"] for e in diff.get("renamed", [])]
     entries = [p for p in entries if _under(p, figures_dir)]
@@ -206,11 +221,19 @@ def _git_changed(base: str, repo_dir: Path, figures_dir: str) -> set[str]:
     return files
 
 
-def changed_figures(base: str, repo_dir: str | Path, figures_dir: str) -> list[str]:
-    """PNG paths (relative to repo_dir) under figures_dir that differ from `base`."""
+def changed_figures(
+    base: str, repo_dir: str | Path, figures_dir: str, dvc_diff: dict[str, Any] | None = None
+) -> list[str]:
+    """PNG paths (relative to repo_dir) under figures_dir that differ from `base`.
+
+    dvc_diff is `dvc diff --json base` output when the caller already has it.
+    """
     repo_dir = Path(repo_dir)
     figures_dir = PurePosixPath(figures_dir).as_posix()
-    files = _dvc_changed(base, repo_dir, figures_dir) | _git_changed(base, repo_dir, figures_dir)
+    if dvc_diff is None:
+        dvc_diff = _Dvc(["diff", base], repo_dir).result()[0]
+    files = _dvc_changed(dvc_diff, repo_dir, figures_dir)
+    files |= _git_changed(base, repo_dir, figures_dir)
     return sorted(p for p in files if p.lower().endswith(".png") and (repo_dir / p).is_file())
 
 
@@ -246,7 +269,8 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> list[str]:
 def _verdict(results: list[GateResult]) -> str:
     failed = [r for r in results if not r.passed]
     if not failed:
-        return f"✅ **pass**: no gated metric got worse beyond its tolerance ({len(results)} checked)"
+        checked = f"{len(results)} checked"
+        return f"✅ **pass**: no gated metric got worse beyond its tolerance ({checked})"
     parts = []
     for r in failed:
         where = f"`{r.metric}` ({r.path})"
@@ -308,13 +332,27 @@ def _gates_section(results: list[GateResult]) -> list[str]:
 
 
 def _figures_section(figures: list[str], link_prefix: str) -> list[str]:
+    """Changed figures, folded: a run renders a dozen of them, too many to show unasked."""
     lines = ["## Changed figures", ""]
     if not figures:
         return lines + ["No figures changed."]
+    lines += ["<details>", f"<summary>{len(figures)} changed</summary>", ""]
     for path in figures:
         link = quote(PurePosixPath(link_prefix, path).as_posix())
         lines += [f"### `{path}`", "", f"![{PurePosixPath(path).name}]({link})", ""]
-    return lines[:-1]
+    return lines + ["</details>"]
+
+
+def _figures_or_why_not(
+    run: _Dvc, base: str, repo_dir: str | Path, figures_dir: str, link_prefix: str
+) -> list[str]:
+    """The figures section; the figures illustrate the report, so failing to list them must
+    not hide the verdict."""
+    try:
+        figures = changed_figures(base, repo_dir, figures_dir, run.result()[0])
+    except ReportError as exc:
+        return ["## Changed figures", "", f"Could not list changed figures: {exc}"]
+    return _figures_section(figures, link_prefix)
 
 
 def compose_report(
@@ -329,15 +367,18 @@ def compose_report(
     link_prefix is the path from where the Markdown will live to repo_dir, so that the image
     links resolve for `cml comment create`, which uploads the local images it finds.
     """
-    metrics, stderr = _dvc_json(["metrics", "diff", "--all", base], repo_dir)
-    results = check_gates(metrics, gates, base)
-    params, _ = _dvc_json(["params", "diff", base], repo_dir)
+    runs = [
+        _Dvc(["metrics", "diff", "--all", base], repo_dir),
+        _Dvc(["params", "diff", base], repo_dir),
+        _Dvc(["diff", base], repo_dir),
+    ]
     try:
-        figures = changed_figures(base, repo_dir, figures_dir)
-        figure_lines = _figures_section(figures, link_prefix)
-    except ReportError as exc:
-        # The figures illustrate the report; losing them must not hide the verdict.
-        figure_lines = ["## Changed figures", "", f"Could not list changed figures: {exc}"]
+        (metrics, stderr), (params, _) = runs[0].result(), runs[1].result()
+        results = check_gates(metrics, gates, base)
+        figure_lines = _figures_or_why_not(runs[2], base, repo_dir, figures_dir, link_prefix)
+    finally:
+        for run in runs:
+            run.stop()
     verdict = _verdict(results)
     notes = [f"> {warning}" for warning in _load_warnings(stderr)]
     sections = [

@@ -1,0 +1,64 @@
+"""Stage `evaluate`: test metrics and per-image predictions for the head and the full model."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from retrain.atomic import atomic_path, write_json
+from retrain.errors import DataError, exits_cleanly
+from retrain.manifests import read_classes, read_split
+from retrain.params import load_params
+
+
+@exits_cleanly
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--manifests", required=True)
+    parser.add_argument("--features", required=True)
+    parser.add_argument("--head", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--predictions", required=True, help="fine-tuned model's predictions")
+    parser.add_argument("--head-predictions", required=True)
+    args = parser.parse_args()
+    params = load_params()
+    classes = read_classes(args.manifests)
+    test = read_split(args.manifests, "test")
+    features = np.load(Path(args.features) / "test.npy")
+    if len(features) != len(test):
+        raise DataError(f"{args.features}/test.npy does not match the test manifest: "
+                        "re-run the extract stage")
+
+    import keras
+
+    import retrain.backbones  # noqa: F401  registers the Preprocess layer for loading
+    from retrain.cache import user_cache_dir
+    from retrain.evaluate import classification_metrics, predict_images, predictions_table
+    from retrain.images import cached_image_array
+
+    labels = test["label_index"].to_numpy()
+    head_probabilities = keras.models.load_model(args.head).predict(features, verbose=0)
+    model = keras.models.load_model(args.model)
+    images = cached_image_array([Path(args.raw) / p for p in test["path"]], test["sha256"],
+                                params["model"]["image_size"], user_cache_dir("images"))
+    model_probabilities = predict_images(model, images)
+
+    results = {}
+    for name, probabilities, dest in (
+        ("head", head_probabilities, args.head_predictions),
+        ("finetuned", model_probabilities, args.predictions),
+    ):
+        results[name] = classification_metrics(probabilities, labels, classes)
+        table = predictions_table(test["path"], probabilities, labels, classes)
+        with atomic_path(dest) as tmp:
+            table.to_csv(tmp, index=False, lineterminator="\n")
+    write_json(args.metrics, results)
+    print("evaluate: test accuracy "
+          + ", ".join(f"{name} {results[name]['test_accuracy']:.4f}" for name in results)
+          + f" on {len(test)} images")
+
+
+if __name__ == "__main__":
+    main()

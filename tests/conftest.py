@@ -1,0 +1,55 @@
+"""Shared fixtures. Everything runs offline; real photos and weights from ../shared are used
+where present and skipped cleanly where not."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SMALL_FLOWERS = SHARED / "data" / "flower_photos_small.tgz"
+REAL_WEIGHTS_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+
+# A tiny real network: MobileNetV2 at alpha 0.35 and 32 px builds in a second on a CPU.
+TINY_MODEL = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32, "alpha": 0.35}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """Downloads, decoded images and converted models go to a per-session cache."""
+    os.environ["RETRAIN_CACHE"] = str(tmp_path_factory.mktemp("retrain-cache"))
+    yield
+
+
+@pytest.fixture
+def tiny_model_params() -> dict:
+    return dict(TINY_MODEL)
+
+
+@pytest.fixture
+def class_tree(tmp_path):
+    """An extracted dataset: raw/<dataset>/<class>/*.jpg, 3 classes x 12 generated images."""
+    import tarfile
+
+    from retrain.synthetic import write_dataset
+
+    tarball = write_dataset(tmp_path / "set.tgz", classes=3, per_class=12, size=32, seed=1)
+    raw = tmp_path / "raw"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(raw, filter="data")
+    return raw
+
+
+def real_flowers_or_skip() -> Path:
+    if not SMALL_FLOWERS.exists():
+        pytest.skip("../shared/data/flower_photos_small.tgz not present")
+    return SMALL_FLOWERS
+
+
+def real_weights_or_skip() -> Path:
+    if not REAL_WEIGHTS_035.exists():
+        pytest.skip("../shared/weights (real MobileNetV2 weights) not present")
+    return REAL_WEIGHTS_035

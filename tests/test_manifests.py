@@ -1,0 +1,146 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from retrain.errors import DataError
+from retrain.manifests import build_manifests, data_metrics, read_split, write_manifests
+
+SPLIT = {"val_fraction": 0.2, "test_fraction": 0.1, "seed": 7}
+
+
+def dataset(raw):
+    return next(raw.iterdir())
+
+
+def test_manifests_are_byte_identical_across_runs(class_tree, tmp_path):
+    for run in ("a", "b"):
+        write_manifests(build_manifests(class_tree, **SPLIT), tmp_path / run)
+    for name in ("train.csv", "val.csv", "test.csv", "classes.txt", "excluded.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_splits_are_stratified_disjoint_and_complete(class_tree):
+    manifests = build_manifests(class_tree, **SPLIT)
+    frames = manifests.splits
+    assert manifests.classes == ["class_000", "class_001", "class_002"]
+    for frame in frames.values():
+        assert (frame["label_index"] == frame["label"].map(manifests.classes.index)).all()
+    # 12 per class: val 0.2 of 12 ~ 2.4, test 0.1 of the rest ~ 1, never a class left out
+    for name, frame in frames.items():
+        counts = frame["label"].value_counts()
+        assert set(counts.index) == set(manifests.classes), name
+    all_paths = [p for f in frames.values() for p in f["path"]]
+    assert len(all_paths) == len(set(all_paths)) == 36
+    # scikit-learn rounds the held-out share up: ceil(0.2 * 36), then ceil(0.1 * 28)
+    assert (len(frames["val"]), len(frames["test"]), len(frames["train"])) == (8, 3, 25)
+    assert list(frames["train"].columns) == ["path", "label", "label_index", "sha256",
+                                             "width", "height"]
+    assert (frames["train"]["width"] == 32).all()
+
+
+def test_seed_changes_the_split(class_tree):
+    a = build_manifests(class_tree, **SPLIT).splits["val"]["path"].tolist()
+    b = build_manifests(class_tree, **{**SPLIT, "seed": 8}).splits["val"]["path"].tolist()
+    assert a != b
+
+
+def test_duplicates_stay_together_and_cross_class_copies_are_excluded(class_tree):
+    root = dataset(class_tree)
+    first = sorted((root / "class_000").iterdir())
+    for i in range(3):  # three identical copies within one class
+        shutil.copy(first[i], root / "class_000" / f"copy_{i}.jpg")
+    shutil.copy(first[5], root / "class_001" / "misfiled.jpg")  # same bytes, other class
+    manifests = build_manifests(class_tree, **SPLIT)
+    split_of = {p: name for name, f in manifests.splits.items() for p in f["path"]}
+    for i in range(3):
+        original = first[i].relative_to(class_tree).as_posix()
+        copy = f"{root.name}/class_000/copy_{i}.jpg"
+        assert split_of[original] == split_of[copy]
+    excluded = dict(zip(manifests.excluded["path"], manifests.excluded["reason"]))
+    assert excluded[f"{root.name}/class_001/misfiled.jpg"] == \
+        "identical file under classes class_000, class_001"
+    assert first[5].relative_to(class_tree).as_posix() in excluded
+    assert data_metrics(manifests)["excluded"]["cross_class_duplicates"] == 2
+
+
+def test_bad_files_are_excluded_with_a_reason(class_tree):
+    folder = dataset(class_tree) / "class_002"
+    good = sorted(folder.iterdir())[0].read_bytes()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "notes.jpg").write_text("this is text")
+    (folder / "readme.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\0")
+    manifests = build_manifests(class_tree, **SPLIT)
+    reasons = dict(zip(manifests.excluded["path"].str.rsplit("/", n=1).str[-1],
+                       manifests.excluded["reason"]))
+    assert set(reasons) == {"empty.jpg", "truncated.jpg", "notes.jpg", "readme.txt"}
+    assert reasons["readme.txt"] == "not an image file name"
+    assert "cannot decode" in reasons["truncated.jpg"] or "image" in reasons["truncated.jpg"]
+    metrics = data_metrics(manifests)
+    assert metrics["excluded"] == {"total": 4, "cross_class_duplicates": 0,
+                                   "unselected_class": 0, "not_image_files": 1,
+                                   "unreadable_images": 3}
+
+
+def test_nested_folders_belong_to_their_class(class_tree):
+    folder = dataset(class_tree) / "class_001"
+    (folder / "more" / "deeper").mkdir(parents=True)
+    source = sorted(folder.glob("*.jpg"))[0]
+    source.rename(folder / "more" / "deeper" / "moved é.jpg")
+    manifests = build_manifests(class_tree, **SPLIT)
+    rows = [r for f in manifests.splits.values() for r in f.itertuples()
+            if r.path.endswith("moved é.jpg")]
+    assert len(rows) == 1 and rows[0].label == "class_001"
+
+
+def test_class_too_small_is_named(class_tree):
+    folder = dataset(class_tree) / "class_001"
+    for path in sorted(folder.iterdir())[2:]:
+        path.unlink()
+    with pytest.raises(DataError, match="class 'class_001' has 2 distinct image"):
+        build_manifests(class_tree, **SPLIT)
+    # ...and min_images_per_class drops it instead
+    manifests = build_manifests(class_tree, **SPLIT, min_images_per_class=3)
+    assert manifests.classes == ["class_000", "class_002"]
+    assert data_metrics(manifests)["excluded"]["unselected_class"] == 2
+
+
+def test_top_classes_keeps_the_most_frequent(class_tree):
+    folder = dataset(class_tree) / "class_000"
+    for path in sorted(folder.iterdir())[:4]:
+        path.unlink()
+    manifests = build_manifests(class_tree, **SPLIT, top_classes=2)
+    assert manifests.classes == ["class_001", "class_002"]
+
+
+def test_empty_class_folder_and_no_classes(class_tree, tmp_path):
+    (dataset(class_tree) / "empty_class").mkdir()
+    assert "empty_class" not in build_manifests(class_tree, **SPLIT).classes
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        build_manifests(tmp_path / "nothing", **SPLIT)
+
+
+@pytest.mark.slow
+def test_split_stage_on_the_real_flower_sample(tmp_path):
+    import tarfile
+
+    from conftest import real_flowers_or_skip
+
+    with tarfile.open(real_flowers_or_skip()) as tar:
+        tar.extractall(tmp_path / "raw", filter="data")
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", "raw", "--out",
+                    "manifests", "--metrics", "data.json"], cwd=tmp_path, check=True)
+    metrics = yaml.safe_load((tmp_path / "data.json").read_text())
+    assert [metrics["images"][s]["total"] for s in ("train", "val", "test")] == [144, 40, 16]
+    for label in ("daisy", "dandelion", "roses", "sunflowers", "tulips"):
+        assert metrics["images"]["val"][label] == 8
+        assert metrics["images"]["test"][label] in (3, 4)
+        assert metrics["images"]["train"][label] in (28, 29)
+    assert len(read_split(tmp_path / "manifests", "test")) == 16

@@ -1,0 +1,101 @@
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from retrain.errors import ParamsError
+from retrain.params import load_params, validate
+
+DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_value(dotted: str, value):
+    params = copy.deepcopy(DEFAULTS)
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return params
+
+
+def test_defaults_follow_the_classic_recipe():
+    params = load_params(REPO / "params.yaml")
+    assert params["model"] == {"backbone": "mobilenet_v2", "weights": "imagenet",
+                               "image_size": 224, "alpha": 1.0}
+    assert params["split"]["val_fraction"] == 0.2 and params["split"]["test_fraction"] == 0.1
+    assert params["head"]["dropout"] == 0.3 and params["head"]["epochs"] == 5
+    assert params["head"]["batch_size"] == 32
+    assert params["finetune"]["from_layer"] == 135 and params["finetune"]["lr_factor"] == 0.1
+    assert params["data"]["sha256"].startswith("4c54ace7911a")
+
+
+# Each row: dotted key, bad value, text the error must contain. A new case is one line.
+BAD_VALUES = [
+    ("seed", "forty-two", "seed: expected"),
+    ("seed", -1, "seed: expected"),
+    ("seed", 1.5, "seed: expected"),
+    ("data.url", "", "data.url"),
+    ("data.sha256", "abc", "data.sha256: expected 64 hexadecimal digits"),
+    ("data.timeout_s", 0, "data.timeout_s"),
+    ("split.val_fraction", 1.0, "split.val_fraction: expected a number in (0, 1)"),
+    ("split.val_fraction", 0, "split.val_fraction"),
+    ("split.test_fraction", "0.1", "split.test_fraction"),
+    ("split.top_classes", -3, "split.top_classes"),
+    ("model.backbone", "resnet51", "model.backbone: expected one of"),
+    ("model.image_size", 16, "model.image_size"),
+    ("model.image_size", True, "model.image_size"),
+    ("model.alpha", 0.6, "model.alpha"),
+    ("extract.engine", "onnx", "extract.engine"),
+    ("head.dropout", 1.0, "head.dropout"),
+    ("head.learning_rate", 0, "head.learning_rate"),
+    ("head.learning_rate", float("nan"), "head.learning_rate"),
+    ("head.epochs", 0, "head.epochs"),
+    ("head.epochs", 2.0, "head.epochs"),
+    ("head.class_weights", "yes", "head.class_weights: expected true or false"),
+    ("finetune.from_layer", -1, "finetune.from_layer"),
+    ("finetune.augment.brightness", 2, "finetune.augment.brightness"),
+    ("render.cam_method", "saliency", "render.cam_method"),
+    ("prefilter.imagenet_classes", [1000], "prefilter.imagenet_classes"),
+    ("report.gates", [{"metric": "x", "direction": "up", "tolerance": 0}], "report.gates"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_VALUES)
+def test_bad_value_is_named(key, value, message):
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(with_value(key, value))
+
+
+@pytest.mark.parametrize("key", ["head.learnig_rate", "modle", "finetune.augment.hue"])
+def test_unknown_key_is_refused(key):
+    params = with_value(key, 1)
+    with pytest.raises(ParamsError, match=f"{key}: unknown key"):
+        validate(params)
+
+
+def test_missing_key_is_named():
+    params = copy.deepcopy(DEFAULTS)
+    del params["head"]["epochs"]
+    with pytest.raises(ParamsError, match="head.epochs: missing"):
+        validate(params)
+
+
+def test_not_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: [1,\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_exits_2_with_one_line_before_any_work(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_value("split.val_fraction", 2)))
+    result = subprocess.run(
+        [sys.executable, REPO / "stages" / "split.py", "--raw", "missing", "--out", "out",
+         "--metrics", "m.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: split.val_fraction: expected a number in (0, 1), got 2"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
