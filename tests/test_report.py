@@ -1,8 +1,8 @@
 """The CI report: a regression in a gated metric fails the job, anything else passes.
 
-Each test works on a copy of one throwaway git + DVC repository whose base commit holds
-known metrics; the test then edits the workspace (as a pull request would) and runs the report
-against the base commit.
+Most tests work on a copy of one throwaway git + DVC repository whose base commit holds known
+metrics: they edit the workspace (as a pull request would) and run the report against the base
+commit. The gate arithmetic is also tested on its own, on dvc's JSON, without dvc.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain.report import ReportError, build_report, main
+from retrain.report import ReportError, build_report, changed_figures, check_gates, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,17 @@ BASE_METRICS = {
 
 ACCURACY = "finetuned.test_accuracy"
 
-# dvc would otherwise start a background process per command to send usage statistics.
-QUIET_ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+@pytest.fixture(scope="module")
+def dvc_env(tmp_path_factory) -> dict[str, str]:
+    """No usage statistics (a background process per dvc command), and dvc's per-repo
+    site cache kept with the throwaway repos instead of in /var/tmp/dvc."""
+    site = tmp_path_factory.mktemp("dvc-site-cache")
+    return {"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(site)}
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, env=QUIET_ENV)
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
 
 
 def _dvc(*args: str, cwd: Path) -> None:
@@ -64,9 +69,15 @@ def write_metrics(repo: Path, **finetuned: float | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def base_repo(tmp_path_factory) -> Path:
+def base_repo(tmp_path_factory, dvc_env) -> Path:
     """A repo whose only commit, tagged `base`, has accuracy 0.90 and two figures."""
-    repo = tmp_path_factory.mktemp("base") / "repo"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in dvc_env.items():
+            patch.setenv(name, value)
+        return _make_base_repo(tmp_path_factory.mktemp("base") / "repo")
+
+
+def _make_base_repo(repo: Path) -> Path:
     repo.mkdir()
     _run(["git", "init", "-q", "-b", "main"], repo)
     _run(["git", "config", "user.email", "ci@example.com"], repo)
@@ -88,12 +99,13 @@ def base_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def repo(base_repo, tmp_path, monkeypatch) -> Path:
+def repo(base_repo, dvc_env, tmp_path, monkeypatch) -> Path:
     """A private copy of the base repo, made the working directory."""
     copy = tmp_path / "repo"
     shutil.copytree(base_repo, copy, symlinks=True)
     monkeypatch.chdir(copy)
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    for name, value in dvc_env.items():
+        monkeypatch.setenv(name, value)
     return copy
 
 
@@ -134,24 +146,22 @@ def test_a_drop_of_exactly_the_tolerance_passes(repo):
     assert passed, markdown
 
 
-# A higher-is-better gate would judge both of these the other way round.
-@pytest.mark.parametrize(("loss", "passed"), [(0.20, True), (0.40, False)])
-def test_lower_is_better_gate(repo, loss, passed):
-    write_metrics(repo, test_loss=loss)
+def test_lower_is_better_gate_fails_when_the_value_rises(repo):
+    write_metrics(repo, test_loss=0.40)
 
-    markdown, ok = build_report("base", [gate("finetuned.test_loss", "lower", 0.05)])
-
-    assert ok is passed
-    assert ("❌" in markdown.splitlines()[2]) is not passed
-
-
-def test_fully_qualified_metric_name(repo):
-    write_metrics(repo, test_accuracy=0.5)
-
-    markdown, passed = build_report("base", [gate(f"metrics/evaluate.json:{ACCURACY}")])
+    markdown, passed = build_report("base", [gate("finetuned.test_loss", "lower", 0.05)])
 
     assert not passed
-    assert f"metrics/evaluate.json:{ACCURACY}" in markdown
+    assert "`finetuned.test_loss`" in markdown.splitlines()[2]
+
+
+def test_gated_metric_missing_in_the_workspace_is_reported_and_fails(repo):
+    write_metrics(repo, test_accuracy=None)
+
+    markdown, passed = build_report("base", [gate(ACCURACY)])
+
+    assert not passed
+    assert f"`{ACCURACY}` (metrics/evaluate.json) is missing in the workspace" in markdown
 
 
 def test_unknown_base_is_a_one_line_error(repo, capsys):
@@ -162,29 +172,6 @@ def test_unknown_base_is_a_one_line_error(repo, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert "no-such-rev" in err
-
-
-def test_gated_metric_missing_in_both_revisions_is_an_error(repo):
-    with pytest.raises(ReportError, match="finetuned.no_such_metric"):
-        build_report("base", [gate("finetuned.no_such_metric")])
-
-
-def test_gated_metric_missing_in_the_workspace_fails(repo):
-    write_metrics(repo, test_accuracy=None)
-
-    markdown, passed = build_report("base", [gate(ACCURACY)])
-
-    assert not passed
-    assert f"`{ACCURACY}` (metrics/evaluate.json) is missing in the workspace" in markdown
-
-
-def test_gated_metric_new_in_the_workspace_passes(repo):
-    write_metrics(repo, top5_accuracy=0.99)
-
-    markdown, passed = build_report("base", [gate("finetuned.top5_accuracy")])
-
-    assert passed
-    assert "✅ new" in markdown
 
 
 def test_out_file_params_and_changed_figures(repo, capsys):
@@ -208,11 +195,21 @@ def test_out_file_params_and_changed_figures(repo, capsys):
     assert not [p for p in (repo / "out").iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_figures_of_a_folder_dvc_cannot_list_all_count_as_changed(repo):
+    # On a fresh CI checkout the base's folder listing is not in the cache: `dvc diff`
+    # then names only the folder.
+    diff = {"added": [], "modified": [{"path": "reports/figures/"}], "renamed": []}
+
+    figures = changed_figures("base", repo, "reports/figures", dvc_diff=diff)
+
+    assert figures == ["reports/figures/confusion.png", "reports/figures/curves.png"]
+
+
 def test_cli_exit_status_in_a_subprocess(repo):
     """What CI sees: the process's exit status, not a return value."""
     write_metrics(repo, test_accuracy=0.80)
     code = "import sys; from retrain.report import main; sys.exit(main(sys.argv[1:]))"
-    env = {**QUIET_ENV, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
     done = subprocess.run(
         [sys.executable, "-c", code, "--base", "base", "--out", "report.md"],
@@ -225,3 +222,54 @@ def test_cli_exit_status_in_a_subprocess(repo):
     assert done.returncode == 1, done.stderr
     assert ACCURACY in done.stdout
     assert (repo / "report.md").is_file()
+
+
+# --- gate logic on `dvc metrics diff --all --json` output, without dvc ----------------------
+
+
+def diff_of(old: float | None, new: float | None, key: str = ACCURACY) -> dict:
+    return {"metrics/evaluate.json": {key: {"old": old, "new": new}}}
+
+
+@pytest.mark.parametrize(
+    ("direction", "old", "new", "status"),
+    [
+        ("higher", 0.90, 0.95, "pass"),
+        ("higher", 0.90, 0.89, "pass"),  # exactly the tolerance
+        ("higher", 0.90, 0.8899, "regression"),
+        ("lower", 0.30, 0.20, "pass"),  # a higher-is-better gate would fail this ...
+        ("lower", 0.30, 0.31, "pass"),
+        ("lower", 0.30, 0.3101, "regression"),  # ... and pass this
+        ("higher", None, 0.90, "new"),
+        ("higher", 0.90, None, "missing"),
+        ("higher", 0.90, float("nan"), "missing"),
+    ],
+)
+def test_gate_status(direction, old, new, status):
+    [result] = check_gates(diff_of(old, new), [gate(ACCURACY, direction, 0.01)], "base")
+
+    assert result.status == status
+    assert result.passed is (status in ("pass", "new"))
+
+
+def test_gate_matches_a_key_in_every_metrics_file_or_one_file_by_name():
+    metrics = {**diff_of(0.9, 0.5), "metrics/other.json": {ACCURACY: {"old": 0.9, "new": 0.9}}}
+
+    everywhere = check_gates(metrics, [gate(ACCURACY)], "base")
+    one_file = check_gates(metrics, [gate(f"metrics/other.json:{ACCURACY}")], "base")
+
+    assert [(r.path, r.passed) for r in everywhere] == [
+        ("metrics/evaluate.json", False),
+        ("metrics/other.json", True),
+    ]
+    assert [(r.path, r.passed) for r in one_file] == [("metrics/other.json", True)]
+
+
+def test_gated_metric_missing_in_both_revisions_is_an_error():
+    with pytest.raises(ReportError, match="finetuned.no_such_metric"):
+        check_gates(diff_of(0.9, 0.9), [gate("finetuned.no_such_metric")], "base")
+
+
+def test_gated_metric_that_is_not_a_number_is_an_error():
+    with pytest.raises(ReportError, match=ACCURACY):
+        check_gates(diff_of(0.9, "high"), [gate(ACCURACY)], "base")

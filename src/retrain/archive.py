@@ -167,16 +167,16 @@ class _Budget:
                             "(limit data.max_extracted_mb)")
 
 
-def _safe_parts(name: str, label: str) -> tuple[str, ...]:
+def _safe_parts(name: str, label: str, role: str = "member") -> tuple[str, ...]:
     """The path components of a member name; DataError if it could land outside the folder."""
     unified = name.replace("\\", "/")  # Windows zip tools write backslashes
     if "\0" in name:
-        raise DataError(f"{label}: member {name!r} has a NUL byte in its name")
+        raise DataError(f"{label}: {role} {name!r} has a NUL byte in its name")
     if unified.startswith("/") or re.match(r"[A-Za-z]:", unified):
-        raise DataError(f"{label}: member {name!r} has an absolute path")
+        raise DataError(f"{label}: {role} {name!r} is an absolute path")
     parts = tuple(part for part in unified.split("/") if part not in ("", "."))
     if ".." in parts:
-        raise DataError(f"{label}: member {name!r} points outside the archive folder ('..')")
+        raise DataError(f"{label}: {role} {name!r} points outside the archive folder ('..')")
     return parts
 
 
@@ -189,6 +189,9 @@ def _is_litter(parts: tuple[str, ...]) -> bool:
 
 def _unpack_tar(archive: Path, mode: str, dest: Path, limits: tuple) -> None:
     label = limits[0]
+    if not hasattr(tarfile, "data_filter"):
+        raise RuntimeError("safe tar extraction needs tarfile filters: Python 3.10.12+, "
+                           "3.11.4+ or 3.12+")
     try:
         tar = tarfile.open(archive, mode)
     except CORRUPT as exc:
@@ -243,7 +246,7 @@ def _check_tar_type(member: tarfile.TarInfo, files: set, label: str) -> None:
         raise DataError(f"{label}: member {member.name!r} is a symbolic link "
                         f"(to {member.linkname!r}); links are not allowed in dataset archives")
     if member.islnk():
-        target = _safe_parts(member.linkname, label)
+        target = _safe_parts(member.linkname, label, f"hard link {member.name!r} to")
         if target not in files:
             raise DataError(f"{label}: hard link {member.name!r} points to {member.linkname!r}, "
                             "which is not a file earlier in the archive")
@@ -253,10 +256,13 @@ def _check_tar_type(member: tarfile.TarInfo, files: set, label: str) -> None:
 
 def _check_end_of_archive(tar: tarfile.TarFile, label: str) -> None:
     """tarfile stops quietly at a damaged header after the first member; a real end of archive
-    is a zero block, so its absence means truncation or corruption."""
+    is a zero block, so its absence means truncation or corruption. Reading on to the end also
+    makes a compressed stream check its trailer (length and CRC)."""
     try:
         tar.fileobj.seek(tar.offset)
         block = tar.fileobj.read(tarfile.BLOCKSIZE)
+        while tar.fileobj.read(CHUNK_BYTES):
+            pass
     except CORRUPT as exc:
         raise DataError(f"{label}: truncated or corrupt archive ({_first_line(exc)})") from None
     if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):

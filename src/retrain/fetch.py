@@ -52,6 +52,14 @@ HEADERS = {
 }
 
 
+# Network failures worth another attempt (requests wraps most; urllib3 raises its own while
+# the body streams).
+TRANSIENT_ERRORS = (
+    requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError, ConnectionResetError, ConnectionAbortedError, TimeoutError,
+)
+
+
 class _Transient(Exception):
     """A failure worth another attempt; `wait` is the server's Retry-After, if any."""
 
@@ -73,7 +81,12 @@ def fetch_dataset(
     backoff_s: float = 1.0,
 ) -> Path:
     """Fetch and verify the archive at `url`, extract it to `dest_dir/<dataset_name>/<class>/`,
-    and return that dataset folder. `dest_dir` appears whole or not at all."""
+    and return that dataset folder. `dest_dir` appears whole or not at all.
+
+    Raises DownloadError (URL, HTTP status, network, digest) or DataError (archive content),
+    each with a one-line message. `backoff_s` is the wait before the first retry, doubled for
+    each one after (at most 30 s; a server's Retry-After takes precedence).
+    """
     archive = fetch_archive(url, sha256, cache_dir=cache_dir, timeout_s=timeout_s,
                             retries=retries, backoff_s=backoff_s)
     return extract_dataset(archive, dest_dir, name=archive_stem(_url_path(url)), label=url,
@@ -181,16 +194,16 @@ def _download_with_retries(url: str, part: Path, *, timeout_s: float, retries: i
                 raise DownloadError(f"{url}: TLS error ({_first_line(exc)})") from None
             except _Transient as exc:
                 reason, wait = str(exc), exc.wait
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError,
-                    OSError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 reason, wait = _describe(exc, timeout_s), None
             except requests.RequestException as exc:  # invalid URL, too many redirects, ...
                 raise DownloadError(f"{url}: {_first_line(exc)}") from None
+            except OSError as exc:  # the local disk, not the network: retrying will not help
+                raise DownloadError(f"{url}: cannot save to {part} ({exc})") from None
             attempt += 1
             if attempt > retries:
-                raise DownloadError(f"{url}: download failed after {attempt} attempts "
-                                    f"(last: {reason})")
+                tries = f"{attempt} attempt" + ("s" if attempt > 1 else "")
+                raise DownloadError(f"{url}: download failed after {tries} (last: {reason})")
             wait = min(wait if wait is not None else backoff_s * 2 ** (attempt - 1),
                        MAX_BACKOFF_S)
             log.warning("%s: %s; retrying in %.1f s (%d/%d)", url, reason, wait, attempt, retries)
@@ -278,7 +291,7 @@ class _StallWatch:
 def _content_range(resp: requests.Response) -> tuple[int | None, int | None]:
     """(first byte, total size) from `Content-Range: bytes 100-199/200` or `bytes */200`."""
     value = resp.headers.get("Content-Range", "")
-    unit, _, spec = value.partition(" ")
+    _unit, _, spec = value.partition(" ")
     span, _, total = spec.partition("/")
     first = span.split("-")[0]
     return (int(first) if first.isdigit() else None,

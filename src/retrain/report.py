@@ -29,7 +29,7 @@ from retrain.params import load_params
 EXIT_PASS = 0
 EXIT_REGRESSION = 1
 
-# A change of exactly the tolerance passes; float noise (0.9 - 0.89 = 0.01000000000000001)
+# A change of exactly the tolerance passes; float noise (0.9 - 0.89 = 0.010000000000000009)
 # must not turn it into a failure.
 SLACK = 1e-9
 
@@ -346,8 +346,10 @@ def _figures_section(figures: list[str], link_prefix: str) -> list[str]:
 def _figures_or_why_not(
     run: _Dvc, base: str, repo_dir: str | Path, figures_dir: str, link_prefix: str
 ) -> list[str]:
-    """The figures section; the figures illustrate the report, so failing to list them must
-    not hide the verdict."""
+    """The figures section, or why it is missing.
+
+    The figures only illustrate the report: failing to list them must not hide the verdict.
+    """
     try:
         figures = changed_figures(base, repo_dir, figures_dir, run.result()[0])
     except ReportError as exc:

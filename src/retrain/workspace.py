@@ -21,7 +21,8 @@ from retrain.errors import UserError
 from retrain.params import validate
 from retrain.synthetic import write_dataset
 
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "stages", "profiles")
+# What a workspace needs: the pipeline, its params and the code its stages depend on.
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "stages", "profiles", "src")
 
 
 def sha256_of(path: Path) -> str:
@@ -63,13 +64,15 @@ def apply_profile(workspace: str | Path, name: str) -> dict:
 
 
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, check=True, env=pipeline_env(), **kwargs)
+    return subprocess.run(cmd, cwd=cwd, check=True, env=pipeline_env(cwd), **kwargs)
 
 
-def pipeline_env() -> dict:
-    """Environment in which `python` in dvc.yaml is this interpreter."""
+def pipeline_env(workspace: str | Path) -> dict:
+    """Environment in which `python` in dvc.yaml is this interpreter and `retrain` is the
+    workspace's own copy of the package (the one its dvc.lock hashes)."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(Path(workspace).resolve() / "src")
     return env
 
 
@@ -85,7 +88,8 @@ def create_workspace(dest: str | Path, source: str | Path = ".", profile: str | 
     for name in PIPELINE_FILES:
         src = source / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dest / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         elif src.exists():
             shutil.copy2(src, dest / name)
     (dest / ".gitignore").write_text("/data/\n/models/\n/dvclive/\n/reports/figures/\n")

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from conftest import real_weights_or_skip
+from retrain.backbones import REGISTRY, build_base, check_model_params
+from retrain.errors import ParamsError
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_backbone_builds_frozen_without_weights(name):
+    size = 71 if name == "xception" else 32
+    params = {"backbone": name, "weights": "none", "image_size": size, "alpha": 1.0}
+    base = build_base(params)
+    assert base.trainable_weights == []
+    features = np.asarray(base(np.zeros((1, size, size, 3), np.float32)))
+    assert features.ndim == 4 and np.isfinite(features).all()
+
+
+def test_mobilenet_v2_facts(tiny_model_params):
+    base = build_base({**tiny_model_params, "image_size": 224, "alpha": 1.0})
+    backbone = base.get_layer("backbone")
+    assert len(backbone.layers) == 154
+    assert backbone.layers[135].name == "block_15_expand_BN"
+    assert backbone.count_params() == 2_257_984
+    assert tuple(base.output.shape[1:]) == (7, 7, 1280)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_size": 100, "weights": "imagenet"}, "ImageNet weights for mobilenet_v2 exist for"),
+    ({"backbone": "xception", "image_size": 64}, "xception needs at least 71 px"),
+    ({"backbone": "vgg16", "alpha": 0.5}, "only mobilenet_v2 has a width multiplier"),
+    ({"weights": "/no/such/weights.h5"}, "model.weights: /no/such/weights.h5: file not found"),
+])
+def test_model_params_that_cannot_work(tiny_model_params, change, message):
+    with pytest.raises(ParamsError, match=message):
+        check_model_params({**tiny_model_params, **change})
+
+
+def test_weights_file_for_another_width_is_a_clear_error():
+    path = real_weights_or_skip()  # alpha 0.35 weights loaded into an alpha 0.5 network
+    params = {"backbone": "mobilenet_v2", "weights": str(path), "image_size": 224,
+              "alpha": 0.5}
+    with pytest.raises(ParamsError, match="does not fit mobilenet_v2"):
+        build_base(params)
+
+
+def test_real_weights_file_loads():
+    path = real_weights_or_skip()
+    base = build_base({"backbone": "mobilenet_v2", "weights": str(path), "image_size": 224,
+                       "alpha": 0.35})
+    kernel = base.get_layer("backbone").get_layer("Conv1").get_weights()[0]
+    assert np.abs(kernel).sum() > 0 and kernel.std() > 0.05  # trained, not a fresh init

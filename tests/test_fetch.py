@@ -1,0 +1,318 @@
+"""The fetch stage: downloads against a local fault-injecting server, the sha256-keyed cache,
+local files, and the stage script. All offline: the server listens on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import http_faults
+import pytest
+import yaml
+from http_faults import (
+    close_after,
+    ignore_range,
+    redirect,
+    reset_after,
+    serve,
+    stall_after,
+    status,
+    trickle,
+    understate_length,
+)
+
+from retrain.errors import DownloadError
+from retrain.fetch import fetch_dataset
+from retrain.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES, PER_CLASS = 3, 4
+# Short timeouts and backoff keep the fault cases fast.
+FAST = {"timeout_s": 0.5, "retries": 2, "backoff_s": 0.01}
+
+server = http_faults.fault_server
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """A proxy from the environment must not intercept requests to 127.0.0.1."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory) -> tuple[bytes, str]:
+    """A small class-folder tarball in the official layout: its bytes and sha256."""
+    path = write_dataset(tmp_path_factory.mktemp("tarball") / "shapes.tgz", classes=CLASSES,
+                         per_class=PER_CLASS, size=32, seed=0, top_folder="shapes")
+    body = path.read_bytes()
+    assert len(body) > 5000  # the fault cases cut it at 1000-2000 bytes
+    return body, hashlib.sha256(body).hexdigest()
+
+
+def fetch(url, sha256, tmp_path, **kwargs) -> Path:
+    options = {**FAST, "cache_dir": tmp_path / "cache", **kwargs}
+    return fetch_dataset(url, sha256, tmp_path / "raw", **options)
+
+
+def assert_dataset(dataset: Path, name: str = "shapes") -> None:
+    assert dataset.name == name and dataset.parent.name == "raw"
+    classes = sorted(p.name for p in dataset.iterdir() if p.is_dir())
+    assert classes == [f"class_{i:03d}" for i in range(CLASSES)]
+    assert all(len(list((dataset / c).iterdir())) == PER_CLASS for c in classes)
+
+
+def cached(tmp_path: Path, sha256: str) -> list[str]:
+    downloads = tmp_path / "cache" / "downloads"
+    return sorted(p.name for p in downloads.iterdir()) if downloads.exists() else []
+
+
+# --------------------------------------------------------------------------- http faults
+
+# (id, script of behaviours, Range header of each request). One line per case.
+RECOVERABLE = [
+    ("plain", [serve], [None]),
+    ("500 then ok", [status(500), serve], [None, None]),
+    ("503 twice then ok", [status(503), status(503), serve], [None, None, None]),
+    ("429 then ok", [status(429, retry_after="0"), serve], [None, None]),
+    ("reset mid-body, resumed", [reset_after(1000), serve], [None, "bytes=1000-"]),
+    ("two resets, resumed twice", [reset_after(1000), reset_after(1000), serve],
+     [None, "bytes=1000-", "bytes=2000-"]),
+    ("Content-Length longer than body", [close_after(1500), serve], [None, "bytes=1500-"]),
+    ("stall mid-body, resumed", [stall_after(1200), serve], [None, "bytes=1200-"]),
+    ("trickle, then ok", [trickle(), serve], [None, "bytes=*"]),
+    ("server ignores Range", [reset_after(1000), ignore_range], [None, "bytes=1000-"]),
+]
+
+
+@pytest.mark.parametrize("script, ranges", [case[1:] for case in RECOVERABLE],
+                         ids=[case[0] for case in RECOVERABLE])
+def test_download_recovers(server, tarball, tmp_path, script, ranges):
+    body, sha256 = tarball
+    url = server.route("/shapes.tgz", body, *script)
+    assert_dataset(fetch(url, sha256, tmp_path))
+    seen = server.range_headers("/shapes.tgz")
+    assert len(seen) == len(ranges)
+    for got, expected in zip(seen, ranges, strict=True):
+        assert got == expected or (expected == "bytes=*" and got.startswith("bytes="))
+    assert cached(tmp_path, sha256) == [sha256]  # the .part file became the cache entry
+
+
+# (id, script, error pattern, number of requests) with FAST's retries=2: 3 attempts at most.
+FAILING = [
+    ("404", [status(404)], r"^HTTP 404 for http://127\.0\.0\.1:\d+/shapes\.tgz$", 1),
+    ("403", [status(403)], r"^HTTP 403 for http://", 1),
+    ("410", [status(410)], r"^HTTP 410 for http://", 1),
+    ("500 forever", [status(500)], r"failed after 3 attempts \(last: HTTP 500\)", 3),
+    ("429 forever", [status(429)], r"failed after 3 attempts \(last: HTTP 429\)", 3),
+    ("stall forever", [stall_after(100)], r"failed after 3 attempts \(last: no data for 0.5 s\)",
+     3),
+    ("trickle forever", [trickle()], r"failed after 3 attempts \(last: stalled: ", 3),
+    ("resets forever", [reset_after(0)], r"failed after 3 attempts", 3),
+    ("body longer than Content-Length", [understate_length(100)], r"sha256 mismatch", 1),
+]
+
+
+@pytest.mark.parametrize("script, pattern, requests", [case[1:] for case in FAILING],
+                         ids=[case[0] for case in FAILING])
+def test_download_fails_cleanly(server, tarball, tmp_path, script, pattern, requests):
+    body, sha256 = tarball
+    url = server.route("/shapes.tgz", body, *script)
+    with pytest.raises(DownloadError, match=pattern) as info:
+        fetch(url, sha256, tmp_path)
+    assert "\n" not in str(info.value)
+    assert len(server.requests("/shapes.tgz")) == requests
+    assert not (tmp_path / "raw").exists()
+    assert sha256 not in cached(tmp_path, sha256)  # no complete-looking cache entry
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_redirect_is_followed(server, tarball, tmp_path):
+    body, sha256 = tarball
+    server.route("/shapes.tgz", body)
+    url = server.route("/latest/shapes.tgz", b"", redirect("/shapes.tgz"))
+    assert_dataset(fetch(url, sha256, tmp_path))
+    assert len(server.requests("/shapes.tgz")) == 1
+
+
+def test_wrong_sha256_leaves_nothing(server, tarball, tmp_path):
+    body, sha256 = tarball
+    url = server.route("/shapes.tgz", body)
+    wrong = "0" * 64
+    with pytest.raises(DownloadError) as info:
+        fetch(url, wrong, tmp_path)
+    message = str(info.value)
+    assert url in message and wrong in message and sha256 in message
+    assert not (tmp_path / "raw").exists()
+    assert cached(tmp_path, wrong) == []
+
+
+def test_failure_keeps_previous_dest(server, tarball, tmp_path):
+    body, sha256 = tarball
+    previous = tmp_path / "raw" / "old"
+    previous.mkdir(parents=True)
+    url = server.route("/shapes.tgz", body, status(404))
+    with pytest.raises(DownloadError):
+        fetch(url, sha256, tmp_path)
+    assert previous.is_dir()
+    server.route("/shapes.tgz", body)
+    assert_dataset(fetch(url, sha256, tmp_path))
+    assert not previous.exists()
+
+
+def test_connection_refused_is_retried_then_fails(tarball, tmp_path):
+    _, sha256 = tarball
+    with http_faults.FaultServer() as stopped:
+        url = stopped.url("/shapes.tgz")  # a port nothing listens on once the server stops
+    with pytest.raises(DownloadError, match=r"failed after 3 attempts \(last: cannot connect"):
+        fetch(url, sha256, tmp_path)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_cache_hit_needs_no_server(tarball, tmp_path):
+    body, sha256 = tarball
+    with http_faults.FaultServer() as server:
+        url = server.route("/shapes.tgz", body)
+        assert_dataset(fetch(url, sha256, tmp_path))
+    shutil.rmtree(tmp_path / "raw")
+    assert_dataset(fetch(url, sha256, tmp_path))  # the server is gone
+
+
+def test_preseeded_cache_works_offline(tarball, tmp_path):
+    body, sha256 = tarball
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    (downloads / sha256).write_bytes(body)
+    dataset = fetch("https://example.invalid/data/shapes.tgz", sha256, tmp_path)
+    assert_dataset(dataset)
+
+
+def test_default_cache_dir_from_environment(server, tarball, tmp_path, monkeypatch):
+    body, sha256 = tarball
+    monkeypatch.setenv("RETRAIN_CACHE", str(tmp_path / "env-cache"))
+    url = server.route("/shapes.tgz", body)
+    fetch_dataset(url, sha256, tmp_path / "raw", **FAST)
+    assert (tmp_path / "env-cache" / "downloads" / sha256).is_file()
+
+
+def test_damaged_cache_entry_is_downloaded_again(server, tarball, tmp_path):
+    body, sha256 = tarball
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    (downloads / sha256).write_bytes(b"damaged")
+    url = server.route("/shapes.tgz", body)
+    assert_dataset(fetch(url, sha256, tmp_path))
+    assert (downloads / sha256).read_bytes() == body
+
+
+# (id, bytes of the .part file left by an earlier run, Range header of each request)
+LEFTOVER_PARTS = [
+    ("resumed", lambda body: body[:1000], ["bytes=1000-"]),
+    ("already complete: 416", lambda body: body, ["bytes={size}-"]),
+    ("stale, longer than the file: 416, restart", lambda body: body + b"junk",
+     ["bytes={size}-", None]),
+]
+
+
+@pytest.mark.parametrize("make_part, ranges", [case[1:] for case in LEFTOVER_PARTS],
+                         ids=[case[0] for case in LEFTOVER_PARTS])
+def test_leftover_part_file(server, tarball, tmp_path, make_part, ranges):
+    body, sha256 = tarball
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    part = make_part(body)
+    (downloads / f"{sha256}.part").write_bytes(part)
+    url = server.route("/shapes.tgz", body)
+    assert_dataset(fetch(url, sha256, tmp_path))
+    expected = [r.format(size=len(part)) if r else None for r in ranges]
+    assert server.range_headers("/shapes.tgz") == expected
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def test_plain_path_and_file_url(tarball, tmp_path, monkeypatch):
+    body, sha256 = tarball
+    archive = tmp_path / "my data.tgz"
+    archive.write_bytes(body)
+    assert_dataset(fetch(str(archive), sha256, tmp_path))
+    assert_dataset(fetch(archive.as_uri(), sha256, tmp_path))  # file:///.../my%20data.tgz
+    monkeypatch.chdir(tmp_path)
+    assert_dataset(fetch("my data.tgz", sha256, tmp_path))
+    assert not (tmp_path / "cache").exists()  # local files are read in place
+
+
+def test_local_file_with_wrong_sha256(tarball, tmp_path):
+    body, _ = tarball
+    archive = tmp_path / "shapes.tgz"
+    archive.write_bytes(body)
+    with pytest.raises(DownloadError, match="sha256 mismatch for .*shapes.tgz: expected 0{64}"):
+        fetch(str(archive), "0" * 64, tmp_path)
+    assert not (tmp_path / "raw").exists()
+
+
+# (id, url, error pattern); {tmp} is the test's temporary folder.
+BAD_URLS = [
+    ("missing path", "{tmp}/nope.tgz", r"^{tmp}/nope\.tgz: file not found$"),
+    ("missing file URL", "file://{tmp}/nope.tgz", r"^{tmp}/nope\.tgz: file not found$"),
+    ("folder", "{tmp}", r"not a file"),
+    ("file URL with a host", "file://server/share/x.tgz", r"remote host"),
+    ("ftp", "ftp://example.com/x.tgz", r"^ftp://example\.com/x\.tgz: unsupported URL scheme"),
+    ("s3", "s3://bucket/x.tgz", r"unsupported URL scheme 's3'"),
+    ("https without host", "https:///x.tgz", r"^https:///x\.tgz: URL has no host$"),
+    ("http without anything", "http://", r"URL has no host"),
+]
+
+
+@pytest.mark.parametrize("url, pattern", [case[1:] for case in BAD_URLS],
+                         ids=[case[0] for case in BAD_URLS])
+def test_bad_url(tarball, tmp_path, url, pattern):
+    _, sha256 = tarball
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(DownloadError, match=pattern.format(tmp=str(tmp_path))):
+        fetch(url, sha256, tmp_path)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_dataset_named_after_url_without_top_folder(server, tmp_path):
+    path = write_dataset(tmp_path / "x.tgz", classes=2, per_class=2, size=32, top_folder=None)
+    body = path.read_bytes()
+    url = server.route("/files/my_set.tar.gz", body)
+    dataset = fetch(url + "?download=1", hashlib.sha256(body).hexdigest(), tmp_path)
+    assert dataset == tmp_path / "raw" / "my_set"
+
+
+# --------------------------------------------------------------------------- stage script
+
+
+def run_stage(tmp_path: Path, url: str, sha256: str) -> subprocess.CompletedProcess:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(url=url, sha256=sha256)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "RETRAIN_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_stage_reports_bad_url_in_one_line(tmp_path):
+    result = run_stage(tmp_path, "ftp://example.com/x.tgz", "0" * 64)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ftp://example.com/x.tgz: unsupported URL scheme")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "raw").exists()
+
+
+def test_stage_summary(tarball, tmp_path):
+    body, sha256 = tarball
+    (tmp_path / "shapes.tgz").write_bytes(body)
+    result = run_stage(tmp_path, "shapes.tgz", sha256)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"fetch: shapes: {CLASSES} class folders in raw/shapes"
