@@ -42,7 +42,7 @@ def main() -> None:
     make_deterministic(params["seed"])
     head = keras.models.load_model(args.head)
     model = assemble_model(build_base(model_params), head)
-    unfreeze_from(model, tune["from_layer"])
+    unfreeze_from(model, tune["from_layer"], tune["train_batchnorm"])
     size, seed = model_params["image_size"], params["seed"]
     datasets = {}
     for split, frame in splits.items():

@@ -7,13 +7,24 @@ import numpy as np
 
 from retrain.atomic import atomic_path
 from retrain.errors import DataError, exits_cleanly
-from retrain.figures import (confusion_matrix_figure, read_curves, read_predictions,
-                             round_robin_by_class, seeded_choice)
+from retrain.figures import (
+    confusion_matrix_figure,
+    read_curves,
+    read_predictions,
+    round_robin_by_class,
+    seeded_choice,
+)
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
 
 SAMPLE_IMAGES = 20
 PREDICTION_IMAGES = 16
+
+
+def predicted_confidence(predictions) -> np.ndarray:
+    """Each row's probability of its predicted class (NaN where the table has none)."""
+    return np.array([row.get(f"prob_{row['predicted']}", np.nan)
+                     for row in predictions.to_dict("records")], dtype=float)
 
 
 def load_images(raw: str, paths, size: int) -> np.ndarray:
@@ -50,15 +61,20 @@ def main() -> None:
 
     import retrain.backbones  # noqa: F401  registers the Preprocess layer for loading
     from retrain.cam import cam_for_images, feature_map_model
-    from retrain.figures import (cam_figure, feature_channels_figure, learning_curves_figure,
-                                 predictions_figure, samples_figure)
+    from retrain.figures import (
+        cam_figure,
+        feature_channels_figure,
+        learning_curves_figure,
+        predictions_figure,
+        samples_figure,
+    )
 
     model = keras.models.load_model(args.model)
     if tuple(model.input_shape[1:3]) != (size, size):
         raise DataError(f"{args.model} takes {model.input_shape[1]} px images but "
                         f"model.image_size is {size}: re-run the pipeline")
     actual, predicted = predictions["actual"].to_numpy(), predictions["predicted"].to_numpy()
-    probability_of = {name: predictions.get(f"prob_{name}") for name in classes}
+    confidence = predicted_confidence(predictions)
 
     with atomic_path(args.out, directory=True) as out:
         confusion_matrix_figure(actual, predicted, classes, out / "confusion_matrix.png",
@@ -72,11 +88,9 @@ def main() -> None:
                        columns=min(len(classes), 5) if len(classes) >= 3 else 4)
 
         chosen = seeded_choice(np.arange(len(predictions)), PREDICTION_IMAGES, seed)
-        confidence = [probability_of[p][i] if probability_of[p] is not None else None
-                      for i, p in zip(chosen, predicted[chosen])]
         predictions_figure(load_images(args.raw, predictions["path"].to_numpy()[chosen], size),
                            actual[chosen], predicted[chosen], out / "predictions.png",
-                           confidence=confidence)
+                           confidence=confidence[chosen])
 
         method = render["cam_method"]
         label = "Grad-CAM" if method == "gradcam" else "CAM"

@@ -6,6 +6,7 @@ from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
 from retrain.manifests import build_manifests, data_metrics, write_manifests
 from retrain.params import load_params
+from retrain.prefilter import check_prefilter_params, make_prefilter
 
 
 @exits_cleanly
@@ -17,6 +18,11 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     split = params["split"]
+    check_prefilter_params(params["prefilter"])
+    if params["prefilter"]["enabled"]:
+        from retrain.reproducibility import make_deterministic
+
+        make_deterministic(params["seed"])
     manifests = build_manifests(
         args.raw,
         val_fraction=split["val_fraction"],
@@ -24,6 +30,7 @@ def main() -> None:
         seed=params["seed"],
         min_images_per_class=split["min_images_per_class"],
         top_classes=split["top_classes"],
+        prefilter=make_prefilter(params["prefilter"]),
     )
     write_manifests(manifests, args.out)
     metrics = data_metrics(manifests)

@@ -4,6 +4,10 @@ where present and skipped cleanly where not."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +57,45 @@ def real_weights_or_skip() -> Path:
     if not REAL_WEIGHTS_035.exists():
         pytest.skip("../shared/weights (real MobileNetV2 weights) not present")
     return REAL_WEIGHTS_035
+
+
+def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `dvc ARGS` in a workspace the way a user would, capturing its output."""
+    from retrain.workspace import pipeline_env
+
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace,
+                            env=pipeline_env(workspace), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stages_run(output: str) -> list[str]:
+    """Stage names a `dvc repro`/`dvc exp run` log says it ran (not skipped or restored)."""
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> Path:
+    """A git + DVC workspace on the small profile where the whole pipeline has run once.
+
+    Session-scoped because a full run costs a minute or two; tests that change it copy it
+    first with `copy_workspace`.
+    """
+    from retrain.workspace import create_workspace
+
+    workspace = create_workspace(tmp_path_factory.mktemp("pipeline") / "ws", source=REPO,
+                                 profile="small")
+    dvc(workspace, "repro")
+    subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm",
+                    "first run"], cwd=workspace, check=True)
+    return workspace
+
+
+@pytest.fixture
+def workspace(pipeline_run, tmp_path) -> Path:
+    """A private copy of `pipeline_run` (git history, DVC cache and outputs included)."""
+    dest = tmp_path / "ws"
+    shutil.copytree(pipeline_run, dest, symlinks=True)
+    return dest

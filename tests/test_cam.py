@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from retrain.backbones import build_base
-from retrain.cam import (cam_for_images, cam_kernel, class_activation_map,
-                         feature_map_model, upsample)
+from retrain.cam import (
+    cam_for_images,
+    cam_kernel,
+    class_activation_map,
+    feature_map_model,
+    upsample,
+)
 from retrain.errors import ParamsError
 from retrain.finetune import assemble_model
 from retrain.head import build_head
@@ -171,6 +176,6 @@ def test_feature_map_model_shares_the_full_models_layers(registry_model):
     kernel = cam_kernel(model)
     result = cam_for_images(model, images.astype(np.uint8), "cam")
     reference = [class_activation_map(f, kernel, c)
-                 for f, c in zip(np.asarray(feature_map), result.classes)]
+                 for f, c in zip(np.asarray(feature_map), result.classes, strict=True)]
     np.testing.assert_allclose(result.maps, reference, atol=1e-5)
     assert result.heatmaps.shape == (3, 64, 64)

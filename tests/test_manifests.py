@@ -83,7 +83,7 @@ def test_bad_files_are_excluded_with_a_reason(class_tree):
     assert "cannot decode" in reasons["truncated.jpg"] or "image" in reasons["truncated.jpg"]
     metrics = data_metrics(manifests)
     assert metrics["excluded"] == {"total": 4, "cross_class_duplicates": 0,
-                                   "unselected_class": 0, "not_image_files": 1,
+                                   "prefiltered": 0, "unselected_class": 0, "not_image_files": 1,
                                    "unreadable_images": 3}
 
 

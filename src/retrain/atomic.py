@@ -27,7 +27,11 @@ def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".tmp-{dest.name}-*"):  # left by a killed earlier run
+        remove(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    if directory:  # mkdtemp makes 0700 folders; an output folder gets the usual permissions
+        os.chmod(tmp, 0o777 & ~_umask())
     target = tmp if directory else tmp / dest.name
     try:
         yield target
@@ -37,6 +41,12 @@ def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(dest: str | Path, data: Any) -> None:

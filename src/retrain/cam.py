@@ -175,7 +175,7 @@ def cam_for_images(model: keras.Model, images: np.ndarray, method: str = "cam",
             batch_probabilities = keras.ops.convert_to_numpy(_apply(head, feature_map))
             feature_map = keras.ops.convert_to_numpy(feature_map)
             maps += [class_activation_map(f, kernel, int(p.argmax()))
-                     for f, p in zip(feature_map, batch_probabilities)]
+                     for f, p in zip(feature_map, batch_probabilities, strict=True)]
         else:
             batch_maps, batch_probabilities = _gradcam_batch(head, feature_map)
             maps += list(batch_maps)

@@ -9,12 +9,13 @@ PNG is written under a temporary name and renamed (retrain.atomic).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -131,10 +132,22 @@ def _image_grid(count: int, columns: int, title_lines: int, suptitle: str,
     return fig, axes
 
 
+def _short(name: str, limit: int = 22) -> str:
+    """A class name cut to fit above one grid image without running into its neighbour."""
+    name = str(name)
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
+
+
+def _title_font(titles: Sequence[str], largest: float) -> float:
+    """The largest font (down to 7 pt) at which every title line fits one grid cell."""
+    longest = max((len(line) for title in titles for line in title.splitlines()), default=1)
+    return float(np.clip(CELL_INCHES * 72 / (0.62 * longest), 7, largest))
+
+
 def _outcome_title(actual: str, predicted: str, confidence: float | None,
                    actual_word: str, predicted_word: str) -> str:
     share = "" if confidence is None or np.isnan(confidence) else f" ({confidence:.0%})"
-    return f"{actual_word}: {actual}\n{predicted_word}: {predicted}{share}"
+    return f"{actual_word}: {_short(actual)}\n{predicted_word}: {_short(predicted)}{share}"
 
 
 # ---------------------------------------------------------------- figures
@@ -156,7 +169,8 @@ def confusion_matrix_figure(actual: Sequence[str], predicted: Sequence[str],
         rows = np.array([index[a] for a in actual], dtype=np.int64)
         cols = np.array([index[p] for p in predicted], dtype=np.int64)
     except KeyError as exc:
-        raise DataError(f"confusion matrix: class {exc.args[0]!r} is not in the class list")
+        raise DataError(f"confusion matrix: class {exc.args[0]!r} is not in the class "
+                        "list") from None
     counts = np.zeros((n, n), dtype=np.int64)
     np.add.at(counts, (rows, cols), 1)
     support = counts.sum(axis=1, keepdims=True)
@@ -175,26 +189,32 @@ def confusion_matrix_figure(actual: Sequence[str], predicted: Sequence[str],
 
     vmax = float(clip) if clip > 0 else max(1.0, float(counts.max()))
     clipped = clip > 0 and counts.max() > clip
+    show_numbers = n <= 30
+    # Without numbers, a lone confusion must still show as a visible cell: a square-root
+    # colour scale lifts small values off the white of the zeros.
+    scale = Normalize if show_numbers else (lambda vmin, vmax: PowerNorm(0.5, vmin, vmax))
+    norms = (scale(vmin=0, vmax=vmax), scale(vmin=0, vmax=1))
     blues = colormaps["Blues"].with_extremes(bad="#dddddd")
-    image = ax_counts.imshow(counts, cmap=blues, vmin=0, vmax=vmax, interpolation="nearest")
-    bar = fig.colorbar(image, ax=ax_counts, shrink=0.8, extend="max" if clipped else "neither")
+    bar_size = {"shrink": 0.8, "aspect": 20 if n <= 30 else 40}
+    image = ax_counts.imshow(counts, cmap=blues, norm=norms[0], interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax_counts, extend="max" if clipped else "neither", **bar_size)
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     bar.set_label("images" + (f" (colour clipped at {clip:g})" if clip > 0 else ""))
     ax_counts.set_title("Counts", fontsize=12)
-    image = ax_norm.imshow(normalised, cmap=blues, vmin=0, vmax=1, interpolation="nearest")
-    bar = fig.colorbar(image, ax=ax_norm, shrink=0.8)
+    image = ax_norm.imshow(normalised, cmap=blues, norm=norms[1], interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax_norm, **bar_size)
     bar.set_label("fraction of the true class (recall on the diagonal)")
     ax_norm.set_title("Normalised by true class", fontsize=12)
 
-    # Tick labels: the largest font in [6, 10] pt that fits every label, else 6 pt on
+    # Tick labels: the largest font in [7, 10] pt that fits every label, else 7 pt on
     # every k-th class.
     pitch = side * 72 / n                     # points between neighbouring cells
-    font = float(np.clip(pitch / 1.4, 6, 10))
+    font = float(np.clip(pitch / 1.4, 7, 10))
     step = max(1, math.ceil(1.4 * font / pitch))
     ticks = np.arange(0, n, step)
-    show_numbers = n <= 30
     cell_font = float(np.clip(pitch / 3.2, 6, 11))
-    for ax, matrix, fmt, top in ((ax_counts, counts, "{:d}", vmax),
-                                 (ax_norm, normalised, "{:.2f}", 1.0)):
+    for ax, matrix, fmt, norm in ((ax_counts, counts, "{:d}", norms[0]),
+                                  (ax_norm, normalised, "{:.2f}", norms[1])):
         ax.set_xticks(ticks, [classes[i] for i in ticks], fontsize=font,
                       rotation=90 if n > 12 or label_chars > 10 else 45,
                       ha="center" if n > 12 or label_chars > 10 else "right",
@@ -207,14 +227,14 @@ def confusion_matrix_figure(actual: Sequence[str], predicted: Sequence[str],
         if not show_numbers:
             continue
         for (i, j), value in np.ndenumerate(matrix):
-            if isinstance(value, float) and np.isnan(value):
+            if np.isnan(value) or (value == 0 and n > 12):  # zeros would only add clutter
                 continue
-            dark = value > 0.55 * top
+            dark = norm(value) > 0.55
             ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=cell_font,
                     color="white" if dark else "#222222")
     if step > 1:
-        fig.text(0.5, 0.002, f"every {step}{'nd' if step == 2 else 'th'} class labelled "
-                 f"({n} classes)", ha="center", va="bottom", fontsize=9, color="#555555")
+        fig.text(0.5, 0.002, f"{n} classes: one in {step} labelled, colour on a square-root "
+                 "scale", ha="center", va="bottom", fontsize=10, color="#555555")
     return _save(fig, dest)
 
 
@@ -229,15 +249,17 @@ def cam_figure(images: np.ndarray, heatmaps: np.ndarray, actual: Sequence[str],
         return _message_figure(empty_message, dest, title)
     if heatmaps.shape[:3] != images.shape[:3]:
         raise ValueError(f"heat maps {heatmaps.shape} do not match images {images.shape}")
+    titles = [_outcome_title(true, pred, share, "true", "predicted")
+              for true, pred, share in zip(actual, predicted, confidence, strict=True)]
+    font = _title_font(titles, 10)
     fig, axes = _image_grid(len(images), GRID_COLUMNS, 2, title, colorbar=True)
-    for ax, image, heat, true, pred, share in zip(axes.flat, images, heatmaps, actual,
-                                                  predicted, confidence):
+    for ax, image, heat, text, true, pred in zip(axes.flat, images, heatmaps, titles, actual,
+                                                 predicted, strict=False):
         ax.imshow(image)
         # Same pixel grid as the photo, so the map sits exactly on what it explains.
         overlay = ax.imshow(heat, cmap="jet", alpha=HEAT_ALPHA, vmin=0, vmax=1,
                             extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
-        ax.set_title(_outcome_title(true, pred, share, "true", "predicted"), fontsize=10,
-                     color=CORRECT if true == pred else WRONG)
+        ax.set_title(text, fontsize=font, color=CORRECT if true == pred else WRONG)
     bar = fig.colorbar(overlay, ax=axes, shrink=0.6, aspect=30)
     bar.set_label(("Grad-CAM" if method == "gradcam" else "CAM") + " of the predicted class "
                   "(normalised)")
@@ -270,7 +292,7 @@ def feature_channels_figure(image: np.ndarray, feature_map: np.ndarray, dest: st
         ax.set_axis_off()
     low = min(0.0, float(flat[:, chosen].min())) if len(chosen) else 0.0
     high = max(float(flat[:, chosen].max()) if len(chosen) else 0.0, low + 1e-6)
-    for ax, channel in zip(axes.flat, chosen):
+    for ax, channel in zip(axes.flat, chosen, strict=False):
         shown = ax.imshow(feature_map[..., channel], cmap="viridis", vmin=low, vmax=high,
                           interpolation="nearest")
         ax.set_title(f"channel {channel}", fontsize=10)
@@ -290,7 +312,7 @@ def learning_curves_figure(phases: Sequence[tuple[str, pd.DataFrame]],
     fig.suptitle("Learning curves: head, then fine-tuning", fontsize=13)
     axes = fig.subplots(1, len(CURVE_METRICS))
     starts = []
-    for ax, metric in zip(axes, CURVE_METRICS):
+    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
         for phase_index, (name, table) in enumerate(phases):
             epochs = table["step"].to_numpy() + 1
             for split, style in SPLIT_STYLES.items():
@@ -329,10 +351,12 @@ def samples_figure(images: np.ndarray, labels: Sequence[str], dest: str | Path, 
     """A grid of images titled with their class names."""
     if len(images) == 0:
         return _message_figure("No images to show", dest, title)
+    titles = [_short(label, 36) for label in labels]
+    font = _title_font(titles, 11)
     fig, axes = _image_grid(len(images), columns, 1, title)
-    for ax, image, label in zip(axes.flat, images, labels):
+    for ax, image, text in zip(axes.flat, images, titles, strict=False):
         ax.imshow(image)
-        ax.set_title(label, fontsize=11)
+        ax.set_title(text, fontsize=font)
     return _save(fig, dest)
 
 
@@ -343,9 +367,12 @@ def predictions_figure(images: np.ndarray, actual: Sequence[str], predicted: Seq
     if len(images) == 0:
         return _message_figure("No test images to show", dest, title)
     confidence = [None] * len(images) if confidence is None else confidence
+    titles = [_outcome_title(true, pred, share, "label", "prediction")
+              for true, pred, share in zip(actual, predicted, confidence, strict=True)]
+    font = _title_font(titles, 10)
     fig, axes = _image_grid(len(images), GRID_COLUMNS, 2, title)
-    for ax, image, true, pred, share in zip(axes.flat, images, actual, predicted, confidence):
+    for ax, image, text, true, pred in zip(axes.flat, images, titles, actual, predicted,
+                                           strict=False):
         ax.imshow(image)
-        ax.set_title(_outcome_title(true, pred, share, "label", "prediction"), fontsize=10,
-                     color=CORRECT if true == pred else WRONG)
+        ax.set_title(text, fontsize=font, color=CORRECT if true == pred else WRONG)
     return _save(fig, dest)

@@ -29,12 +29,14 @@ def assemble_model(base: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(base.input, probabilities, name="classifier_model")
 
 
-def unfreeze_from(model: keras.Model, from_layer: int) -> None:
-    """Make backbone layers `from_layer` and up trainable; keep every BatchNorm frozen.
+def unfreeze_from(model: keras.Model, from_layer: int, train_batchnorm: bool = False) -> None:
+    """Make backbone layers `from_layer` and up trainable; keep BatchNorm frozen by default.
 
     Keras 3 runs a trainable BatchNormalization layer in training mode even inside a base
     called with `training=False` (keras-team/keras#20285), which would overwrite the
-    ImageNet moving statistics with those of a few small batches.
+    ImageNet moving statistics with those of a few small batches. Only training from
+    random weights (`train_batchnorm`, the from-scratch baseline) wants exactly that:
+    frozen random statistics would make the network meaningless.
     """
     backbone = model.get_layer(BACKBONE)
     depth = len(backbone.layers)
@@ -44,7 +46,7 @@ def unfreeze_from(model: keras.Model, from_layer: int) -> None:
     model.trainable = True
     for index, layer in enumerate(backbone.layers):
         layer.trainable = index >= from_layer
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm:
             layer.trainable = False
 
 

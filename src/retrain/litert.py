@@ -32,9 +32,12 @@ from retrain.cache import user_cache_dir
 
 # Bump when the conversion recipe changes, so old cache entries are not reused.
 FORMAT_VERSION = "1"
-# Converted features must match Keras on the probe batch within this (absolute, and
-# relative to the largest feature) before the flatbuffer is cached.
+# Converted features must match Keras on a probe batch within this fraction of the largest
+# feature before the flatbuffer is cached (measured: ~2e-6 for MobileNetV2).
 PROBE_TOLERANCE = 1e-4
+# Images per interpreter call. Small sub-batches keep the activations in cache: on a 2-core
+# EPYC, MobileNetV2 runs ~15% faster in sub-batches of 8 than in one call of 32.
+CHUNK_SIZE = 8
 
 
 def litert_available() -> bool:
@@ -56,7 +59,7 @@ class LiteRTEngine:
     name = "litert"
 
     def __init__(self, extractor: keras.Model, model_params: dict,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, chunk_size: int = CHUNK_SIZE):
         from ai_edge_litert.interpreter import Interpreter
 
         self.feature_size = int(extractor.output.shape[-1])
@@ -66,6 +69,7 @@ class LiteRTEngine:
                                         num_threads=num_threads or os.cpu_count())
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
+        self.chunk_size = chunk_size
         self._batch_size = None  # allocated lazily, for the first batch's size
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -75,6 +79,12 @@ class LiteRTEngine:
                              f"{', '.join(map(str, self.input_shape))}), got {batch.shape}")
         if len(batch) == 0:
             return np.zeros((0, self.feature_size), np.float32)
+        if len(batch) <= self.chunk_size:
+            return self._invoke(batch)
+        return np.concatenate([self._invoke(batch[start : start + self.chunk_size])
+                               for start in range(0, len(batch), self.chunk_size)])
+
+    def _invoke(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) != self._batch_size:
             # Resizing re-plans the XNNPACK graph: done only when the batch size changes
             # (the first batch, and a smaller last batch of a split).
@@ -198,6 +208,8 @@ def _check_against_keras(flatbuffer: bytes, extractor: keras.Model) -> None:
     if actual.shape != expected.shape:
         raise ConversionError(f"output shape {actual.shape}, Keras gives {expected.shape}")
     error = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
-    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 0.0)
-    if not np.isfinite(error) or error > PROBE_TOLERANCE * scale:
+    # Relative to the largest feature: randomly initialised networks give features ~1e-10,
+    # where any absolute tolerance would accept a wrong graph.
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    if not np.isfinite(error) or error > PROBE_TOLERANCE * (scale or 1.0):
         raise ConversionError(f"features differ from Keras by {error:.3g} on a probe batch")

@@ -14,6 +14,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from sklearn.model_selection import train_test_split
@@ -29,6 +30,7 @@ MIN_IMAGES_TO_SPLIT = 3  # one each for train, val and test
 # Reason prefix -> metrics key; the empty prefix catches every decoding failure.
 EXCLUSION_KINDS = {
     "identical file": "cross_class_duplicates",
+    "prefilter score": "prefiltered",
     "class not selected": "unselected_class",
     "not an image file name": "not_image_files",
     "": "unreadable_images",
@@ -155,12 +157,17 @@ def assign_splits(rows, val_fraction: float, test_fraction: float, seed: int) ->
 
 
 def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: float,
-                    seed: int, min_images_per_class: int = 0, top_classes: int = 0) -> Manifests:
+                    seed: int, min_images_per_class: int = 0, top_classes: int = 0,
+                    prefilter: Callable[[Path, list, list], list] | None = None) -> Manifests:
+    """`prefilter(raw_dir, rows, excluded)` returns the rows to keep and adds the rest to
+    `excluded`; it runs before class selection, so top_classes counts only kept images."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir}: dataset folder not found (run the fetch stage first)")
     rows, excluded = scan_images(dataset_root(raw_dir), raw_dir)
     rows = drop_cross_class_duplicates(rows, excluded)
+    if prefilter is not None:
+        rows = prefilter(raw_dir, rows, excluded)
     rows = select_classes(rows, excluded, min_images_per_class, top_classes)
     if not rows:
         raise DataError(f"{raw_dir}: no usable images")

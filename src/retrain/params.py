@@ -119,6 +119,7 @@ SCHEMA: dict[str, Any] = {
         "lr_factor": _number(0, 100, lo_open=True),
         "epochs": _number(1, 10000, integer=True),
         "batch_size": _number(1, 4096, integer=True),
+        "train_batchnorm": Field(bool, expect="true or false"),
         "augment": {
             "flip": Field(bool, expect="true or false"),
             "brightness": _number(0, 1),
@@ -134,6 +135,8 @@ SCHEMA: dict[str, Any] = {
         "enabled": Field(bool, expect="true or false"),
         "imagenet_classes": _imagenet_indices(),
         "threshold": _number(0, 1),
+        "model": Field(str, lambda v: v == "imagenet" or v.endswith(".keras"),
+                       "imagenet or a path to a saved Keras classifier (.keras)"),
     },
     "report": {
         "gates": _gates(),

@@ -97,6 +97,7 @@ def create_workspace(dest: str | Path, source: str | Path = ".", profile: str | 
     run(["git", "init", "-q", "-b", "main"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    run([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], dest)
     if profile:
         apply_profile(dest, profile)
     run(["git", "add", "-A"], dest)

@@ -1,0 +1,87 @@
+"""images.cached_image_array: fine-tuning input decoded once into a uint8 memmap, then reused."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from retrain import images
+from retrain.errors import DataError
+from retrain.images import cached_image_array, load_image
+from retrain.synthetic import draw_image, jpeg_bytes
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Seven small JPEGs of different sizes (one not square), with their sha256 digests."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths, digests = [], []
+    for i, size in enumerate([40, 48, 56, 40, 64, 72, 44]):
+        img = draw_image(i % 3, size, rng)
+        if i == 4:
+            img = img.resize((64, 40))
+        data = jpeg_bytes(img)
+        path = folder / f"img_{i}.jpg"
+        path.write_bytes(data)
+        paths.append(path)
+        digests.append(hashlib.sha256(data).hexdigest())
+    return paths, digests
+
+
+def cache_files(cache_dir):
+    return sorted(p.name for p in cache_dir.iterdir())
+
+
+def test_same_pixels_as_load_image(photos, tmp_path):
+    paths, digests = photos
+    array = cached_image_array(paths, digests, 32, tmp_path / "cache")
+    assert array.shape == (len(paths), 32, 32, 3)
+    assert array.dtype == np.uint8
+    assert isinstance(array, np.memmap) and not array.flags.writeable
+    np.testing.assert_array_equal(array, np.stack([load_image(p, 32) for p in paths]))
+
+
+def test_second_call_reuses_the_file_without_decoding(photos, tmp_path, monkeypatch):
+    paths, digests = photos
+    cache = tmp_path / "cache"
+    first = np.array(cached_image_array(paths, digests, 32, cache))
+    files = cache_files(cache)
+    assert len(files) == 1 and files[0].startswith("images-32px-")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image although the cache file exists")
+
+    monkeypatch.setattr(images, "load_image", no_decoding)
+    second = cached_image_array(paths, digests, 32, cache)
+    np.testing.assert_array_equal(second, first)
+    assert cache_files(cache) == files
+
+
+def test_different_size_or_data_gives_a_different_file(photos, tmp_path):
+    paths, digests = photos
+    cache = tmp_path / "cache"
+    small = cached_image_array(paths, digests, 32, cache)
+    large = cached_image_array(paths, digests, 48, cache)
+    assert large.shape == (len(paths), 48, 48, 3)
+    np.testing.assert_array_equal(large, np.stack([load_image(p, 48) for p in paths]))
+    assert len(cache_files(cache)) == 2
+    # Fewer images (different digests): a third file, never the first one sliced.
+    fewer = cached_image_array(paths[:3], digests[:3], 32, cache)
+    assert len(fewer) == 3 and len(cache_files(cache)) == 3
+    np.testing.assert_array_equal(fewer, small[:3])
+
+
+def test_failed_decode_leaves_no_cache_file(photos, tmp_path):
+    paths, digests = photos
+    paths[5].write_bytes(b"not a jpeg")
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="img_5.jpg"):
+        cached_image_array(paths, digests, 32, cache)
+    assert cache_files(cache) == []  # no partial file, not even a temporary one
+
+
+def test_empty_list(tmp_path):
+    array = cached_image_array([], [], 32, tmp_path / "cache")
+    assert array.shape == (0, 32, 32, 3)

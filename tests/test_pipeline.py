@@ -1,0 +1,117 @@
+"""The whole pipeline on the small profile: outputs, metrics, plots and the predict command."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import classification_report
+
+from conftest import dvc
+
+pytestmark = pytest.mark.slow
+
+FIGURES = ("confusion_matrix.png", "cam_correct.png", "cam_misclassified.png",
+           "feature_channels.png", "learning_curves.png", "samples.png", "predictions.png")
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_every_stage_wrote_its_outputs(pipeline_run):
+    ws = pipeline_run
+    status = dvc(ws, "status", "--json").stdout
+    assert json.loads(status) == {}, status
+    for split in ("train", "val", "test"):
+        features = np.load(ws / "data" / "features" / f"{split}.npy")
+        manifest = pd.read_csv(ws / "data" / "manifests" / f"{split}.csv")
+        assert features.dtype == np.float32 and len(features) == len(manifest)
+    extract = read_json(ws / "metrics" / "extract.json")
+    assert extract["base_params"]["trainable"] == 0
+    assert extract["feature_map_shape"][-1] == extract["feature_size"]
+    finetune = read_json(ws / "metrics" / "finetune.json")
+    assert 0 < finetune["params"]["trainable"] < finetune["params"]["total"]
+    assert (ws / "models" / "serving" / "saved_model.pb").exists()
+    assert not list(ws.rglob(".tmp-*")), "temporary outputs were left behind"
+
+
+def test_the_model_learned_the_generated_classes(pipeline_run):
+    metrics = read_json(pipeline_run / "metrics" / "evaluate.json")
+    classes = len((pipeline_run / "data" / "manifests" / "classes.txt").read_text().split())
+    assert metrics["head"]["test_accuracy"] > 2 / classes  # chance is 1 / classes
+
+
+@pytest.mark.parametrize("name, csv", [("finetuned", "predictions.csv"),
+                                       ("head", "predictions_head.csv")])
+def test_metrics_agree_with_the_predictions_csv(pipeline_run, name, csv):
+    metrics = read_json(pipeline_run / "metrics" / "evaluate.json")[name]
+    table = pd.read_csv(pipeline_run / "reports" / csv)
+    test = pd.read_csv(pipeline_run / "data" / "manifests" / "test.csv")
+    assert table["path"].tolist() == test["path"].tolist()
+    assert table["actual"].tolist() == test["label"].tolist()
+    accuracy = (table["actual"] == table["predicted"]).mean()
+    assert abs(accuracy - metrics["test_accuracy"]) < 1e-9
+    probabilities = table.filter(like="prob_").to_numpy()
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    report = classification_report(table["actual"], table["predicted"], output_dict=True,
+                                   zero_division=0)
+    for label, figures in metrics["per_class"].items():
+        assert figures["precision"] == pytest.approx(report[label]["precision"], abs=1e-12)
+        assert figures["recall"] == pytest.approx(report[label]["recall"], abs=1e-12)
+        assert figures["f1"] == pytest.approx(report[label]["f1-score"], abs=1e-12)
+        assert figures["support"] == report[label]["support"]
+    assert metrics["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_every_figure_is_a_sensible_png(pipeline_run, name):
+    with Image.open(pipeline_run / "reports" / "figures" / name) as img:
+        assert img.format == "PNG"
+        assert 300 <= img.width <= 6000 and 200 <= img.height <= 6000
+        assert np.asarray(img.convert("L")).std() > 5  # not a blank canvas
+
+
+def test_plots_show_names_every_declared_plot(pipeline_run, tmp_path):
+    dvc(pipeline_run, "plots", "show", "--out", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    # Every plot declared in dvc.yaml, by its title or (for image plots) its file name.
+    for expected in ("Confusion matrix, fine-tuned model", "Confusion matrix, head",
+                     "Loss per epoch", "Accuracy per epoch", "dvclive_head_plots_metrics",
+                     "dvclive_finetune_plots_metrics", *FIGURES):
+        assert expected in html, expected
+
+
+def test_predict_command_matches_the_model(pipeline_run):
+    import keras
+
+    import retrain.backbones  # noqa: F401  registers the Preprocess layer
+    from retrain.images import load_image
+
+    ws = pipeline_run
+    test = pd.read_csv(ws / "data" / "manifests" / "test.csv")
+    images = [str(ws / "data" / "raw" / p) for p in test["path"][:3]]
+    broken = ws.parent / "broken.jpg"
+    broken.write_text("not a photo")
+    result = subprocess.run(
+        [sys.executable, "-m", "retrain", "predict", *images, str(broken), "--json",
+         "--top-k", "2", "--model", str(ws / "models" / "model.keras"),
+         "--classes", str(ws / "data" / "manifests" / "classes.txt")],
+        capture_output=True, text=True)
+    assert result.returncode == 1  # one file failed...
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {broken}")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines] == images  # ...and the others still printed
+    model = keras.models.load_model(ws / "models" / "model.keras")
+    classes = (ws / "data" / "manifests" / "classes.txt").read_text().splitlines()
+    size = model.input.shape[1]
+    for line, path in zip(lines, images):
+        expected = model.predict(load_image(path, size)[None].astype("float32"), verbose=0)[0]
+        top = line["top"]
+        assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
+        for entry in top:
+            assert entry["probability"] == pytest.approx(
+                float(expected[classes.index(entry["class"])]), abs=1e-5)
