@@ -72,18 +72,19 @@ def generated_tarball(workdir: Path, counts: list[int], size: int, seed: int = 0
 
 
 def extracted(tarball: Path) -> Path:
-    """The tarball unpacked next to itself (once); returns the dataset's top folder."""
+    """The tarball unpacked next to itself (once): the folder that holds its top folder, what
+    the fetch stage writes as data/raw."""
     dest = tarball.with_suffix("")
     if not dest.exists():
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tarball.parent))
         with tarfile.open(tarball) as tar:
             tar.extractall(tmp, filter="data")
         tmp.rename(dest)
-    return next(p for p in dest.iterdir() if p.is_dir())
+    return dest
 
 
-def image_paths(top: Path) -> list[Path]:
-    return sorted(top.glob("*/*.jpg"))
+def image_paths(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.jpg"))
 
 
 def sha256_of(path: Path) -> str:

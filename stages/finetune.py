@@ -33,8 +33,14 @@ def main() -> None:
 
     from retrain.backbones import build_base
     from retrain.cache import user_cache_dir
-    from retrain.finetune import (augmenter, assemble_model, count_params, fine_tune,
-                                  image_dataset, unfreeze_from)
+    from retrain.finetune import (
+        assemble_model,
+        augmenter,
+        count_params,
+        fine_tune,
+        image_dataset,
+        unfreeze_from,
+    )
     from retrain.images import cached_image_array
     from retrain.reproducibility import make_deterministic
     from retrain.training import CurveLogger, balanced_class_weights, history_summary

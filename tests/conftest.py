@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SMALL_FLOWERS = SHARED / "data" / "flower_photos_small.tgz"
-REAL_WEIGHTS_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+REAL_WEIGHTS_035 = (SHARED / "weights"
+                    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
 
 # A tiny real network: MobileNetV2 at alpha 0.35 and 32 px builds in a second on a CPU.
 TINY_MODEL = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32, "alpha": 0.35}

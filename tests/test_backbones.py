@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import real_weights_or_skip
+
 from retrain.backbones import REGISTRY, build_base, check_model_params
 from retrain.errors import ParamsError
 

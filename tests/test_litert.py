@@ -1,10 +1,10 @@
 """The LiteRT extraction engine: same features as Keras, converted once, deterministic."""
 
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
+from conftest import REAL_WEIGHTS_035 as REAL_WEIGHTS
+from conftest import TINY_MODEL
 
 from retrain import litert
 from retrain.features import KerasEngine, build_extractor, extract_to_file, make_engine
@@ -13,9 +13,7 @@ from retrain.synthetic import draw_image, jpeg_bytes
 pytestmark = pytest.mark.skipif(not litert.litert_available(),
                                 reason="ai-edge-litert is not installed")
 
-SMALL = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32, "alpha": 0.35}
-REAL_WEIGHTS = (Path(__file__).resolve().parents[2] / "shared" / "weights"
-                / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
+SMALL = dict(TINY_MODEL)  # MobileNetV2, alpha 0.35, 32 px, random weights
 
 
 def small_extractor(seed: int = 0, **changes) -> keras.Model:

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from retrain.errors import DataError
 from retrain.manifests import build_manifests, data_metrics, read_split, write_manifests
 

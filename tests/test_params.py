@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from retrain.errors import ParamsError
 from retrain.params import load_params, validate
 

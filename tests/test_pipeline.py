@@ -7,10 +7,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import dvc
 from PIL import Image
 from sklearn.metrics import classification_report
-
-from conftest import dvc
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,9 @@
 """The prefilter, against a tiny real Keras classifier whose weights the test sets.
 
 The classifier averages the pixels and feeds the mean red value r to a 1000-way softmax in
-which only the chosen ImageNet classes have a non-zero weight, so the score of a solid
-colour image is known exactly: k * e^(a r) / (k * e^(a r) + 1000 - k) for k chosen classes.
+which only a few ImageNet classes (`weighted`) have a non-zero weight a, so each class's
+probability for a solid colour image is known exactly: e^(a r) / Z for a weighted class,
+1 / Z for any other, with Z = w e^(a r) + 1000 - w for w weighted classes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
-from retrain.errors import DownloadError, ParamsError
+from retrain.errors import DataError, DownloadError, ParamsError
 from retrain.manifests import build_manifests, data_metrics
 from retrain.params import validate
 from retrain.prefilter import (
@@ -38,9 +39,10 @@ SPLIT = {"val_fraction": 0.3, "test_fraction": 0.3, "seed": 0}
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def expected_score(red: float, k: int) -> float:
-    e = k * math.exp(SLOPE * red)
-    return e / (e + 1000 - k)
+def expected_score(red: float, weighted=(656,), chosen=(656,)) -> float:
+    e = math.exp(SLOPE * red)
+    hits = len(set(weighted) & set(chosen))
+    return (hits * e + len(set(chosen)) - hits) / (len(weighted) * e + 1000 - len(weighted))
 
 
 def save_classifier(path, classes, size=8):
@@ -82,9 +84,10 @@ def test_scores_are_the_summed_probability_of_the_chosen_classes(tmp_path, red_t
     two = save_classifier(tmp_path / "two.keras", [656, 627])
     model = load_prefilter_model(str(two))
     paths = [red_tree / "set" / "class_0" / f"{i}.png" for i in range(len(REDS))]
-    for classes, k in (([656], 1), ([656, 627], 2), ([627, 656, 656], 2), (CARS, 2)):
-        np.testing.assert_allclose(prefilter_scores(paths, model, classes, batch_size=3),
-                                   [expected_score(r, k) for r in REDS], rtol=1e-5)
+    for chosen in ([656], [656, 627], [627, 656, 656], [1, 2], CARS):
+        np.testing.assert_allclose(prefilter_scores(paths, model, chosen, batch_size=3),
+                                   [expected_score(r, (656, 627), chosen) for r in REDS],
+                                   rtol=1e-5)
     assert prefilter_scores([], model, [656]).shape == (0,)
 
 
@@ -94,24 +97,28 @@ def test_images_below_the_threshold_are_excluded_before_the_split(classifier, re
     kept = pd.concat(manifests.splits.values())
     assert len(kept) == 3 * 6
     assert not kept["path"].str.endswith(("/0.png", "/1.png")).any()
-    reasons = dict(zip(manifests.excluded["path"], manifests.excluded["reason"]))
-    assert reasons == {f"set/class_{c}/{i}.png": f"prefilter score {expected_score(r, 1):.4f} < 0.1"
+    reasons = dict(zip(manifests.excluded["path"], manifests.excluded["reason"], strict=True))
+    assert reasons == {f"set/class_{c}/{i}.png": f"prefilter score {expected_score(r):.4f} < 0.1"
                        for c in range(3) for i, r in enumerate(REDS[:2])}
     assert reasons["set/class_0/1.png"] == "prefilter score 0.0518 < 0.1"
     assert data_metrics(manifests)["excluded"]["prefiltered"] == 6
+    highest = f"{expected_score(255):.4f}"
+    with pytest.raises(DataError, match=rf"all 24 images score below prefilter.threshold 0.999 "
+                       rf"\(highest {highest}\)"):
+        build_manifests(red_tree, **SPLIT, prefilter=make_prefilter(
+            prefilter_params(classifier, threshold=0.999)))
 
 
 def test_prefilter_runs_before_class_selection(classifier, red_tree):
-    # class_2 loses 6 of its 8 images to the prefilter, so top_classes=2 drops it, though
-    # every class had 8 images before.
-    for i in (2, 3, 4, 5):
-        (red_tree / "set" / "class_2" / f"{i}.png").unlink()
+    # class_2 is the largest class (10 images) but keeps only 2 past the prefilter, so
+    # top_classes=2 must keep class_0 and class_1 (6 each).
+    for i in (2, 3, 4, 5, 8, 9):
         Image.new("RGB", (16, 16), (10 + i, 40, 0)).save(red_tree / "set/class_2" / f"{i}.png")
     manifests = build_manifests(red_tree, **SPLIT, top_classes=2,
                                 prefilter=make_prefilter(prefilter_params(classifier)))
     assert manifests.classes == ["class_0", "class_1"]
     excluded = data_metrics(manifests)["excluded"]
-    assert excluded["prefiltered"] == 2 + 2 + 6 and excluded["unselected_class"] == 2
+    assert excluded["prefiltered"] == 2 + 2 + 8 and excluded["unselected_class"] == 2
 
 
 def test_split_stage_with_the_prefilter(classifier, red_tree):
@@ -177,7 +184,7 @@ def test_a_classifier_without_1000_outputs_is_refused(tmp_path):
         load_prefilter_model(str(tmp_path / "junk.keras"))
 
 
-def test_imagenet_classifier_takes_raw_pixels():
+def test_imagenet_classifier_takes_raw_pixels(tmp_path):
     import keras
 
     model = imagenet_classifier(weights=None)  # same graph; the real weights need a download
@@ -187,16 +194,19 @@ def test_imagenet_classifier_takes_raw_pixels():
     network = model.get_layer("imagenet_classifier")
     expected = network(keras.applications.mobilenet_v2.preprocess_input(pixels.copy()))
     np.testing.assert_allclose(model(pixels), expected, atol=1e-6)
+    # Saved, it is the `.keras` file an offline machine points prefilter.model at.
+    model.save(tmp_path / "imagenet.keras")
+    reloaded = load_prefilter_model(str(tmp_path / "imagenet.keras"))
+    np.testing.assert_allclose(prefilter_scores([], reloaded, [1]), [])
+    np.testing.assert_allclose(reloaded(pixels), expected, atol=1e-6)
 
 
 def test_a_failed_weights_download_is_one_line(monkeypatch):
-    import keras
-
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- "
                         "[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
     with pytest.raises(DownloadError, match=r"prefilter.model: imagenet: cannot get the "
                        r"MobileNetV2 ImageNet weights \(URL fetch failure"):
         imagenet_classifier()

@@ -7,9 +7,9 @@ its entry has no preprocessing: scaling twice would silently ruin its features.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report,
-                             f1_score)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, f1_score
 
 # Keras clips probabilities to [eps, 1 - eps] in its cross-entropy; do the same so the
 # loss here matches `model.evaluate`.

@@ -7,9 +7,9 @@ image through the base again on every epoch.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import keras
 import numpy as np

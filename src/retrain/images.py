@@ -13,8 +13,8 @@ import hashlib
 import os
 import warnings
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,7 +48,8 @@ def read_rgb(path: str | Path) -> Image.Image:
                         f"{path}: {width}x{height} exceeds the {MAX_PIXELS:,}-pixel limit"
                     )
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                # In place: without an orientation tag a copy would be made for nothing.
+                ImageOps.exif_transpose(img, in_place=True)
                 return _to_rgb(img)
     except DataError:
         raise
@@ -72,7 +73,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # no copy when already RGB
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:

@@ -12,9 +12,9 @@ import concurrent.futures
 import hashlib
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 from sklearn.model_selection import train_test_split

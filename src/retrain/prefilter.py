@@ -22,12 +22,12 @@ stays fast without it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from retrain.errors import DownloadError, ParamsError
+from retrain.errors import DataError, DownloadError, ParamsError
 from retrain.images import iter_image_batches
 
 IMAGENET_CLASSES = 1000
@@ -128,7 +128,7 @@ def drop_off_subject(raw_dir: Path, rows: list[dict], excluded: list[dict], *, m
     digests = list(first_path)
     scores = prefilter_scores([Path(raw_dir) / first_path[d] for d in digests], model, classes,
                               batch_size)
-    score_of = dict(zip(digests, scores.tolist()))
+    score_of = dict(zip(digests, scores.tolist(), strict=True))
     kept = []
     for row in rows:
         score = score_of[row["sha256"]]
@@ -137,6 +137,10 @@ def drop_off_subject(raw_dir: Path, rows: list[dict], excluded: list[dict], *, m
                              "reason": f"prefilter score {score:.4f} < {threshold:g}"})
         else:
             kept.append(row)
+    if rows and not kept:
+        raise DataError(f"prefilter: all {len(rows)} images score below prefilter.threshold "
+                        f"{threshold:g} (highest {max(scores):.4f}); check "
+                        "prefilter.imagenet_classes or lower the threshold")
     return kept
 
 

@@ -1,0 +1,77 @@
+"""A stage killed mid-write (SIGKILL: no cleanup code runs) leaves nothing that looks valid,
+and the next `dvc repro` finishes with every output whole."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from conftest import dvc, stages_run
+
+from retrain.workspace import pipeline_env
+
+pytestmark = pytest.mark.slow
+
+
+def set_param(workspace, section, key, value):
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def kill_repro_when(workspace, ready, timeout=240):
+    """Start `dvc repro`, SIGKILL its whole process group once `ready()` is true."""
+    log = open(workspace / "repro.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=workspace,
+                               env=pipeline_env(workspace), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert process.poll() is None, (workspace / "repro.log").read_text()
+            assert time.monotonic() < deadline, "the stage never started writing"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log.close()
+
+
+def temporary_outputs(workspace, folder):
+    return list((workspace / folder).glob(".tmp-*")) if (workspace / folder).exists() else []
+
+
+def test_killed_extract_then_repro_finishes(workspace):
+    set_param(workspace, "extract", "batch_size", 8)  # makes extract (and later stages) stale
+    kill_repro_when(workspace, lambda: temporary_outputs(workspace, "data"))
+    # Nothing that looks like finished features: DVC removed the old ones before running,
+    # and the new ones only ever existed under a temporary name.
+    assert not (workspace / "data" / "features" / "test.npy").exists()
+    result = dvc(workspace, "repro")
+    assert "extract" in stages_run(result.stdout)
+    assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
+    assert not temporary_outputs(workspace, "data")
+    for split in ("train", "val", "test"):
+        assert np.isfinite(np.load(workspace / "data" / "features" / f"{split}.npy")).all()
+
+
+def test_killed_finetune_then_repro_finishes(workspace):
+    set_param(workspace, "finetune", "lr_factor", 0.05)
+    log = workspace / "repro.log"
+    kill_repro_when(workspace, lambda: log.exists() and "Epoch 1/" in log.read_text())
+    assert not (workspace / "models" / "model.keras").exists()
+    assert not (workspace / "metrics" / "finetune.json").exists()
+    result = dvc(workspace, "repro")
+    assert stages_run(result.stdout)[0] == "finetune"
+    assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
+    assert not temporary_outputs(workspace, "dvclive") + temporary_outputs(workspace, "models")
+    import keras
+
+    import retrain.backbones  # noqa: F401
+    keras.models.load_model(workspace / "models" / "model.keras")  # whole and loadable
