@@ -2,7 +2,7 @@
 cached features, a misspelled `-S` key, and forced re-runs that reproduce the same hashes.
 
 Each test works on a private copy of the session's finished pipeline (`workspace`) and follows
-the commands documented in docs/experiments.md.
+the commands documented in the README's Experiments section.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 UPSTREAM = ["fetch", "split", "extract"]
 FROM_TRAIN_HEAD = ["train_head", "finetune", "evaluate", "render"]
 
-# The compact `dvc exp show` of docs/experiments.md: the swept params and the headline metrics.
+# The compact `dvc exp show` of the README's Experiments section: the swept params and the headline metrics.
 SHOW_KEEP = (r"^(Experiment|Created|State)$|^head\.(dropout|learning_rate)$"
              r"|^finetuned\.(test_accuracy|macro_f1)$")
 

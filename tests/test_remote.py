@@ -2,7 +2,7 @@
 
 The S3 remote is tested against moto's S3 server on 127.0.0.1 (dvc-s3 speaks to it exactly as
 to AWS or MinIO, through `endpointurl`); the shared-directory remote is the setup for a team on
-one file system. Both follow the commands in docs/experiments.md.
+one file system. Both follow the commands in the README's Remote storage section.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Two full runs, each a scratch workspace on a custom profile derived from the sma
   recipe (random weights, every layer and BatchNorm trainable);
 - a 43-class set that class selection cuts to 40 (min_images_per_class, then top_classes),
   with the default fine-tuning (BatchNorm frozen).
-Plus every `dvc exp run` line of docs/use-cases.md, applied the way DVC applies `-S` and
+Plus every `dvc exp run` line of the README's Use cases section, applied the way DVC applies `-S` and
 validated like a stage validates its params.
 """
 
@@ -169,9 +169,15 @@ def test_forty_classes_after_class_selection(forty_class_run):
     assert all(np.allclose(w, 1) for w in weights["moving_variance"])
 
 
+def use_cases_section() -> str:
+    """The README from its `## Use cases` heading to the next `## ` heading."""
+    readme = (REPO / "README.md").read_text()
+    return re.search(r"^## Use cases$(.*?)(?=^## )", readme, flags=re.MULTILINE | re.DOTALL)[1]
+
+
 def documented_runs() -> dict[str, list[str]]:
-    """Experiment name -> `-S` overrides, for each `dvc exp run` line in docs/use-cases.md."""
-    text = (REPO / "docs" / "use-cases.md").read_text().replace("\\\n", " ")
+    """Experiment name -> `-S` overrides, for each `dvc exp run` line in the README's Use cases section."""
+    text = use_cases_section().replace("\\\n", " ")
     runs = {}
     for line in re.findall(r"^dvc exp run .*$", text, flags=re.MULTILINE):
         words = shlex.split(line.replace("$SHA256", "0" * 64))
@@ -206,6 +212,6 @@ def test_every_use_case_is_documented():
     assert {"cars", "cats-vs-dogs", "my-3-classes", "my-3-classes-scratch"} <= set(runs)
     assert "prefilter.threshold=0.1" in runs["cars"]
     assert "head.class_weights=true" in runs["my-3-classes"]
-    text = (REPO / "docs" / "use-cases.md").read_text()
+    text = use_cases_section()
     for heading in ("car models", "Cats vs dogs", "three-class", "From-scratch"):
         assert re.search(rf"^### .*{heading}", text, flags=re.MULTILINE), heading
