@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 UPSTREAM = ["fetch", "split", "extract"]
 FROM_TRAIN_HEAD = ["train_head", "finetune", "evaluate", "render"]
 
-# The compact `dvc exp show` of the README's Experiments section: the swept params and the headline metrics.
+# The compact `dvc exp show` of the README's Experiments section: the swept params and the
+# headline metrics.
 SHOW_KEEP = (r"^(Experiment|Created|State)$|^head\.(dropout|learning_rate)$"
              r"|^finetuned\.(test_accuracy|macro_f1)$")
 

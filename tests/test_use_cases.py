@@ -5,8 +5,8 @@ Two full runs, each a scratch workspace on a custom profile derived from the sma
   recipe (random weights, every layer and BatchNorm trainable);
 - a 43-class set that class selection cuts to 40 (min_images_per_class, then top_classes),
   with the default fine-tuning (BatchNorm frozen).
-Plus every `dvc exp run` line of the README's Use cases section, applied the way DVC applies `-S` and
-validated like a stage validates its params.
+Plus every `dvc exp run` line of the README's Use cases section, applied the way DVC applies
+`-S` and validated like a stage validates its params.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def use_cases_section() -> str:
 
 
 def documented_runs() -> dict[str, list[str]]:
-    """Experiment name -> `-S` overrides, for each `dvc exp run` line in the README's Use cases section."""
+    """Experiment name -> `-S` overrides, for each `dvc exp run` line of the Use cases."""
     text = use_cases_section().replace("\\\n", " ")
     runs = {}
     for line in re.findall(r"^dvc exp run .*$", text, flags=re.MULTILINE):

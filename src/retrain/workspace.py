@@ -63,6 +63,10 @@ def apply_profile(workspace: str | Path, name: str) -> dict:
     return params
 
 
+# Marks a folder made by create_workspace, the only kind it deletes to start again.
+SCRATCH_MARKER = ".retrain-scratch"
+
+
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, check=True, env=pipeline_env(cwd), **kwargs)
 
@@ -82,9 +86,14 @@ def create_workspace(dest: str | Path, source: str | Path = ".", profile: str | 
     source, dest = Path(source).resolve(), Path(dest)
     if not (source / "dvc.yaml").exists():
         raise UserError(f"{source}: no dvc.yaml here (run from the project's folder)")
-    if dest.exists():
+    if dest.exists() and any(dest.iterdir()):
+        # Only a workspace made here before is replaced: never a folder the user filled.
+        if not (dest / SCRATCH_MARKER).exists():
+            raise UserError(f"{dest}: folder exists and is not a scratch workspace; "
+                            "choose another --dest or remove it")
         shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / SCRATCH_MARKER).write_text("made by `python -m retrain`; replaced on the next run\n")
     for name in PIPELINE_FILES:
         src = source / name
         if src.is_dir():
@@ -92,7 +101,8 @@ def create_workspace(dest: str | Path, source: str | Path = ".", profile: str | 
                             ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         elif src.exists():
             shutil.copy2(src, dest / name)
-    (dest / ".gitignore").write_text("/data/\n/models/\n/dvclive/\n/reports/figures/\n")
+    (dest / ".gitignore").write_text(
+        f"/data/\n/models/\n/dvclive/\n/reports/figures/\n/{SCRATCH_MARKER}\n")
     git = ["git", "-c", "user.name=retrain", "-c", "user.email=retrain@localhost"]
     run(["git", "init", "-q", "-b", "main"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
