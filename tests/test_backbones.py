@@ -3,7 +3,7 @@ import pytest
 from conftest import real_weights_or_skip
 
 from retrain.backbones import REGISTRY, build_base, check_model_params
-from retrain.errors import ParamsError
+from retrain.errors import DownloadError, ParamsError
 
 
 @pytest.mark.slow
@@ -51,3 +51,16 @@ def test_real_weights_file_loads():
                        "alpha": 0.35})
     kernel = base.get_layer("backbone").get_layer("Conv1").get_weights()[0]
     assert np.abs(kernel).sum() > 0 and kernel.std() > 0.05  # trained, not a fresh init
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_are_a_clear_error(monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(fname, origin, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(DownloadError, match=r"model.weights: imagenet: cannot get the "
+                       r"mobilenet_v2 ImageNet weights \(URL fetch failure .*~/.keras/models"):
+        build_base({"backbone": "mobilenet_v2", "weights": "imagenet", "image_size": 96,
+                    "alpha": 0.35})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 
-from retrain.errors import ParamsError
+from retrain.errors import DownloadError, ParamsError
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,16 @@ def build_base(model: dict) -> keras.Model:
     if backbone.takes_alpha:
         kwargs["alpha"] = model["alpha"]
     weights = model["weights"]
-    network = backbone.constructor(weights="imagenet" if weights == "imagenet" else None,
-                                   name="backbone", **kwargs)
+    try:
+        network = backbone.constructor(weights="imagenet" if weights == "imagenet" else None,
+                                       name="backbone", **kwargs)
+    except Exception as exc:  # Keras raises a bare Exception when the download fails
+        if weights != "imagenet":
+            raise
+        reason = str(exc).splitlines()[0][:300]
+        raise DownloadError(f"model.weights: imagenet: cannot get the {backbone.name} ImageNet "
+                            f"weights ({reason}); put the no-top .h5 file in ~/.keras/models "
+                            "or set model.weights to its path") from None
     if weights not in ("imagenet", "none"):
         _load_weights_file(network, weights, backbone.name)
 

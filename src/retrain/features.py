@@ -6,6 +6,7 @@ image through the base again on every epoch.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def make_engine(name: str, extractor: keras.Model, model_params: dict):
 
         if litert_available():
             return LiteRTEngine(extractor, model_params)
+        print("extract: ai-edge-litert is not installed here; using the keras engine",
+              file=sys.stderr)
     return KerasEngine(extractor)
 
 
