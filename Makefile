@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 repro: $(VENV)/.installed  ## run the pipeline (params.yaml)
 	dvc repro
 
+# Two workers: most of a pipeline test's time is single-threaded (imports, graph tracing).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed  ## run the test suite
-	pytest
+	pytest -n $(TEST_WORKERS) --dist loadgroup
 
 demo: $(VENV)/.installed  ## all stages on generated data, in a scratch copy
 	python -m retrain demo

@@ -47,30 +47,39 @@ def temporary_outputs(workspace, folder):
     return list((workspace / folder).glob(".tmp-*")) if (workspace / folder).exists() else []
 
 
-def test_killed_extract_then_repro_finishes(workspace):
-    set_param(workspace, "extract", "batch_size", 8)  # makes extract (and later stages) stale
+def finetune_epoch_started(log) -> bool:
+    text = log.read_text() if log.exists() else ""
+    return "Epoch 1/" in text.partition("Running stage 'finetune'")[2]
+
+
+def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
+    # Both stages stale: extract (and all after it) through its batch size, finetune again
+    # through its learning rate.
+    set_param(workspace, "extract", "batch_size", 8)
+    set_param(workspace, "finetune", "lr_factor", 0.05)
+
+    # 1. SIGKILL while extract writes its features.
     kill_repro_when(workspace, lambda: temporary_outputs(workspace, "data"))
     # Nothing that looks like finished features: DVC removed the old ones before running,
     # and the new ones only ever existed under a temporary name.
     assert not (workspace / "data" / "features" / "test.npy").exists()
-    result = dvc(workspace, "repro")
-    assert "extract" in stages_run(result.stdout)
-    assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
-    assert not temporary_outputs(workspace, "data")
-    for split in ("train", "val", "test"):
-        assert np.isfinite(np.load(workspace / "data" / "features" / f"{split}.npy")).all()
 
-
-def test_killed_finetune_then_repro_finishes(workspace):
-    set_param(workspace, "finetune", "lr_factor", 0.05)
+    # 2. The next repro redoes extract; SIGKILL it again once fine-tuning has started.
     log = workspace / "repro.log"
-    kill_repro_when(workspace, lambda: log.exists() and "Epoch 1/" in log.read_text())
+    kill_repro_when(workspace, lambda: finetune_epoch_started(log))
+    assert "Running stage 'extract'" in log.read_text()
     assert not (workspace / "models" / "model.keras").exists()
     assert not (workspace / "metrics" / "finetune.json").exists()
+
+    # 3. A plain repro finishes the job: everything up to date, every output whole.
     result = dvc(workspace, "repro")
-    assert stages_run(result.stdout)[0] == "finetune"
+    assert stages_run(result.stdout)[0] == "finetune", result.stdout
+    assert "extract" not in stages_run(result.stdout)
     assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
-    assert not temporary_outputs(workspace, "dvclive") + temporary_outputs(workspace, "models")
+    for folder in ("data", "models", "dvclive"):
+        assert not temporary_outputs(workspace, folder), folder
+    for split in ("train", "val", "test"):
+        assert np.isfinite(np.load(workspace / "data" / "features" / f"{split}.npy")).all()
     import keras
 
     import retrain.backbones  # noqa: F401

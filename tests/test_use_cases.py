@@ -122,6 +122,8 @@ def batchnorm_weights(model_path) -> dict[str, list[np.ndarray]]:
             for kind in ("gamma", "beta", "moving_mean", "moving_variance")}
 
 
+# One xdist worker per module-scoped run (`make test` distributes with --dist loadgroup).
+@pytest.mark.xdist_group("binary_run")
 def test_binary_set_end_to_end(binary_run):
     classes = ["class_000", "class_001"]
     data = read_json(binary_run / "metrics" / "data.json")
@@ -133,6 +135,7 @@ def test_binary_set_end_to_end(binary_run):
     assert head.output_shape == (None, 2)  # the same softmax head, two outputs
 
 
+@pytest.mark.xdist_group("binary_run")
 def test_from_scratch_recipe_trains_every_layer_and_batchnorm(binary_run):
     finetune = read_json(binary_run / "metrics" / "finetune.json")
     assert finetune["from_layer"] == 0
@@ -146,6 +149,7 @@ def test_from_scratch_recipe_trains_every_layer_and_batchnorm(binary_run):
         assert any(not np.allclose(w, start) for w in weights[kind]), kind
 
 
+@pytest.mark.xdist_group("forty_class_run")
 def test_forty_classes_after_class_selection(forty_class_run):
     classes = [f"class_{i:03d}" for i in range(40)]
     data = read_json(forty_class_run / "metrics" / "data.json")
