@@ -339,8 +339,9 @@ def learning_curves_figure(phases: Sequence[tuple[str, pd.DataFrame]],
         for name, start in starts:
             ax.axvline(start, color="#555555", linestyle=":", linewidth=1.5)
             ax.axvspan(start, last_epoch + 0.5, color="#888888", alpha=0.08, linewidth=0)
-            ax.text(start, 1.0, f" {PHASE_LABELS.get(name, name)} \u2192",
-                    transform=ax.get_xaxis_transform(), ha="left", va="bottom", fontsize=9,
+            # Inside the plot area, so it never collides with the axes title.
+            ax.text(start, 0.98, f" {PHASE_LABELS.get(name, name)} \u2192",
+                    transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=9,
                     color="#444444")
         ax.legend(fontsize=9, loc="best")
     return _save(fig, dest)
