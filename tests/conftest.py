@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -69,6 +70,18 @@ def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.Completed
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def set_param(workspace: Path, dotted: str, value) -> None:
+    """Edit one param of a workspace's params.yaml by hand, as a user would."""
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    *sections, key = dotted.split(".")
+    node = params
+    for section in sections:
+        node = node[section]
+    node[key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def stages_run(output: str) -> list[str]:

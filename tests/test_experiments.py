@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc, stages_run
+from conftest import dvc, set_param, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +24,6 @@ FROM_TRAIN_HEAD = ["train_head", "finetune", "evaluate", "render"]
 # headline metrics.
 SHOW_KEEP = (r"^(Experiment|Created|State)$|^head\.(dropout|learning_rate)$"
              r"|^finetuned\.(test_accuracy|macro_f1)$")
-
-
-def set_param(workspace: Path, dotted: str, value) -> None:
-    path = workspace / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    *sections, key = dotted.split(".")
-    node = params
-    for section in sections:
-        node = node[section]
-    node[key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def locked_outs(workspace: Path) -> dict[str, dict[str, str]]:

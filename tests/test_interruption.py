@@ -10,19 +10,11 @@ import time
 
 import numpy as np
 import pytest
-import yaml
-from conftest import dvc, stages_run
+from conftest import dvc, set_param, stages_run
 
 from retrain.workspace import pipeline_env
 
 pytestmark = pytest.mark.slow
-
-
-def set_param(workspace, section, key, value):
-    path = workspace / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def kill_repro_when(workspace, ready, timeout=240):
@@ -55,8 +47,8 @@ def finetune_epoch_started(log) -> bool:
 def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
     # Both stages stale: extract (and all after it) through its batch size, finetune again
     # through its learning rate.
-    set_param(workspace, "extract", "batch_size", 8)
-    set_param(workspace, "finetune", "lr_factor", 0.05)
+    set_param(workspace, "extract.batch_size", 8)
+    set_param(workspace, "finetune.lr_factor", 0.05)
 
     # 1. SIGKILL while extract writes its features.
     kill_repro_when(workspace, lambda: temporary_outputs(workspace, "data"))
