@@ -70,7 +70,9 @@ def assert_dataset(dataset: Path, name: str = "shapes") -> None:
 
 def cached(tmp_path: Path, sha256: str) -> list[str]:
     downloads = tmp_path / "cache" / "downloads"
-    return sorted(p.name for p in downloads.iterdir()) if downloads.exists() else []
+    if not downloads.exists():
+        return []
+    return sorted(p.name for p in downloads.iterdir() if not p.name.startswith("."))  # no locks
 
 
 # --------------------------------------------------------------------------- http faults
@@ -193,6 +195,23 @@ def test_preseeded_cache_works_offline(tarball, tmp_path):
     (downloads / sha256).write_bytes(body)
     dataset = fetch("https://example.invalid/data/shapes.tgz", sha256, tmp_path)
     assert_dataset(dataset)
+
+
+def test_concurrent_fetches_of_one_archive_download_it_once(server, tarball, tmp_path):
+    # Two experiments starting at once: the slow (trickling) download would be appended to
+    # by both if nothing kept the second out of the partial file.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrain.fetch import fetch_archive
+
+    body, sha256 = tarball
+    url = server.route("/shapes.tgz", body, trickle(0.0005), status(500))  # one good reply
+    options = {**FAST, "timeout_s": 5, "cache_dir": tmp_path / "cache"}
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: fetch_archive(url, sha256, **options), range(2)))
+    assert paths[0] == paths[1] and paths[0].read_bytes() == body
+    assert server.range_headers("/shapes.tgz") == [None]
+    assert cached(tmp_path, sha256) == [sha256]
 
 
 def test_default_cache_dir_from_environment(server, tarball, tmp_path, monkeypatch):

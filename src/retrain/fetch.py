@@ -32,6 +32,7 @@ from urllib.request import url2pathname
 
 import requests
 import urllib3
+from filelock import FileLock
 from tqdm import tqdm
 
 from retrain.archive import archive_stem, extract_dataset
@@ -166,6 +167,16 @@ def _verified_local(path: Path, sha256: str, url: str) -> Path:
 
 def _cached_download(url: str, sha256: str, downloads: Path, *, timeout_s: float,
                      retries: int, backoff_s: float) -> Path:
+    # One writer per digest: queued experiments (or two workspaces) fetching the same new
+    # archive at once would otherwise append to the same partial file. The second waits,
+    # then finds the finished download in the cache.
+    with FileLock(downloads / f".{sha256}.lock"):
+        return _download_once(url, sha256, downloads, timeout_s=timeout_s, retries=retries,
+                              backoff_s=backoff_s)
+
+
+def _download_once(url: str, sha256: str, downloads: Path, *, timeout_s: float,
+                   retries: int, backoff_s: float) -> Path:
     final = downloads / sha256
     if final.is_file():
         if file_sha256(final) == sha256:
