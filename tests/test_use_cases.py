@@ -46,7 +46,9 @@ def run_use_case(dest, name: str, generate: dict, params: dict):
     return workspace
 
 
-@pytest.fixture(scope="module")
+# Session scope: under xdist a worker may run other modules' tests between two tests of
+# this one, and a module-scoped run would be torn down and made again.
+@pytest.fixture(scope="session")
 def binary_run(tmp_path_factory):
     return run_use_case(
         tmp_path_factory.mktemp("binary") / "ws", "binary",
@@ -56,7 +58,7 @@ def binary_run(tmp_path_factory):
          "finetune": {"from_layer": 0, "train_batchnorm": True, "epochs": 1}})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def forty_class_run(tmp_path_factory):
     return run_use_case(
         tmp_path_factory.mktemp("forty") / "ws", "forty",
@@ -122,7 +124,7 @@ def batchnorm_weights(model_path) -> dict[str, list[np.ndarray]]:
             for kind in ("gamma", "beta", "moving_mean", "moving_variance")}
 
 
-# One xdist worker per module-scoped run (`make test` distributes with --dist loadgroup).
+# One xdist worker per run (`make test` distributes with --dist loadgroup).
 @pytest.mark.xdist_group("binary_run")
 def test_binary_set_end_to_end(binary_run):
     classes = ["class_000", "class_001"]
