@@ -23,7 +23,7 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from retrain.backbones import build_base
+    from retrain.base import build_base
     from retrain.manifests import read_classes, read_split
     from retrain.params import load_params
 

@@ -33,7 +33,7 @@ def main() -> None:
 
     import keras
 
-    import retrain.backbones  # noqa: F401  registers the Preprocess layer for loading
+    import retrain.base  # noqa: F401  registers the Preprocess layer for loading
     from retrain.cache import user_cache_dir
     from retrain.evaluate import classification_metrics, predict_images, predictions_table
     from retrain.images import cached_image_array

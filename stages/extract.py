@@ -4,7 +4,6 @@ import argparse
 from pathlib import Path
 
 from retrain.atomic import atomic_path, write_json
-from retrain.backbones import check_model_params
 from retrain.errors import exits_cleanly
 from retrain.manifests import SPLITS, read_split
 from retrain.params import load_params
@@ -20,7 +19,6 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     model_params, extract = params["model"], params["extract"]
-    check_model_params(model_params)  # before TensorFlow starts
     manifests = {split: read_split(args.manifests, split) for split in SPLITS}
 
     from retrain.features import base_summary, build_extractor, extract_to_file, make_engine

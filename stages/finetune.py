@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 from retrain.atomic import atomic_path, write_json
-from retrain.backbones import check_model_params
 from retrain.errors import exits_cleanly
 from retrain.manifests import read_split
 from retrain.params import load_params
@@ -25,13 +24,12 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     model_params, tune = params["model"], params["finetune"]
-    check_model_params(model_params)
     splits = {split: read_split(args.manifests, split) for split in ("train", "val")}
 
     import keras
     from dvclive import Live
 
-    from retrain.backbones import build_base
+    from retrain.base import build_base
     from retrain.cache import user_cache_dir
     from retrain.finetune import (
         assemble_model,

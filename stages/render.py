@@ -59,7 +59,7 @@ def main() -> None:
 
     import keras
 
-    import retrain.backbones  # noqa: F401  registers the Preprocess layer for loading
+    import retrain.base  # noqa: F401  registers the Preprocess layer for loading
     from retrain.cam import cam_for_images, feature_map_model
     from retrain.figures import (
         cam_figure,

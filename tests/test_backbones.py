@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from conftest import real_weights_or_skip
 
-from retrain.backbones import REGISTRY, build_base, check_model_params
+from retrain.backbones import REGISTRY, check_model_params
+from retrain.base import build_base
 from retrain.errors import DownloadError, ParamsError
 
 

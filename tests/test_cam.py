@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from retrain.backbones import build_base
+from retrain.base import build_base
 from retrain.cam import (
     cam_for_images,
     cam_kernel,

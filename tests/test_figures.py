@@ -154,7 +154,7 @@ def workspace(tmp_path_factory):
     """raw images, manifests, a tiny real model, predictions and dvclive curves."""
     import keras
 
-    from retrain.backbones import build_base
+    from retrain.base import build_base
     from retrain.finetune import assemble_model
     from retrain.head import build_head
     from retrain.manifests import build_manifests, write_manifests

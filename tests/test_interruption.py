@@ -74,5 +74,5 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
         assert np.isfinite(np.load(workspace / "data" / "features" / f"{split}.npy")).all()
     import keras
 
-    import retrain.backbones  # noqa: F401
+    import retrain.base  # noqa: F401
     keras.models.load_model(workspace / "models" / "model.keras")  # whole and loadable

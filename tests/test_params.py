@@ -99,3 +99,27 @@ def test_stage_exits_2_with_one_line_before_any_work(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: split.val_fraction: expected a number in (0, 1), got 2"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_model_combination_stops_fetch_before_the_download(tmp_path):
+    # Xception's architecture needs 71 px; fetch must say so before it reads the URL.
+    params = with_value("model.backbone", "xception")
+    params["model"]["image_size"] = 64
+    params["data"]["url"] = str(tmp_path / "flowers.tgz")  # would fail as "not found"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, REPO / "stages" / "fetch.py", "--out", "raw"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: model.image_size: xception needs at least 71 px, got 64"]
+    assert not (tmp_path / "raw").exists()
+
+
+def test_params_loader_does_not_import_keras():
+    # Every stage loads params first; fetch and split never need Keras's 5 s import.
+    code = ("import sys; from retrain.params import load_params; "
+            f"load_params({str(REPO / 'params.yaml')!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"

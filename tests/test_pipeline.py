@@ -87,7 +87,7 @@ def test_plots_show_names_every_declared_plot(pipeline_run, tmp_path):
 def test_predict_command_matches_the_model(pipeline_run):
     import keras
 
-    import retrain.backbones  # noqa: F401  registers the Preprocess layer
+    import retrain.base  # noqa: F401  registers the Preprocess layer
     from retrain.images import load_image
 
     ws = pipeline_run

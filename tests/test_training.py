@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from retrain.backbones import build_base
+from retrain.base import build_base
 from retrain.features import KerasEngine, build_extractor, extract_to_file
 from retrain.finetune import assemble_model, augmenter, fine_tune, image_dataset, unfreeze_from
 from retrain.head import build_head, compile_classifier, train_head

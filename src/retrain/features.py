@@ -18,7 +18,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from retrain.atomic import atomic_path
-from retrain.backbones import build_base
+from retrain.base import build_base
 from retrain.images import iter_image_batches
 
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import yaml
 
+from retrain.backbones import REGISTRY, check_model_params
 from retrain.errors import ParamsError
-
-BACKBONES = ("mobilenet_v2", "resnet50_v2", "xception", "vgg16", "efficientnet_b0")
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ SCHEMA: dict[str, Any] = {
         "top_classes": _number(0, INF, integer=True),
     },
     "model": {
-        "backbone": _choice(*BACKBONES),
+        "backbone": _choice(*REGISTRY),
         "weights": _nonempty_str(),
         "image_size": _number(32, 1024, integer=True),
         "alpha": Field((int, float), lambda v: v in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
@@ -170,7 +169,7 @@ def validate(params: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> 
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read and validate the whole params file."""
+    """Read and validate the whole params file, `model.*` combinations included."""
     path = Path(path)
     try:
         params = yaml.safe_load(path.read_text())
@@ -178,4 +177,6 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
-    return validate(params)
+    validate(params)
+    check_model_params(params["model"])
+    return params

@@ -22,7 +22,7 @@ from retrain.images import load_image
 def load_classifier(model_path: str | Path):
     import keras
 
-    import retrain.backbones  # noqa: F401  registers the Preprocess layer for loading
+    import retrain.base  # noqa: F401  registers the Preprocess layer for loading
 
     model_path = Path(model_path)
     if not model_path.exists():

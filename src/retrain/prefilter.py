@@ -53,7 +53,8 @@ def imagenet_classifier(weights: str | None = "imagenet"):
     """MobileNetV2 with its ImageNet top at 224 px, taking raw [0, 255] pixels."""
     import keras
 
-    from retrain.backbones import Preprocess, get_backbone
+    from retrain.backbones import get_backbone
+    from retrain.base import Preprocess
 
     backbone = get_backbone("mobilenet_v2")
     try:
@@ -76,7 +77,7 @@ def load_prefilter_model(spec: str):
         return imagenet_classifier()
     import keras
 
-    import retrain.backbones  # noqa: F401  registers Preprocess, for models saved with it
+    import retrain.base  # noqa: F401  registers Preprocess, for models saved with it
 
     try:
         model = keras.models.load_model(spec, compile=False)

@@ -1,0 +1,70 @@
+"""The frozen convolutional base of a registry backbone, and the layer that preprocesses for it.
+
+Every module that loads a saved model imports this one first: it registers `Preprocess`.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from retrain.backbones import check_model_params, get_backbone
+from retrain.errors import DownloadError, ParamsError
+
+
+def build_base(model: dict) -> keras.Model:
+    """The convolutional base without its top, taking raw [0, 255] pixels, frozen.
+
+    Its output is the last feature map before pooling (what CAM weighs).
+    """
+    check_model_params(model)
+    backbone = get_backbone(model["backbone"])
+    size = model["image_size"]
+    kwargs = {"include_top": False, "input_shape": (size, size, 3)}
+    if backbone.takes_alpha:
+        kwargs["alpha"] = model["alpha"]
+    weights = model["weights"]
+    try:
+        network = backbone.constructor(weights="imagenet" if weights == "imagenet" else None,
+                                       name="backbone", **kwargs)
+    except Exception as exc:  # Keras raises a bare Exception when the download fails
+        if weights != "imagenet":
+            raise
+        reason = str(exc).splitlines()[0][:300]
+        raise DownloadError(f"model.weights: imagenet: cannot get the {backbone.name} ImageNet "
+                            f"weights ({reason}); put the no-top .h5 file in ~/.keras/models "
+                            "or set model.weights to its path") from None
+    if weights not in ("imagenet", "none"):
+        _load_weights_file(network, weights, backbone.name)
+
+    pixels = keras.Input((size, size, 3), name="pixels")
+    x = Preprocess(backbone.name, name="preprocess")(pixels)
+    features = network(x, training=False)
+    base = keras.Model(pixels, features, name=f"{backbone.name}_base")
+    base.trainable = False
+    return base
+
+
+def _load_weights_file(network: keras.Model, path: str, name: str) -> None:
+    try:
+        network.load_weights(path)
+    except (ValueError, OSError, KeyError) as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise ParamsError(f"model.weights: {path} does not fit {name} with these "
+                          f"model.* params ({reason})") from None
+
+
+@keras.saving.register_keras_serializable(package="retrain")
+class Preprocess(keras.layers.Layer):
+    """The backbone's own `preprocess_input`, as a layer so it travels inside saved models."""
+
+    def __init__(self, backbone: str, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+
+    def call(self, pixels):
+        preprocess = get_backbone(self.backbone).preprocess
+        pixels = keras.ops.cast(pixels, "float32")
+        return preprocess(pixels) if preprocess else pixels
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
