@@ -4,6 +4,7 @@ local files, and the stage script. All offline: the server listens on 127.0.0.1.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -174,6 +175,34 @@ def test_connection_refused_is_retried_then_fails(tarball, tmp_path):
         url = stopped.url("/shapes.tgz")  # a port nothing listens on once the server stops
     with pytest.raises(DownloadError, match=r"failed after 3 attempts \(last: cannot connect"):
         fetch(url, sha256, tmp_path)
+
+
+
+def test_password_and_query_values_stay_out_of_errors_and_logs(server, tarball, tmp_path,
+                                                               caplog):
+    body, sha256 = tarball
+    plain = server.route("/shapes.tgz", body, status(500), status(404))
+    url = plain.replace("http://", "http://alice:s3cret@") + "?X-Amz-Signature=deadbeef&dl=1"
+    with caplog.at_level(logging.WARNING), pytest.raises(DownloadError) as info:
+        fetch(url, sha256, tmp_path)
+    shown = plain.replace("http://", "http://alice:***@") + "?X-Amz-Signature=***&dl=***"
+    assert str(info.value) == f"HTTP 404 for {shown}"
+    assert f"{shown}: HTTP 500; retrying" in caplog.text
+    assert "s3cret" not in caplog.text and "deadbeef" not in caplog.text
+    # The credentials were still used: requests turns the URL's user info into Basic auth.
+    assert server.requests("/shapes.tgz")[0]["Authorization"].startswith("Basic ")
+
+
+
+def test_netrc_authenticates_a_url_without_credentials(server, tarball, tmp_path, monkeypatch):
+    body, sha256 = tarball
+    url = server.route("/shapes.tgz", body)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert_dataset(fetch(url, sha256, tmp_path))
+    assert server.requests("/shapes.tgz")[0]["Authorization"] == "Basic YWxpY2U6czNjcmV0"
 
 
 # --------------------------------------------------------------------------- the cache

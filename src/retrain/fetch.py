@@ -26,8 +26,10 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from retrain.archive import archive_stem, extract_dataset
 from retrain.cache import user_cache_dir
-from retrain.errors import DownloadError
+from retrain.errors import DownloadError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,10 @@ def fetch_dataset(
     """
     archive = fetch_archive(url, sha256, cache_dir=cache_dir, timeout_s=timeout_s,
                             retries=retries, backoff_s=backoff_s)
-    return extract_dataset(archive, dest_dir, name=archive_stem(_url_path(url)), label=url,
-                           max_members=max_members, max_extracted_bytes=max_extracted_bytes)
+    with _secrets_hidden(url):
+        return extract_dataset(archive, dest_dir, name=archive_stem(_url_path(url)),
+                               label=url, max_members=max_members,
+                               max_extracted_bytes=max_extracted_bytes)
 
 
 def fetch_archive(
@@ -108,13 +112,40 @@ def fetch_archive(
     sha256 = sha256.lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
-    local = local_path(url)
-    if local is not None:
-        return _verified_local(local, sha256, url)
-    downloads = Path(cache_dir) / "downloads" if cache_dir else user_cache_dir("downloads")
-    downloads.mkdir(parents=True, exist_ok=True)
-    return _cached_download(url, sha256, downloads, timeout_s=timeout_s, retries=retries,
-                            backoff_s=backoff_s)
+    with _secrets_hidden(url):
+        local = local_path(url)
+        if local is not None:
+            return _verified_local(local, sha256, url)
+        downloads = Path(cache_dir) / "downloads" if cache_dir else user_cache_dir("downloads")
+        downloads.mkdir(parents=True, exist_ok=True)
+        return _cached_download(url, sha256, downloads, timeout_s=timeout_s, retries=retries,
+                                backoff_s=backoff_s)
+
+
+def redact(text: str, url: str) -> str:
+    """`text` with the password and the query values of `url` shown as ***: errors and logs
+    end up in CI output, and signed URLs carry their token in the query."""
+    if "://" not in url:
+        return text
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return text
+    if parts.password:
+        text = text.replace(f":{parts.password}@", ":***@")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        text = text.replace(parts.query, "&".join(f"{key}=***" for key, _ in pairs))
+    return text
+
+
+@contextmanager
+def _secrets_hidden(url: str) -> Iterator[None]:
+    """Re-raise a UserError with `url`'s secrets redacted from its message."""
+    try:
+        yield
+    except UserError as exc:
+        raise type(exc)(redact(str(exc), url)) from None
 
 
 def local_path(url: str) -> Path | None:
@@ -217,7 +248,8 @@ def _download_with_retries(url: str, part: Path, *, timeout_s: float, retries: i
                 raise DownloadError(f"{url}: download failed after {tries} (last: {reason})")
             wait = min(wait if wait is not None else backoff_s * 2 ** (attempt - 1),
                        MAX_BACKOFF_S)
-            log.warning("%s: %s; retrying in %.1f s (%d/%d)", url, reason, wait, attempt, retries)
+            log.warning("%s: %s; retrying in %.1f s (%d/%d)", redact(url, url),
+                        redact(reason, url), wait, attempt, retries)
             time.sleep(wait)
 
 
