@@ -194,6 +194,33 @@ def test_password_and_query_values_stay_out_of_errors_and_logs(server, tarball, 
 
 
 
+
+SIGNED_QUERY = ("?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLEKEY%2F20260101"
+                "%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600"
+                "&X-Amz-SignedHeaders=host&X-Amz-Signature=" + "ab12" * 16)
+
+
+def test_long_signed_query_is_hidden_in_a_connection_error(tarball, tmp_path, caplog):
+    # The error text of requests repeats the path and query, and is cut to one short line:
+    # the tokens must be hidden before the cut, not matched afterwards.
+    _, sha256 = tarball
+    with http_faults.FaultServer() as stopped:
+        url = stopped.url("/shapes.tgz") + SIGNED_QUERY
+    with caplog.at_level(logging.WARNING), pytest.raises(DownloadError, match="cannot connect"
+                                                         ) as info:
+        fetch(url, sha256, tmp_path)
+    shown = str(info.value) + caplog.text
+    assert "AKIAEXAMPLEKEY" not in shown and "ab12ab12" not in shown
+    assert "X-Amz-Credential=***" in shown
+
+
+def test_password_in_an_unparseable_url_is_hidden(tarball, tmp_path):
+    _, sha256 = tarball
+    with pytest.raises(DownloadError, match="not a valid URL") as info:
+        fetch("https://alice:s3cret@[::1/shapes.tgz", sha256, tmp_path)
+    assert "s3cret" not in str(info.value) and "alice:***@" in str(info.value)
+
+
 def test_netrc_authenticates_a_url_without_credentials(server, tarball, tmp_path, monkeypatch):
     body, sha256 = tarball
     url = server.route("/shapes.tgz", body)

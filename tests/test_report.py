@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from retrain.report import ReportError, build_report, changed_figures, check_gates, main
 
@@ -193,6 +194,22 @@ def test_out_file_params_and_changed_figures(repo, capsys):
     assert "![new samples.png](../reports/figures/new%20samples.png)" in markdown
     assert "curves.png" not in markdown
     assert not [p for p in (repo / "out").iterdir() if p.name.startswith(".tmp-")]
+
+
+
+def test_report_hides_a_url_password_and_needs_no_weights_file(repo):
+    # The report is posted on pull requests; it reads only the gates from params.yaml, so a
+    # model.weights file that exists on the training machine alone does not stop it.
+    params = repo / "params.yaml"
+    text = params.read_text()
+    url = yaml.safe_load(text)["data"]["url"]
+    secret_url = url.replace("://", "://alice:s3cret@", 1) + "?token=t0ken"
+    text = text.replace(url, secret_url).replace("weights: imagenet", "weights: /no/such.h5")
+    params.write_text(text)
+    assert main(["--base", "base", "--out", "report.md"]) == 0
+    markdown = (repo / "report.md").read_text()
+    assert "`data.url`" in markdown and "alice:***@" in markdown and "token=***" in markdown
+    assert "s3cret" not in markdown and "t0ken" not in markdown
 
 
 def test_figures_of_a_folder_dvc_cannot_list_all_count_as_changed(repo):

@@ -25,11 +25,12 @@ import email.utils
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
@@ -129,14 +130,19 @@ def redact(text: str, url: str) -> str:
         return text
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return text
-    if parts.password:
-        text = text.replace(f":{parts.password}@", ":***@")
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        text = text.replace(parts.query, "&".join(f"{key}=***" for key, _ in pairs))
+        password = parts.password
+    except ValueError:  # a URL too broken to parse may still hold user:password@
+        return _USERINFO.sub(r"\1:***@", text)
+    if password:
+        text = text.replace(f":{password}@", ":***@")
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if value:
+            text = text.replace(pair, f"{key}=***")
     return text
+
+
+_USERINFO = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")
 
 
 @contextmanager
@@ -233,13 +239,13 @@ def _download_with_retries(url: str, part: Path, *, timeout_s: float, retries: i
             try:
                 return _attempt(session, url, part, timeout_s)
             except (requests.exceptions.SSLError, urllib3.exceptions.SSLError) as exc:
-                raise DownloadError(f"{url}: TLS error ({_first_line(exc)})") from None
+                raise DownloadError(f"{url}: TLS error ({_first_line(exc, url)})") from None
             except _Transient as exc:
                 reason, wait = str(exc), exc.wait
             except TRANSIENT_ERRORS as exc:
-                reason, wait = _describe(exc, timeout_s), None
+                reason, wait = _describe(exc, timeout_s, url), None
             except requests.RequestException as exc:  # invalid URL, too many redirects, ...
-                raise DownloadError(f"{url}: {_first_line(exc)}") from None
+                raise DownloadError(f"{url}: {_first_line(exc, url)}") from None
             except OSError as exc:  # the local disk, not the network: retrying will not help
                 raise DownloadError(f"{url}: cannot save to {part} ({exc})") from None
             attempt += 1
@@ -352,7 +358,7 @@ def _retry_after(resp: requests.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _describe(exc: BaseException, timeout_s: float) -> str:
+def _describe(exc: BaseException, timeout_s: float, url: str) -> str:
     """A short reason for the retry log and the final error, not a nested urllib3 repr."""
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
         return f"no data for {timeout_s:g} s"
@@ -360,10 +366,12 @@ def _describe(exc: BaseException, timeout_s: float) -> str:
                         urllib3.exceptions.ProtocolError)):
         return "connection closed mid-download"
     if isinstance(exc, requests.ConnectionError):
-        return f"cannot connect ({_first_line(exc)})"
-    return _first_line(exc)
+        return f"cannot connect ({_first_line(exc, url)})"
+    return _first_line(exc, url)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
+def _first_line(exc: BaseException, url: str) -> str:
+    """The exception's first line, cut to 200 characters after `url`'s secrets are hidden
+    (cutting first could leave half a token that no longer matches)."""
+    lines = redact(str(exc), url).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:200]

@@ -168,8 +168,10 @@ def validate(params: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> 
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read and validate the whole params file, `model.*` combinations included."""
+def load_params(path: str | Path = "params.yaml", *, check_model: bool = True
+                ) -> dict[str, Any]:
+    """Read and validate the whole params file; with `check_model`, also how the `model.*`
+    keys fit together (a weights file must exist: stages want that, a report does not)."""
     path = Path(path)
     try:
         params = yaml.safe_load(path.read_text())
@@ -178,5 +180,6 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     validate(params)
-    check_model_params(params["model"])
+    if check_model:
+        check_model_params(params["model"])
     return params

@@ -9,7 +9,7 @@ manifests' excluded.csv (`prefilter score 0.0312 < 0.1`).
 The classifier (`prefilter.model`):
 - `imagenet`: Keras MobileNetV2 with its ImageNet top at 224 px. Keras downloads its
   weights on first use into ~/.keras/models (`$KERAS_HOME/models`); `preprocess_input` is
-  inside the graph (the registry's Preprocess layer), so it takes raw pixels.
+  inside the graph (`retrain.base.Preprocess`), so it takes raw pixels.
 - a path to a saved Keras classifier (`.keras`): 1000 softmax outputs in ImageNet order,
   raw RGB pixels in [0, 255] in (put any preprocessing inside the model), square input at
   its own size. This is how an air-gapped machine supplies the classifier. The file is not
