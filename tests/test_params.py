@@ -123,3 +123,28 @@ def test_params_loader_does_not_import_keras():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_exponent_without_a_dot_is_a_float_as_dvc_reads_it(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("learning_rate: 0.001", "learning_rate: 1e-3")
+    assert "1e-3" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml")["head"]["learning_rate"] == 0.001
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"params.yaml: cannot read \(Is a directory\)"),
+    (b"", "params.yaml: expected a mapping of params keys, got an empty file"),
+    (b"- 1\n", "params.yaml: expected a mapping of params keys, got list"),
+    (b"# caf\xe9\nseed: 1\n", "params.yaml: not UTF-8 text"),
+    (b"seed: 1\nseed: 2\n", "params.yaml: line 2: 'seed' is given twice"),
+    (b"head:\n  epochs: 1\n  epochs: 2\n", "params.yaml: line 3: 'epochs' is given twice"),
+], ids=["folder", "empty", "list", "latin-1", "duplicate", "nested duplicate"])
+def test_unreadable_params_file_is_one_line(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)

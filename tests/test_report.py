@@ -212,6 +212,15 @@ def test_report_hides_a_url_password_and_needs_no_weights_file(repo):
     assert "s3cret" not in markdown and "t0ken" not in markdown
 
 
+
+def test_out_naming_a_folder_is_refused_and_the_folder_kept(repo, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--base", "base", "--out", "reports"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: reports: is a folder; name a file to write"
+    assert (repo / "reports" / "figures" / "confusion.png").is_file()
+
+
 def test_figures_of_a_folder_dvc_cannot_list_all_count_as_changed(repo):
     # On a fresh CI checkout the base's folder listing is not in the cache: `dvc diff`
     # then names only the folder.

@@ -1,10 +1,15 @@
-"""Scratch workspaces (`python -m retrain demo --dest DIR`) never replace a user's folder."""
+"""Scratch workspaces (`python -m retrain demo --dest DIR`) never replace a user's folder;
+profiles merge their params into params.yaml without losing what the user wrote."""
+
+import shutil
 
 import pytest
+import yaml
 from conftest import REPO
 
-from retrain.errors import UserError
-from retrain.workspace import SCRATCH_MARKER, create_workspace
+from retrain.errors import ParamsError, UserError
+from retrain.params import load_params
+from retrain.workspace import SCRATCH_MARKER, apply_profile, create_workspace
 
 
 def test_a_scratch_workspace_is_replaced_but_a_users_folder_is_not(tmp_path):
@@ -20,3 +25,36 @@ def test_a_scratch_workspace_is_replaced_but_a_users_folder_is_not(tmp_path):
     (scratch / "leftover.txt").write_text("from the last demo")
     again = create_workspace(tmp_path / "demo", source=REPO)
     assert not (again / "leftover.txt").exists() and (again / ".git").is_dir()
+
+
+@pytest.fixture
+def profile_workspace(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    return tmp_path
+
+
+def test_profile_merges_its_params_and_keeps_the_comments(profile_workspace):
+    params_file = profile_workspace / "params.yaml"
+    before = params_file.read_text()
+    (profile_workspace / "params.yaml").write_text("# my notes on this run\n" + before)
+    apply_profile(profile_workspace, "small")
+
+    after = params_file.read_text()
+    comments = [line.strip() for line in ("# my notes on this run\n" + before).splitlines()
+                if line.strip().startswith("#")]
+    assert comments and all(comment in after for comment in comments)
+    params = load_params(params_file)
+    profile = yaml.safe_load((REPO / "profiles" / "small.yaml").read_text())
+    assert params["model"] == profile["params"]["model"]
+    assert params["head"]["epochs"] == profile["params"]["head"]["epochs"]
+    assert params["head"]["dropout"] == yaml.safe_load(before)["head"]["dropout"]  # kept
+    assert (profile_workspace / params["data"]["url"]).is_file()
+
+
+def test_profile_refuses_a_broken_params_file_and_leaves_it(profile_workspace):
+    params_file = profile_workspace / "params.yaml"
+    params_file.write_text("seed: [1,\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: not valid YAML \(line 2: "):
+        apply_profile(profile_workspace, "small")
+    assert params_file.read_text() == "seed: [1,\n"

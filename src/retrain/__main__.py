@@ -16,16 +16,31 @@ import sys
 from retrain.errors import exits_cleanly
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= `low`, refused with argparse's one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def synth(argv: list[str]) -> int:
     from retrain.synthetic import write_dataset
 
     parser = argparse.ArgumentParser(prog="python -m retrain synth",
                                      description="Write a tarball of generated class folders.")
-    parser.add_argument("dest")
-    parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--per-class", type=int, default=40)
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("dest", help="tarball to write (.tgz)")
+    parser.add_argument("--classes", type=_at_least(2), default=5)
+    parser.add_argument("--per-class", type=_at_least(1), default=40)
+    parser.add_argument("--size", type=_at_least(8), default=96, help="image side in px")
+    parser.add_argument("--seed", type=_at_least(0), default=0)
     args = parser.parse_args(argv)
     path = write_dataset(args.dest, classes=args.classes, per_class=args.per_class,
                          size=args.size, seed=args.seed)

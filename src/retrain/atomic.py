@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from retrain.errors import UserError
+
 
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -22,11 +24,15 @@ def remove(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `dest`; on success it replaces `dest`, on error it vanishes.
+    A file (`directory=False`) may replace a file, never a folder.
 
     The sibling lives in the same folder, so the final rename never crosses file systems.
     A stage killed mid-write leaves only a hidden `.tmp-*` name, never a valid-looking output.
     """
     dest = Path(dest)
+    if not directory and dest.is_dir() and not dest.is_symlink():
+        # A file output never replaces a folder: `--out reports` meant `reports/x.md`.
+        raise UserError(f"{dest}: is a folder; name a file to write")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(f".tmp-{dest.name}-*"):  # left by a killed earlier run
         remove(stale)

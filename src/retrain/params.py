@@ -8,6 +8,7 @@ silently ignored.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,17 +169,61 @@ def validate(params: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> 
     return params
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A params-style YAML file as DVC reads it, or a one-line ParamsError.
+
+    PyYAML reads YAML 1.1, where `1e-3` is a string; DVC (YAML 1.2) and users read a float.
+    A key given twice is refused: YAML would silently keep the last one.
+    """
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        if isinstance(exc, _DuplicateKey):
+            raise ParamsError(f"{path}: {where}{problem}") from None
+        raise ParamsError(f"{path}: not valid YAML ({where}{problem})") from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats without a dot (`1e-3`, `5E+2`), which YAML 1.1 leaves as strings.
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_params(path: str | Path = "params.yaml", *, check_model: bool = True
                 ) -> dict[str, Any]:
     """Read and validate the whole params file; with `check_model`, also how the `model.*`
     keys fit together (a weights file must exist: stages want that, a report does not)."""
-    path = Path(path)
-    try:
-        params = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    params = read_yaml(path)
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping of params keys, got "
+                          f"{'an empty file' if params is None else type(params).__name__}")
     validate(params)
     if check_model:
         check_model_params(params["model"])

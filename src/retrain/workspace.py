@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -15,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from retrain.atomic import write_text
 from retrain.errors import UserError
-from retrain.params import validate
+from retrain.params import load_params, read_yaml, validate
 from retrain.synthetic import write_dataset
 
 # What a workspace needs: the pipeline, its params and the code its stages depend on.
@@ -44,23 +44,46 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def apply_profile(workspace: str | Path, name: str) -> dict:
-    """Generate the profile's dataset in `workspace` and merge its params into params.yaml."""
+    """Generate the profile's dataset in `workspace` and merge its params into params.yaml,
+    keeping the file's comments and key order."""
     workspace = Path(workspace)
     profile_path = workspace / "profiles" / f"{name}.yaml"
     if not profile_path.exists():
         known = sorted(p.stem for p in (workspace / "profiles").glob("*.yaml"))
         raise UserError(f"profile {name!r} not found (known: {', '.join(known) or 'none'})")
-    profile = yaml.safe_load(profile_path.read_text())
+    profile = read_yaml(profile_path)
+    params_path = workspace / "params.yaml"
+    params = deep_merge(load_params(params_path, check_model=False), profile.get("params", {}))
     generate = dict(profile["generate"])
     tarball = workspace / generate.pop("dest")
     write_dataset(tarball, **generate)
-    params_path = workspace / "params.yaml"
-    params = deep_merge(yaml.safe_load(params_path.read_text()), profile.get("params", {}))
     params["data"]["url"] = tarball.relative_to(workspace).as_posix()
     params["data"]["sha256"] = sha256_of(tarball)
     validate(params)
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    write_text(params_path, _with_values(params_path.read_text(encoding="utf-8"), params))
     return params
+
+
+def _with_values(text: str, params: dict) -> str:
+    """The YAML `text` with `params`' values set, its comments kept (ruamel round trip, as
+    `dvc exp run -S` does)."""
+    from ruamel.yaml import YAML
+
+    round_trip = YAML()
+    round_trip.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout
+    document = round_trip.load(text)
+
+    def assign(node, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                assign(node[key], value)
+            elif node.get(key) != value:  # untouched values keep their layout
+                node[key] = value
+
+    assign(document, params)
+    out = io.StringIO()
+    round_trip.dump(document, out)
+    return out.getvalue()
 
 
 # Marks a folder made by create_workspace, the only kind it deletes to start again.
