@@ -114,3 +114,22 @@ def test_predict_command_matches_the_model(pipeline_run):
         for entry in top:
             assert entry["probability"] == pytest.approx(
                 float(expected[classes.index(entry["class"])]), abs=1e-5)
+
+
+@pytest.mark.parametrize("model, classes, message", [
+    ("models/serving", None, r"models/serving: not a saved Keras model \("),
+    ("models/head.keras", None, r"models/head.keras: takes inputs of shape \(None, \d+\), not "
+                                r"RGB images"),
+    (None, "data/manifests", r"data/manifests: cannot read the class list \(Is a directory\)"),
+], ids=["savedmodel folder", "head", "classes folder"])
+def test_predict_with_the_wrong_file_is_one_clear_error(pipeline_run, model, classes, message):
+    from retrain.errors import UserError
+    from retrain.predict import main
+
+    ws = pipeline_run
+    image = ws / "data" / "raw" / pd.read_csv(ws / "data" / "manifests" / "test.csv")["path"][0]
+    args = [str(image), "--model", str(ws / (model or "models/model.keras")),
+            "--classes", str(ws / (classes or "data/manifests/classes.txt"))]
+    with pytest.raises(UserError, match=message) as info:
+        main(args)
+    assert "\n" not in str(info.value)

@@ -27,7 +27,17 @@ def load_classifier(model_path: str | Path):
     model_path = Path(model_path)
     if not model_path.exists():
         raise UserError(f"{model_path}: model not found (run `dvc repro` first)")
-    return keras.models.load_model(model_path)
+    try:
+        model = keras.models.load_model(model_path)
+    except (ValueError, OSError) as exc:  # a folder, a SavedModel, a file of another kind
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"{model_path}: not a saved Keras model ({reason}); use "
+                        "models/model.keras") from None
+    shape = tuple(model.input.shape)
+    if len(shape) != 4 or shape[-1] != 3 or not shape[1]:
+        raise UserError(f"{model_path}: takes inputs of shape {shape}, not RGB images "
+                        "(models/head.keras takes features; use models/model.keras)")
+    return model
 
 
 def predict_files(model, paths: list[str], classes: list[str], top_k: int):
@@ -60,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         classes = Path(args.classes).read_text().splitlines()
     except FileNotFoundError:
         raise UserError(f"{args.classes}: class list not found (run `dvc repro` first)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise UserError(f"{args.classes}: cannot read the class list ({reason})") from None
     model = load_classifier(args.model)
     if len(classes) != model.output.shape[-1]:
         raise UserError(f"{args.classes}: {len(classes)} classes but the model has "
