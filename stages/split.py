@@ -1,6 +1,7 @@
 """Stage `split`: list, check and split the images into train/val/test manifests."""
 
 import argparse
+import sys
 
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
@@ -38,6 +39,9 @@ def main() -> None:
     sizes = ", ".join(f"{name} {metrics['images'][name]['total']}" for name in manifests.splits)
     print(f"split: {len(manifests.classes)} classes; {sizes}; "
           f"excluded {metrics['excluded']['total']} (see {args.out}/excluded.csv)")
+    if manifests.empty_classes:
+        print(f"split: warning: {len(manifests.empty_classes)} class folder(s) hold no usable "
+              f"image and are left out: {', '.join(manifests.empty_classes)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -84,7 +85,50 @@ def test_bad_files_are_excluded_with_a_reason(class_tree):
     metrics = data_metrics(manifests)
     assert metrics["excluded"] == {"total": 4, "cross_class_duplicates": 0,
                                    "prefiltered": 0, "unselected_class": 0, "not_image_files": 1,
-                                   "unreadable_images": 3}
+                                   "bad_file_names": 0, "unreadable_images": 3}
+    assert metrics["empty_class_folders"] == 0
+
+
+
+def test_file_name_that_is_not_utf8_is_excluded_and_written_readably(class_tree, tmp_path):
+    folder = dataset(class_tree) / "class_000"
+    source = sorted(folder.iterdir())[0]
+    latin1 = os.fsdecode(bytes(folder) + b"/caf\xe9.jpg")  # as tar extracts a Latin-1 name
+    source.rename(latin1)
+    manifests = build_manifests(class_tree, **SPLIT)
+    assert manifests.excluded.to_dict("records") == [
+        {"path": "synthetic_photos/class_000/caf\ufffd.jpg", "reason": "file name is not UTF-8"}]
+    assert data_metrics(manifests)["excluded"]["bad_file_names"] == 1
+    write_manifests(manifests, tmp_path / "manifests")  # UTF-8 CSVs, no encoding error
+    assert "caf\ufffd.jpg" in (tmp_path / "manifests" / "excluded.csv").read_text()
+
+
+@pytest.mark.parametrize("name", ["a\nb", "tab\there"])
+def test_class_folder_with_a_control_character_is_refused(class_tree, name):
+    dataset(class_tree).joinpath("class_001").rename(dataset(class_tree) / name)
+    with pytest.raises(DataError, match=r"class folder .* cannot be a class label"):
+        build_manifests(class_tree, **SPLIT)
+
+
+def test_class_folder_without_a_usable_image_is_counted_and_named(class_tree, tmp_path):
+    for path in (dataset(class_tree) / "class_002").iterdir():
+        path.write_bytes(b"not a jpeg")
+    manifests = build_manifests(class_tree, **SPLIT)
+    assert manifests.classes == ["class_000", "class_001"]
+    assert manifests.empty_classes == ["class_002"]
+    assert data_metrics(manifests)["empty_class_folders"] == 1
+
+
+@pytest.mark.parametrize("selection, message", [
+    ({"min_images_per_class": 100}, "no class is left by split.min_images_per_class=100 and "
+                                    "split.top_classes=0"),
+    ({"top_classes": 1}, r"only one class \(class_000\) is left by "
+                         "split.min_images_per_class=0 and split.top_classes=1"),
+])
+def test_class_selection_that_leaves_too_few_classes_names_the_params(class_tree, selection,
+                                                                      message):
+    with pytest.raises(DataError, match=message):
+        build_manifests(class_tree, **SPLIT, **selection)
 
 
 def test_nested_folders_belong_to_their_class(class_tree):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +34,7 @@ EXCLUSION_KINDS = {
     "prefilter score": "prefiltered",
     "class not selected": "unselected_class",
     "not an image file name": "not_image_files",
+    "file name is not UTF-8": "bad_file_names",
     "": "unreadable_images",
 }
 
@@ -42,6 +44,7 @@ class Manifests:
     splits: dict[str, pd.DataFrame]
     classes: list[str]
     excluded: pd.DataFrame  # path, reason
+    empty_classes: list[str] = field(default_factory=list)  # folders with no usable image
 
 
 def dataset_root(raw_dir: Path) -> Path:
@@ -66,11 +69,32 @@ def list_candidates(root: Path) -> list[tuple[Path, str]]:
         raise DataError(f"{root}: no class folders found")
     found = []
     for class_dir in class_dirs:
+        _check_class_name(class_dir)
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames[:] = sorted(d for d in dirnames if not _skipped(Path(d)))
             found += [(Path(dirpath) / f, class_dir.name) for f in sorted(filenames)
                       if not f.startswith(".")]
     return found
+
+
+def _check_class_name(class_dir: Path) -> None:
+    """A class label is a line of classes.txt and a CSV cell: no control characters, UTF-8."""
+    name = class_dir.name
+    if not _is_utf8(name) or any(unicodedata.category(c) == "Cc" for c in name):
+        raise DataError(f"{class_dir.parent}: class folder {_printable(name)} cannot be a class "
+                        "label (control character or not UTF-8); rename it")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # undecodable bytes from the file system arrive as surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    return ascii(name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def inspect_image(path: Path) -> dict:
@@ -88,6 +112,9 @@ def scan_images(root: Path, base: Path, workers: int | None = None):
     def check(candidate):
         path, label = candidate
         rel = path.relative_to(base).as_posix()
+        if not _is_utf8(rel):  # could not be written to a UTF-8 manifest
+            shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            return None, {"path": shown, "reason": "file name is not UTF-8"}
         if not is_image_name(path):
             return None, {"path": rel, "reason": "not an image file name"}
         try:
@@ -164,16 +191,23 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir}: dataset folder not found (run the fetch stage first)")
-    rows, excluded = scan_images(dataset_root(raw_dir), raw_dir)
+    root = dataset_root(raw_dir)
+    rows, excluded = scan_images(root, raw_dir)
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not _skipped(p)}
+    empty_classes = sorted(folders - {row["label"] for row in rows})
     rows = drop_cross_class_duplicates(rows, excluded)
     if prefilter is not None:
         rows = prefilter(raw_dir, rows, excluded)
-    rows = select_classes(rows, excluded, min_images_per_class, top_classes)
     if not rows:
         raise DataError(f"{raw_dir}: no usable images")
-    classes = sorted({row["label"] for row in rows})
+    selected = select_classes(rows, excluded, min_images_per_class, top_classes)
+    classes = sorted({row["label"] for row in selected})
     if len(classes) < 2:
-        raise DataError(f"{raw_dir}: only one class ({classes[0]}); at least two are needed")
+        found = f"only one class ({classes[0]})" if classes else "no class"
+        selection = (f" is left by split.min_images_per_class={min_images_per_class} and "
+                     f"split.top_classes={top_classes}" if len(selected) < len(rows) else "")
+        raise DataError(f"{raw_dir}: {found}{selection}; at least two are needed")
+    rows = selected
     split_of = assign_splits(rows, val_fraction, test_fraction, seed)
     index = {label: i for i, label in enumerate(classes)}
     frame = pd.DataFrame(rows)
@@ -185,7 +219,7 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
         for name in SPLITS
     }
     excluded_frame = pd.DataFrame(excluded, columns=["path", "reason"]).sort_values("path")
-    return Manifests(splits, classes, excluded_frame.reset_index(drop=True))
+    return Manifests(splits, classes, excluded_frame.reset_index(drop=True), empty_classes)
 
 
 def data_metrics(manifests: Manifests) -> dict:
@@ -198,6 +232,7 @@ def data_metrics(manifests: Manifests) -> dict:
     reasons = Counter(manifests.excluded["reason"].map(_reason_kind))
     return {
         "classes": len(manifests.classes),
+        "empty_class_folders": len(manifests.empty_classes),
         "images": per_split,
         "excluded": {"total": len(manifests.excluded),
                      **{kind: reasons.get(kind, 0) for kind in EXCLUSION_KINDS.values()}},
