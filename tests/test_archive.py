@@ -206,6 +206,7 @@ BROKEN = [
     ("gzip, not a tar", lambda: gzip.compress(b"hello " * 100), r"not a readable tar archive"),
     ("empty tgz", lambda: tar_bytes([]), r"archive is empty$"),
     ("empty zip", lambda: zip_bytes([]), r"archive is empty$"),
+    ("empty plain tar", lambda: tar_bytes([], "w:"), r"archive is empty$"),
     ("truncated zip", lambda: zip_bytes(GOOD)[:-30], r"truncated or corrupt zip archive"),
     ("zip with a damaged member", zip_with_damaged_member, r"truncated or corrupt zip archive"),
     ("no class folders", lambda: tar_bytes([f("README.txt", b"hi"), f("a.jpg")]),

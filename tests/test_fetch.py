@@ -173,7 +173,8 @@ def test_connection_refused_is_retried_then_fails(tarball, tmp_path):
     _, sha256 = tarball
     with http_faults.FaultServer() as stopped:
         url = stopped.url("/shapes.tgz")  # a port nothing listens on once the server stops
-    with pytest.raises(DownloadError, match=r"failed after 3 attempts \(last: cannot connect"):
+    with pytest.raises(DownloadError, match=r"failed after 3 attempts \(last: cannot connect "
+                                            r"\(\[Errno \d+\] Connection refused\)\)$"):
         fetch(url, sha256, tmp_path)
 
 

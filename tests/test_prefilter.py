@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -180,8 +181,12 @@ def test_a_classifier_without_1000_outputs_is_refused(tmp_path):
     with pytest.raises(ParamsError, match="has 10 outputs; an ImageNet classifier has 1000"):
         load_prefilter_model(str(tmp_path / "ten.keras"))
     (tmp_path / "junk.keras").write_text("not a model")
-    with pytest.raises(ParamsError, match="junk.keras: not a loadable Keras model"):
+    with pytest.raises(ParamsError, match=r"junk.keras: not a saved Keras model \(a .keras "):
         load_prefilter_model(str(tmp_path / "junk.keras"))
+    with zipfile.ZipFile(tmp_path / "zipped.keras", "w") as archive:  # a zip, but no model
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(ParamsError, match="zipped.keras: not a loadable Keras model"):
+        load_prefilter_model(str(tmp_path / "zipped.keras"))
 
 
 def test_imagenet_classifier_takes_raw_pixels(tmp_path):

@@ -125,6 +125,8 @@ def archive_format(archive: Path, label: str) -> str:
         return "r:"
     if len(head) == tarfile.BLOCKSIZE and _valid_tar_header(head):
         return "r:"  # pre-POSIX (v7) tar: no magic, only a header checksum
+    if len(head) == tarfile.BLOCKSIZE and not head.strip(b"\0"):
+        raise DataError(f"{label}: archive is empty")  # an empty plain tar: zero blocks
     raise DataError(f"{label}: not a tar or zip archive (unrecognised content)")
 
 

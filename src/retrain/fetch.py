@@ -366,7 +366,9 @@ def _describe(exc: BaseException, timeout_s: float, url: str) -> str:
                         urllib3.exceptions.ProtocolError)):
         return "connection closed mid-download"
     if isinstance(exc, requests.ConnectionError):
-        return f"cannot connect ({_first_line(exc, url)})"
+        # requests nests urllib3's errors; the OS's reason is what a user can act on.
+        errno = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(exc))
+        return f"cannot connect ({errno.group().strip() if errno else _first_line(exc, url)})"
     return _first_line(exc, url)
 
 

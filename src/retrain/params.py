@@ -36,7 +36,7 @@ def _number(lo: float, hi: float, *, lo_open=False, hi_open=False, integer=False
         return above and below
 
     left = "(" if lo_open else "["
-    right = ")" if hi_open else "]"
+    right = ")" if hi_open or hi == INF else "]"  # infinity itself is refused
     kind = int if integer else (int, float)
     return Field(kind, check, f"a number in {left}{lo}, {hi}{right}")
 

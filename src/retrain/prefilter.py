@@ -22,6 +22,7 @@ stays fast without it.
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def load_prefilter_model(spec: str):
 
     import retrain.base  # noqa: F401  registers Preprocess, for models saved with it
 
+    if not zipfile.is_zipfile(spec):  # Keras would say "File not found" for a file it has
+        raise ParamsError(f"prefilter.model: {spec}: not a saved Keras model (a .keras file "
+                          "is a zip archive)")
     try:
         model = keras.models.load_model(spec, compile=False)
     except (ValueError, OSError, TypeError, KeyError) as exc:
