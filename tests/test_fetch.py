@@ -29,6 +29,7 @@ from http_faults import (
 from retrain.errors import DownloadError
 from retrain.fetch import fetch_dataset
 from retrain.synthetic import write_dataset
+from retrain.urls import redact
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, PER_CLASS = 3, 4
@@ -219,7 +220,28 @@ def test_password_in_an_unparseable_url_is_hidden(tarball, tmp_path):
     _, sha256 = tarball
     with pytest.raises(DownloadError, match="not a valid URL") as info:
         fetch("https://alice:s3cret@[::1/shapes.tgz", sha256, tmp_path)
-    assert "s3cret" not in str(info.value) and "alice:***@" in str(info.value)
+    assert "s3cret" not in str(info.value) and "https://***@[::1" in str(info.value)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://alice:s3cret@host/a.tgz", "https://alice:***@host/a.tgz"),
+    ("https://ghp_t0ken@host/a.tgz", "https://***@host/a.tgz"),  # a token as the user name
+    ("https://host/a.tgz?sig=abc&dl=1", "https://host/a.tgz?sig=***&dl=***"),
+    ("https://host/a.tgz", "https://host/a.tgz"),
+    ("/data/a.tgz", "/data/a.tgz"),
+    ("https://u:p@[bad/a.tgz?sig=abc", "https://***@[bad/a.tgz?sig=***"),  # unparseable
+])
+def test_redact(url, shown):
+    assert redact(f"HTTP 404 for {url}", url) == f"HTTP 404 for {shown}"
+
+
+def test_secrets_are_hidden_before_a_long_error_line_is_cut():
+    from retrain.fetch import _first_line
+
+    url = "https://host/a.tgz?token=" + "t0k" * 20
+    error = ConnectionError("x" * (190 - len(url) + 60) + url)  # the token spans char 200
+    line = _first_line(error, url)
+    assert "t0k" not in line and line.endswith("token=***")
 
 
 def test_netrc_authenticates_a_url_without_credentials(server, tarball, tmp_path, monkeypatch):

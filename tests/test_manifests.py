@@ -103,7 +103,7 @@ def test_file_name_that_is_not_utf8_is_excluded_and_written_readably(class_tree,
     assert "caf\ufffd.jpg" in (tmp_path / "manifests" / "excluded.csv").read_text()
 
 
-@pytest.mark.parametrize("name", ["a\nb", "tab\there"])
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", "line\u2028separator"])
 def test_class_folder_with_a_control_character_is_refused(class_tree, name):
     dataset(class_tree).joinpath("class_001").rename(dataset(class_tree) / name)
     with pytest.raises(DataError, match=r"class folder .* cannot be a class label"):

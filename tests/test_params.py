@@ -125,11 +125,34 @@ def test_params_loader_does_not_import_keras():
     assert result.stdout.strip() == "[]"
 
 
-def test_exponent_without_a_dot_is_a_float_as_dvc_reads_it(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("learning_rate: 0.001", "learning_rate: 1e-3")
-    assert "1e-3" in text
+@pytest.mark.parametrize("written, value", [("1e-3", 0.001), ("2.5e-4", 0.00025),
+                                            ("1.E-3", 0.001), (".5e-2", 0.005)])
+def test_exponent_floats_are_floats_as_dvc_reads_them(tmp_path, written, value):
+    text = (REPO / "params.yaml").read_text().replace("learning_rate: 0.001",
+                                                      f"learning_rate: {written}")
+    assert written in text
     (tmp_path / "params.yaml").write_text(text)
-    assert load_params(tmp_path / "params.yaml")["head"]["learning_rate"] == 0.001
+    assert load_params(tmp_path / "params.yaml")["head"]["learning_rate"] == value
+
+
+def test_a_digest_that_reads_as_a_number_must_be_quoted(tmp_path):
+    # Digits and one `e` are a float to DVC too; the error says to quote it.
+    text = (REPO / "params.yaml").read_text()
+    digest = yaml.safe_load(text)["data"]["sha256"]
+    numeric = "1234567e89" + "0" * 54
+    (tmp_path / "params.yaml").write_text(text.replace(digest, numeric))
+    with pytest.raises(ParamsError, match="data.sha256: .* quoted if YAML reads them as a number"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(text.replace(digest, f'"{numeric}"'))
+    assert load_params(tmp_path / "params.yaml")["data"]["sha256"] == numeric
+
+
+def test_merge_keys_are_not_duplicates(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    text = text.replace("finetune:\n", "finetune: &tune\n", 1) + "\nx: {<<: *tune}\n"
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match="x: unknown key"):  # parsed; only the key is wrong
+        load_params(tmp_path / "params.yaml")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -139,7 +162,8 @@ def test_exponent_without_a_dot_is_a_float_as_dvc_reads_it(tmp_path):
     (b"# caf\xe9\nseed: 1\n", "params.yaml: not UTF-8 text"),
     (b"seed: 1\nseed: 2\n", "params.yaml: line 2: 'seed' is given twice"),
     (b"head:\n  epochs: 1\n  epochs: 2\n", "params.yaml: line 3: 'epochs' is given twice"),
-], ids=["folder", "empty", "list", "latin-1", "duplicate", "nested duplicate"])
+    (b"? [1, 2]\n: x\n", r"params.yaml: not valid YAML \(line 1: found unhashable key\)"),
+], ids=["folder", "empty", "list", "latin-1", "duplicate", "nested duplicate", "list as key"])
 def test_unreadable_params_file_is_one_line(tmp_path, content, message):
     path = tmp_path / "params.yaml"
     if content is None:

@@ -36,7 +36,9 @@ def profile_workspace(tmp_path):
 
 def test_profile_merges_its_params_and_keeps_the_comments(profile_workspace):
     params_file = profile_workspace / "params.yaml"
-    before = params_file.read_text()
+    long_path = "/shared/classifiers/" + "a-long-folder-name/" * 6 + "imagenet.keras"
+    before = params_file.read_text().replace("  model: imagenet", f'  model: "{long_path}"')
+    assert long_path in before
     (profile_workspace / "params.yaml").write_text("# my notes on this run\n" + before)
     apply_profile(profile_workspace, "small")
 
@@ -44,6 +46,8 @@ def test_profile_merges_its_params_and_keeps_the_comments(profile_workspace):
     comments = [line.strip() for line in ("# my notes on this run\n" + before).splitlines()
                 if line.strip().startswith("#")]
     assert comments and all(comment in after for comment in comments)
+    # Quoted, on one line with its comment: untouched.
+    assert any(line.startswith(f'  model: "{long_path}"  ') for line in after.splitlines())
     params = load_params(params_file)
     profile = yaml.safe_load((REPO / "profiles" / "small.yaml").read_text())
     assert params["model"] == profile["params"]["model"]

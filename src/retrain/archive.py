@@ -40,7 +40,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from retrain.atomic import atomic_path, remove
-from retrain.errors import DataError
+from retrain.errors import DataError, first_line
 from retrain.images import is_image_name
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
@@ -197,7 +197,7 @@ def _unpack_tar(archive: Path, mode: str, dest: Path, limits: tuple) -> None:
     try:
         tar = tarfile.open(archive, mode)
     except CORRUPT as exc:
-        raise DataError(f"{label}: not a readable tar archive ({_first_line(exc)})") from None
+        raise DataError(f"{label}: not a readable tar archive ({first_line(exc)})") from None
     with tar:
         members = _plan_tar(tar, limits)
         budget = _Budget(*limits)
@@ -212,7 +212,7 @@ def _unpack_tar(archive: Path, mode: str, dest: Path, limits: tuple) -> None:
         except tarfile.FilterError as exc:
             raise DataError(f"{label}: unsafe member ({exc})") from None
         except CORRUPT as exc:
-            raise DataError(f"{label}: cannot extract ({_first_line(exc)})") from None
+            raise DataError(f"{label}: cannot extract ({first_line(exc)})") from None
 
 
 def _plan_tar(tar: tarfile.TarFile, limits: tuple) -> list[tarfile.TarInfo]:
@@ -240,7 +240,7 @@ def _members(tar: tarfile.TarFile, label: str):
     try:
         yield from tar
     except CORRUPT as exc:
-        raise DataError(f"{label}: truncated or corrupt archive ({_first_line(exc)})") from None
+        raise DataError(f"{label}: truncated or corrupt archive ({first_line(exc)})") from None
 
 
 def _check_tar_type(member: tarfile.TarInfo, files: set, label: str) -> None:
@@ -266,7 +266,7 @@ def _check_end_of_archive(tar: tarfile.TarFile, label: str) -> None:
         while tar.fileobj.read(CHUNK_BYTES):
             pass
     except CORRUPT as exc:
-        raise DataError(f"{label}: truncated or corrupt archive ({_first_line(exc)})") from None
+        raise DataError(f"{label}: truncated or corrupt archive ({first_line(exc)})") from None
     if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
         raise DataError(f"{label}: truncated or corrupt archive (no end-of-archive marker "
                         f"after byte {tar.offset:,})")
@@ -294,7 +294,7 @@ def _unpack_zip(archive: Path, dest: Path, limits: tuple) -> None:
                 _extract_zip_member(zf, info, dest.joinpath(*_safe_parts(info.filename, label)),
                                     budget)
     except CORRUPT as exc:
-        raise DataError(f"{label}: truncated or corrupt zip archive ({_first_line(exc)})") \
+        raise DataError(f"{label}: truncated or corrupt zip archive ({first_line(exc)})") \
             from None
 
 
@@ -407,9 +407,3 @@ def _subfolders(folder: Path) -> list[Path]:
 def _holds_images(folder: Path, *, deep: bool) -> bool:
     candidates = folder.rglob("*") if deep else folder.iterdir()
     return any(is_image_name(p) and p.is_file() for p in candidates)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-

@@ -8,7 +8,7 @@ from __future__ import annotations
 import keras
 
 from retrain.backbones import check_model_params, get_backbone
-from retrain.errors import DownloadError, ParamsError
+from retrain.errors import DownloadError, ParamsError, first_line
 
 
 def build_base(model: dict) -> keras.Model:
@@ -29,7 +29,7 @@ def build_base(model: dict) -> keras.Model:
     except Exception as exc:  # Keras raises a bare Exception when the download fails
         if weights != "imagenet":
             raise
-        reason = str(exc).splitlines()[0][:300]
+        reason = first_line(exc, 300)
         raise DownloadError(f"model.weights: imagenet: cannot get the {backbone.name} ImageNet "
                             f"weights ({reason}); put the no-top .h5 file in ~/.keras/models "
                             "or set model.weights to its path") from None
@@ -48,7 +48,7 @@ def _load_weights_file(network: keras.Model, path: str, name: str) -> None:
     try:
         network.load_weights(path)
     except (ValueError, OSError, KeyError) as exc:
-        reason = str(exc).splitlines()[0][:200]
+        reason = first_line(exc)
         raise ParamsError(f"model.weights: {path} does not fit {name} with these "
                           f"model.* params ({reason})") from None
 

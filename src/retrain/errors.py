@@ -24,6 +24,15 @@ class DownloadError(UserError):
     """A URL that could not be fetched."""
 
 
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first line of an error (or its type name when it has no text), cut to `limit`:
+    how a library's multi-line message becomes part of a one-line error."""
+    lines = str(error).strip().splitlines()
+    if lines:
+        return lines[0][:limit]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
 def exits_cleanly(main):
     """Decorate a command's entry point: a UserError prints `error: ...` and exits."""
 

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from retrain.archive import archive_stem, extract_dataset
 from retrain.cache import user_cache_dir
-from retrain.errors import DownloadError, UserError
+from retrain.errors import DownloadError, UserError, first_line
+from retrain.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -121,28 +122,6 @@ def fetch_archive(
         downloads.mkdir(parents=True, exist_ok=True)
         return _cached_download(url, sha256, downloads, timeout_s=timeout_s, retries=retries,
                                 backoff_s=backoff_s)
-
-
-def redact(text: str, url: str) -> str:
-    """`text` with the password and the query values of `url` shown as ***: errors and logs
-    end up in CI output, and signed URLs carry their token in the query."""
-    if "://" not in url:
-        return text
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # a URL too broken to parse may still hold user:password@
-        return _USERINFO.sub(r"\1:***@", text)
-    if password:
-        text = text.replace(f":{password}@", ":***@")
-    for pair in parts.query.split("&"):
-        key, _, value = pair.partition("=")
-        if value:
-            text = text.replace(pair, f"{key}=***")
-    return text
-
-
-_USERINFO = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")
 
 
 @contextmanager
@@ -373,7 +352,6 @@ def _describe(exc: BaseException, timeout_s: float, url: str) -> str:
 
 
 def _first_line(exc: BaseException, url: str) -> str:
-    """The exception's first line, cut to 200 characters after `url`'s secrets are hidden
-    (cutting first could leave half a token that no longer matches)."""
-    lines = redact(str(exc), url).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    """The exception's first line, with `url`'s secrets hidden before it is cut (cutting first
+    could leave half a token that no longer matches)."""
+    return first_line(redact(str(exc), url) or type(exc).__name__)

@@ -30,6 +30,7 @@ import numpy as np
 
 from retrain.atomic import atomic_path
 from retrain.cache import user_cache_dir
+from retrain.errors import first_line
 
 # Bump when the conversion recipe changes, so old cache entries are not reused.
 FORMAT_VERSION = "1"
@@ -148,7 +149,7 @@ def convert(extractor: keras.Model) -> bytes:
             _check_against_keras(flatbuffer, extractor)
             return flatbuffer
         except Exception as exc:  # noqa: BLE001 - try the next recipe, report all
-            failures.append(f"{recipe.__name__}: {str(exc).splitlines()[0][:300]}")
+            failures.append(f"{recipe.__name__}: {first_line(exc, 300)}")
     raise ConversionError(f"cannot convert {extractor.name} to LiteRT ("
                           + "; ".join(failures) + "); set extract.engine: keras")
 

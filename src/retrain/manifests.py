@@ -62,13 +62,17 @@ def _skipped(path: Path) -> bool:
     return path.name.startswith(".") or path.name in SKIPPED_NAMES
 
 
+def class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p))
+
+
 def list_candidates(root: Path) -> list[tuple[Path, str]]:
     """(file, class name) for every file under each class folder, nested folders included."""
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p))
-    if not class_dirs:
+    folders = class_dirs(root)
+    if not folders:
         raise DataError(f"{root}: no class folders found")
     found = []
-    for class_dir in class_dirs:
+    for class_dir in folders:
         _check_class_name(class_dir)
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames[:] = sorted(d for d in dirnames if not _skipped(Path(d)))
@@ -78,11 +82,13 @@ def list_candidates(root: Path) -> list[tuple[Path, str]]:
 
 
 def _check_class_name(class_dir: Path) -> None:
-    """A class label is a line of classes.txt and a CSV cell: no control characters, UTF-8."""
+    """A class label is a line of classes.txt and a CSV cell: no control characters or line
+    breaks (U+2028 included: `splitlines` splits there), UTF-8."""
     name = class_dir.name
-    if not _is_utf8(name) or any(unicodedata.category(c) == "Cc" for c in name):
-        raise DataError(f"{class_dir.parent}: class folder {_printable(name)} cannot be a class "
-                        "label (control character or not UTF-8); rename it")
+    if not _is_utf8(name) or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        raise DataError(f"{class_dir.parent}: class folder {ascii(_utf8_shown(name))} cannot "
+                        "be a class label (control character, line break or not UTF-8); "
+                        "rename it")
 
 
 def _is_utf8(name: str) -> bool:
@@ -93,8 +99,9 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _printable(name: str) -> str:
-    return ascii(name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+def _utf8_shown(name: str) -> str:
+    """`name` with bytes that are not UTF-8 shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def inspect_image(path: Path) -> dict:
@@ -113,8 +120,7 @@ def scan_images(root: Path, base: Path, workers: int | None = None):
         path, label = candidate
         rel = path.relative_to(base).as_posix()
         if not _is_utf8(rel):  # could not be written to a UTF-8 manifest
-            shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            return None, {"path": shown, "reason": "file name is not UTF-8"}
+            return None, {"path": _utf8_shown(rel), "reason": "file name is not UTF-8"}
         if not is_image_name(path):
             return None, {"path": rel, "reason": "not an image file name"}
         try:
@@ -193,8 +199,7 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
         raise DataError(f"{raw_dir}: dataset folder not found (run the fetch stage first)")
     root = dataset_root(raw_dir)
     rows, excluded = scan_images(root, raw_dir)
-    folders = {p.name for p in root.iterdir() if p.is_dir() and not _skipped(p)}
-    empty_classes = sorted(folders - {row["label"] for row in rows})
+    empty_classes = sorted({p.name for p in class_dirs(root)} - {row["label"] for row in rows})
     rows = drop_cross_class_duplicates(rows, excluded)
     if prefilter is not None:
         rows = prefilter(raw_dir, rows, excluded)
@@ -251,7 +256,8 @@ def write_manifests(manifests: Manifests, out_dir: str | Path) -> None:
     with atomic_path(out_dir, directory=True) as tmp:
         for name, frame in manifests.splits.items():
             frame.to_csv(tmp / f"{name}.csv", index=False, lineterminator="\n")
-        (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in manifests.classes))
+        (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in manifests.classes),
+                                          encoding="utf-8")
         manifests.excluded.to_csv(tmp / "excluded.csv", index=False, lineterminator="\n")
 
 
@@ -264,7 +270,15 @@ def read_split(manifest_dir: str | Path, split: str) -> pd.DataFrame:
 
 
 def read_classes(manifest_dir: str | Path) -> list[str]:
-    path = Path(manifest_dir) / "classes.txt"
-    if not path.exists():
-        raise DataError(f"{path}: class list not found (run the split stage first)")
-    return path.read_text().splitlines()
+    return read_class_list(Path(manifest_dir) / "classes.txt")
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """Class names, one per line, in the model's output order (what `split` writes)."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: class list not found (run the split stage first)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise DataError(f"{path}: cannot read the class list ({reason})") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,8 @@ def _sha256() -> Field:
     def check(value):
         return len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())
 
-    return Field(str, check, "64 hexadecimal digits")
+    # A digest of digits and one `e` reads as a number in YAML: the hint says what to do.
+    return Field(str, check, "64 hexadecimal digits, quoted if YAML reads them as a number")
 
 
 def _imagenet_indices() -> Field:
@@ -170,14 +171,14 @@ def validate(params: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> 
 
 
 def read_yaml(path: str | Path) -> Any:
-    """A params-style YAML file as DVC reads it, or a one-line ParamsError.
+    """A params-style YAML file, or a one-line ParamsError.
 
-    PyYAML reads YAML 1.1, where `1e-3` is a string; DVC (YAML 1.2) and users read a float.
-    A key given twice is refused: YAML would silently keep the last one.
+    PyYAML reads YAML 1.1, where `1e-3` is a string; DVC (YAML 1.2) and users read a float,
+    and so does this loader. A key given twice is refused: YAML would silently keep the last.
     """
     path = Path(path)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except UnicodeDecodeError:
@@ -199,21 +200,28 @@ class _DuplicateKey(yaml.YAMLError):
         self.problem, self.problem_mark = problem, mark
 
 
-class _ParamsLoader(yaml.SafeLoader):
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with exponent floats and duplicate keys refused (see read_yaml)."""
+
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` is no key
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            if isinstance(key, Hashable) and key in seen:
                 raise _DuplicateKey(f"{key!r} is given twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)  # reports unhashable keys itself
 
 
-# YAML 1.2 floats without a dot (`1e-3`, `5E+2`), which YAML 1.1 leaves as strings.
-_ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+# YAML 1.2 exponent floats that YAML 1.1 leaves as strings: `1e-3`, `2.5e4`, `1.E5`, `.5e3`
+# (1.1 wants a dot and a signed exponent).
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def load_params(path: str | Path = "params.yaml", *, check_model: bool = True

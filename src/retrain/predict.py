@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.errors import DataError, UserError
+from retrain.errors import DataError, UserError, first_line
 from retrain.images import load_image
+from retrain.manifests import read_class_list
 
 
 def load_classifier(model_path: str | Path):
@@ -30,7 +31,7 @@ def load_classifier(model_path: str | Path):
     try:
         model = keras.models.load_model(model_path)
     except (ValueError, OSError) as exc:  # a folder, a SavedModel, a file of another kind
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{model_path}: not a saved Keras model ({reason}); use "
                         "models/model.keras") from None
     shape = tuple(model.input.shape)
@@ -66,13 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise UserError("--top-k: expected a positive integer")
-    try:
-        classes = Path(args.classes).read_text().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{args.classes}: class list not found (run `dvc repro` first)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-        raise UserError(f"{args.classes}: cannot read the class list ({reason})") from None
+    classes = read_class_list(args.classes)
     model = load_classifier(args.model)
     if len(classes) != model.output.shape[-1]:
         raise UserError(f"{args.classes}: {len(classes)} classes but the model has "

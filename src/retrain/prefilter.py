@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.errors import DataError, DownloadError, ParamsError
+from retrain.errors import DataError, DownloadError, ParamsError, first_line
 from retrain.images import iter_image_batches
 
 IMAGENET_CLASSES = 1000
@@ -63,7 +63,7 @@ def imagenet_classifier(weights: str | None = "imagenet"):
                                        input_shape=(IMAGENET_SIZE, IMAGENET_SIZE, 3),
                                        name="imagenet_classifier")
     except Exception as exc:  # Keras raises a bare Exception when the download fails
-        reason = str(exc).splitlines()[0][:300]
+        reason = first_line(exc, 300)
         raise DownloadError(f"prefilter.model: imagenet: cannot get the MobileNetV2 ImageNet "
                             f"weights ({reason}); put the file in ~/.keras/models or set "
                             "prefilter.model to a saved .keras classifier") from None
@@ -86,7 +86,7 @@ def load_prefilter_model(spec: str):
     try:
         model = keras.models.load_model(spec, compile=False)
     except (ValueError, OSError, TypeError, KeyError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ParamsError(f"prefilter.model: {spec}: not a loadable Keras model ({reason})"
                           ) from None
     if model.output_shape[-1] != IMAGENET_CLASSES:

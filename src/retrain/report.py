@@ -24,8 +24,8 @@ from urllib.parse import quote
 
 from retrain.atomic import write_text
 from retrain.errors import UserError, exits_cleanly
-from retrain.fetch import redact
 from retrain.params import load_params
+from retrain.urls import redact
 
 EXIT_PASS = 0
 EXIT_REGRESSION = 1

@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from retrain.atomic import write_text
 from retrain.errors import UserError
-from retrain.params import load_params, read_yaml, validate
+from retrain.params import ParamsLoader, load_params, read_yaml, validate
 from retrain.synthetic import write_dataset
 
 # What a workspace needs: the pipeline, its params and the code its stages depend on.
@@ -60,8 +62,16 @@ def apply_profile(workspace: str | Path, name: str) -> dict:
     params["data"]["url"] = tarball.relative_to(workspace).as_posix()
     params["data"]["sha256"] = sha256_of(tarball)
     validate(params)
-    write_text(params_path, _with_values(params_path.read_text(encoding="utf-8"), params))
+    text = _with_values(params_path.read_text(encoding="utf-8"), params)
+    if _read_back(text) != params:  # never write a file that means something else
+        raise UserError(f"{params_path}: cannot merge profile {name!r} without changing what "
+                        "other values mean; merge it by hand")
+    write_text(params_path, text)
     return params
+
+
+def _read_back(text: str) -> dict:
+    return yaml.load(text, Loader=ParamsLoader)
 
 
 def _with_values(text: str, params: dict) -> str:
@@ -71,6 +81,8 @@ def _with_values(text: str, params: dict) -> str:
 
     round_trip = YAML()
     round_trip.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout
+    round_trip.preserve_quotes = True  # "yes" must stay a string for PyYAML
+    round_trip.width = 4096  # never fold a long path onto the next line
     document = round_trip.load(text)
 
     def assign(node, values: dict) -> None:
