@@ -63,15 +63,11 @@ def apply_profile(workspace: str | Path, name: str) -> dict:
     params["data"]["sha256"] = sha256_of(tarball)
     validate(params)
     text = _with_values(params_path.read_text(encoding="utf-8"), params)
-    if _read_back(text) != params:  # never write a file that means something else
+    if yaml.load(text, Loader=ParamsLoader) != params:  # never write what reads back otherwise
         raise UserError(f"{params_path}: cannot merge profile {name!r} without changing what "
                         "other values mean; merge it by hand")
     write_text(params_path, text)
     return params
-
-
-def _read_back(text: str) -> dict:
-    return yaml.load(text, Loader=ParamsLoader)
 
 
 def _with_values(text: str, params: dict) -> str:
