@@ -8,13 +8,14 @@ silently ignored.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import YAMLError
 
 from retrain.backbones import REGISTRY, check_model_params
 from retrain.errors import ParamsError
@@ -171,57 +172,32 @@ def validate(params: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> 
 
 
 def read_yaml(path: str | Path) -> Any:
-    """A params-style YAML file, or a one-line ParamsError.
-
-    PyYAML reads YAML 1.1, where `1e-3` is a string; DVC (YAML 1.2) and users read a float,
-    and so does this loader. A key given twice is refused: YAML would silently keep the last.
-    """
+    """A params-style YAML file read as DVC reads `params.yaml`, or a one-line ParamsError."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except UnicodeDecodeError:
         raise ParamsError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, label: str | Path) -> Any:
+    """YAML text as DVC parses params: ruamel's safe loader, YAML 1.2. So `1e-3` is a float
+    and `yes` a string (PyYAML, YAML 1.1, reads them the other way round), and a key given
+    twice is an error instead of silently keeping the last value."""
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or exc.__class__.__name__
-        if isinstance(exc, _DuplicateKey):
-            raise ParamsError(f"{path}: {where}{problem}") from None
-        raise ParamsError(f"{path}: not valid YAML ({where}{problem})") from None
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, problem: str, mark):
-        super().__init__(problem)
-        self.problem, self.problem_mark = problem, mark
-
-
-class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with exponent floats and duplicate keys refused (see read_yaml)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` is no key
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
-                raise _DuplicateKey(f"{key!r} is given twice", key_node.start_mark)
-            if isinstance(key, Hashable):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)  # reports unhashable keys itself
-
-
-# YAML 1.2 exponent floats that YAML 1.1 leaves as strings: `1e-3`, `2.5e4`, `1.E5`, `.5e3`
-# (1.1 wants a dot and a signed exponent).
-ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        if isinstance(exc, DuplicateKeyError):
+            raise ParamsError(f"{label}: {where}{problem}") from None
+        raise ParamsError(f"{label}: not valid YAML ({where}{problem})") from None
 
 
 def load_params(path: str | Path = "params.yaml", *, check_model: bool = True

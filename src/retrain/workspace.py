@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from retrain.atomic import write_text
 from retrain.errors import UserError
-from retrain.params import ParamsLoader, load_params, read_yaml, validate
+from retrain.params import load_params, parse_yaml, read_yaml, validate
 from retrain.synthetic import write_dataset
 
 # What a workspace needs: the pipeline, its params and the code its stages depend on.
@@ -63,7 +61,7 @@ def apply_profile(workspace: str | Path, name: str) -> dict:
     params["data"]["sha256"] = sha256_of(tarball)
     validate(params)
     text = _with_values(params_path.read_text(encoding="utf-8"), params)
-    if yaml.load(text, Loader=ParamsLoader) != params:  # never write what reads back otherwise
+    if parse_yaml(text, params_path) != params:  # never write what reads back otherwise
         raise UserError(f"{params_path}: cannot merge profile {name!r} without changing what "
                         "other values mean; merge it by hand")
     write_text(params_path, text)
