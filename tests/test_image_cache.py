@@ -85,3 +85,24 @@ def test_failed_decode_leaves_no_cache_file(photos, tmp_path):
 def test_empty_list(tmp_path):
     array = cached_image_array([], [], 32, tmp_path / "cache")
     assert array.shape == (0, 32, 32, 3)
+
+
+# What else decides the decoded pixels: a change to any of them must not reuse old pixels.
+LOADER_CHANGES = [
+    ("loader version", images, "LOADER_VERSION", images.LOADER_VERSION + 1),
+    ("Pillow upgrade", images.PIL, "__version__", "99.0.0"),
+    ("resampling filter", images, "RESAMPLING", images.Image.Resampling.NEAREST),
+]
+
+
+@pytest.mark.parametrize("module, name, value", [case[1:] for case in LOADER_CHANGES],
+                         ids=[case[0] for case in LOADER_CHANGES])
+def test_a_changed_loader_gets_a_new_cache_file(photos, tmp_path, monkeypatch, module, name,
+                                                 value):
+    paths, digests = photos
+    cache = tmp_path / "cache"
+    cached_image_array(paths, digests, 32, cache)
+    monkeypatch.setattr(module, name, value)
+    after = cached_image_array(paths, digests, 32, cache)
+    assert len(cache_files(cache)) == 2  # decoded afresh, not the old file reused
+    np.testing.assert_array_equal(after, np.stack([load_image(p, 32) for p in paths]))

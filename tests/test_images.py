@@ -89,3 +89,18 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     Image.new("1", (side, side)).save(path, format="PNG")
     with pytest.raises(DataError, match="exceeds the .*-pixel limit"):
         read_rgb(path)
+
+
+def test_unsupported_format_is_worded_the_same_by_name_and_by_content(tmp_path):
+    """`split` judges a file by its name, `predict` (through load_image) by its content: a TIFF
+    gets the same reason from both, from the loader's list of formats."""
+    from retrain.images import image_name_problem, unsupported_format
+
+    path = tmp_path / "scan.tiff"
+    Image.new("RGB", (8, 8)).save(path, format="TIFF")
+    with pytest.raises(DataError) as info:
+        load_image(path, 8)
+    by_content = str(info.value).split(": ", 1)[1]
+    assert image_name_problem(path) == by_content == unsupported_format("TIFF")
+    assert "JPEG, PNG, GIF, BMP, WEBP" in by_content
+    assert image_name_problem(tmp_path / "notes.txt") == "not an image file name"

@@ -85,9 +85,20 @@ def test_bad_files_are_excluded_with_a_reason(class_tree):
     metrics = data_metrics(manifests)
     assert metrics["excluded"] == {"total": 4, "cross_class_duplicates": 0,
                                    "prefiltered": 0, "unselected_class": 0, "not_image_files": 1,
-                                   "bad_file_names": 0, "unreadable_images": 3}
+                                   "unsupported_formats": 0, "bad_file_names": 0,
+                                   "unreadable_images": 3}
     assert metrics["empty_class_folders"] == 0
 
+
+def test_unsupported_format_is_excluded_in_the_loader_s_words(class_tree):
+    from PIL import Image
+
+    from retrain.images import unsupported_format
+
+    Image.new("RGB", (8, 8)).save(dataset(class_tree) / "class_000" / "scan.tiff")
+    manifests = build_manifests(class_tree, **SPLIT)
+    assert manifests.excluded["reason"].tolist() == [unsupported_format("TIFF")]
+    assert data_metrics(manifests)["excluded"]["unsupported_formats"] == 1
 
 
 def test_file_name_that_is_not_utf8_is_excluded_and_written_readably(class_tree, tmp_path):

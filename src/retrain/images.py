@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrain.atomic import atomic_path
@@ -24,6 +25,10 @@ from retrain.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# Bump on any change here that alters decoded pixels (orientation, colour conversion,
+# resizing): decoded-image caches are keyed on it, with Pillow's version and the filter.
+LOADER_VERSION = 1
+RESAMPLING = Image.Resampling.BILINEAR
 # Decompression-bomb guard: larger images are refused before their pixels are decoded.
 MAX_PIXELS = 80_000_000
 
@@ -31,6 +36,27 @@ MAX_PIXELS = 80_000_000
 def is_image_name(path: str | Path) -> bool:
     name = Path(path).name
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def unsupported_format(format_name: str) -> str:
+    """The one wording for an image format the loader does not read, by name or by content."""
+    return f"unsupported image format {format_name} (supported: {', '.join(SUPPORTED_FORMATS)})"
+
+
+def image_name_problem(path: str | Path) -> str | None:
+    """Why a file is not read as an image, judged by its name alone; None when it is."""
+    if is_image_name(path):
+        return None
+    Image.init()  # registers every plugin's extensions
+    format_name = Image.registered_extensions().get(Path(path).suffix.lower())
+    if format_name in Image.OPEN:  # an image Pillow could open, but not one we train on
+        return unsupported_format(format_name)
+    return "not an image file name"
+
+
+def loader_fingerprint() -> str:
+    """What decides `load_image`'s pixels besides the file's bytes and the size."""
+    return f"loader {LOADER_VERSION}, Pillow {PIL.__version__}, {RESAMPLING.name}"
 
 
 def read_rgb(path: str | Path) -> Image.Image:
@@ -41,7 +67,7 @@ def read_rgb(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.format not in SUPPORTED_FORMATS:
-                    raise DataError(f"{path}: unsupported image format {img.format}")
+                    raise DataError(f"{path}: {unsupported_format(img.format)}")
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     raise DataError(
@@ -80,7 +106,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     """Pixels of `path` as uint8 (size, size, 3), resized bilinearly with antialiasing."""
     img = read_rgb(path)
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        img = img.resize((size, size), RESAMPLING)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -117,10 +143,12 @@ def cached_image_array(
 ) -> np.ndarray:
     """All images decoded once at `size`, as a read-only uint8 memmap (N, size, size, 3).
 
-    The cache file is named after the images' sha256 digests and the size, so any change to
-    the data or the size makes a new one; an existing file is reused without decoding.
+    The cache file is named after the images' sha256 digests, the size and the loader
+    (`loader_fingerprint`), so a change to the data, the size, this module's decoding or
+    Pillow makes a new one; an existing file is reused without decoding.
     """
-    key = hashlib.sha256(f"v1:{size}:".encode() + ",".join(digests).encode()).hexdigest()[:32]
+    salt = f"v2:{loader_fingerprint()}:{size}:"
+    key = hashlib.sha256(salt.encode() + ",".join(digests).encode()).hexdigest()[:32]
     cache_dir = Path(cache_dir)
     dest = cache_dir / f"images-{size}px-{key}.npy"
     if not dest.exists():

@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 
 from retrain.atomic import atomic_path
 from retrain.errors import DataError
-from retrain.images import is_image_name, read_rgb
+from retrain.images import image_name_problem, is_image_name, read_rgb
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["path", "label", "label_index", "sha256", "width", "height"]
@@ -34,6 +34,7 @@ EXCLUSION_KINDS = {
     "prefilter score": "prefiltered",
     "class not selected": "unselected_class",
     "not an image file name": "not_image_files",
+    "unsupported image format": "unsupported_formats",
     "file name is not UTF-8": "bad_file_names",
     "": "unreadable_images",
 }
@@ -121,8 +122,8 @@ def scan_images(root: Path, base: Path, workers: int | None = None):
         rel = path.relative_to(base).as_posix()
         if not _is_utf8(rel):  # could not be written to a UTF-8 manifest
             return None, {"path": _utf8_shown(rel), "reason": "file name is not UTF-8"}
-        if not is_image_name(path):
-            return None, {"path": rel, "reason": "not an image file name"}
+        if problem := image_name_problem(path):
+            return None, {"path": rel, "reason": problem}
         try:
             return {"path": rel, "label": label, **inspect_image(path)}, None
         except DataError as exc:
