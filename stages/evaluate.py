@@ -35,7 +35,12 @@ def main() -> None:
 
     import retrain.base  # noqa: F401  registers the Preprocess layer for loading
     from retrain.cache import user_cache_dir
-    from retrain.evaluate import classification_metrics, predict_images, predictions_table
+    from retrain.evaluate import (
+        classification_metrics,
+        predict_images,
+        predictions_table,
+        summary_lines,
+    )
     from retrain.images import cached_image_array
 
     labels = test["label_index"].to_numpy()
@@ -55,9 +60,7 @@ def main() -> None:
         with atomic_path(dest) as tmp:
             table.to_csv(tmp, index=False, lineterminator="\n")
     write_json(args.metrics, results)
-    print("evaluate: test accuracy "
-          + ", ".join(f"{name} {results[name]['test_accuracy']:.4f}" for name in results)
-          + f" on {len(test)} images")
+    print("\n".join(summary_lines(results, len(test))))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from retrain.figures import (
 )
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
+from retrain.uncertainty import metric_interval
 
 SAMPLE_IMAGES = 20
 PREDICTION_IMAGES = 16
@@ -25,6 +26,13 @@ def predicted_confidence(predictions) -> np.ndarray:
     """Each row's probability of its predicted class (NaN where the table has none)."""
     return np.array([row.get(f"prob_{row['predicted']}", np.nan)
                      for row in predictions.to_dict("records")], dtype=float)
+
+
+def accuracy_interval(actual, predicted, classes) -> list[float] | None:
+    """The same 95% bootstrap interval evaluate.json holds, from the predictions table."""
+    index = {name: i for i, name in enumerate(classes)}
+    return metric_interval("test_accuracy", [index[a] for a in actual],
+                           [index[p] for p in predicted])
 
 
 def load_images(raw: str, paths, size: int) -> np.ndarray:
@@ -79,7 +87,8 @@ def main() -> None:
     with atomic_path(args.out, directory=True) as out:
         confusion_matrix_figure(actual, predicted, classes, out / "confusion_matrix.png",
                                 clip=render["confusion_clip"],
-                                title="Confusion matrix, fine-tuned model, test split")
+                                title="Confusion matrix, fine-tuned model, test split",
+                                accuracy_interval=accuracy_interval(actual, predicted, classes))
         learning_curves_figure(curves, out / "learning_curves.png")
 
         chosen = round_robin_by_class(train["label_index"], SAMPLE_IMAGES, seed)

@@ -231,3 +231,20 @@ def test_render_stage_fails_whole(workspace, monkeypatch, capsys):
     assert "dvclive/nowhere" in capsys.readouterr().err
     assert not out.exists()
     assert not list((workspace / "reports").glob(".tmp-*"))
+
+
+def test_confusion_matrix_title_shows_the_accuracy_interval(tmp_path, monkeypatch):
+    import retrain.figures as figures
+
+    titles = []
+    save = figures._save
+
+    def save_and_keep_the_title(fig, dest):
+        titles.append(fig._suptitle.get_text())
+        return save(fig, dest)
+
+    monkeypatch.setattr(figures, "_save", save_and_keep_the_title)
+    assert_png(confusion_matrix_figure(["a", "a", "b"], ["a", "b", "b"], ["a", "b"],
+                                       tmp_path / "cm.png", accuracy_interval=[0.3333, 1.0]))
+    assert titles == ["Confusion matrix: 3 images, accuracy 66.7%\n"
+                      "95% bootstrap interval over the test images: 33.3% to 100.0%"]

@@ -1,14 +1,17 @@
 """Test-split metrics for the head (on cached features) and the fine-tuned model (on images).
 
 Accuracy alone misleads on imbalanced classes, so macro F1, balanced accuracy and
-per-class precision/recall/F1 (scikit-learn) are reported next to it.
+per-class precision/recall/F1 (scikit-learn) are reported next to it; the three headline
+metrics each carry a 95% bootstrap interval over the test images (retrain.uncertainty).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, f1_score
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score
+
+from retrain.uncertainty import format_interval, metric_intervals
 
 # Keras clips probabilities to [eps, 1 - eps] in its cross-entropy; do the same so the
 # loss here matches `model.evaluate`.
@@ -22,22 +25,46 @@ def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
                            classes: list[str]) -> dict:
+    """Point estimates, their 95% bootstrap intervals over the test images, and per-class
+    figures keyed by class name.
+
+    Per-class figures come from `precision_recall_fscore_support` (arrays, not
+    `classification_report`'s dict, where a class named `accuracy` or `macro avg` would
+    collide with the summary rows). Macro F1 and balanced accuracy average over the classes
+    that have test images: a class without any has no recall, and counting it as 0 would
+    pull the average down for a split's accident, not the model's.
+    """
     predicted = probabilities.argmax(axis=1)
-    indices = list(range(len(classes)))
-    report = classification_report(labels, predicted, labels=indices, target_names=classes,
-                                   output_dict=True, zero_division=0)
+    present = np.unique(labels)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=list(range(len(classes))), zero_division=0)
     return {
         "test_loss": cross_entropy(probabilities, labels),
         "test_accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, labels=indices, average="macro",
+        "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro",
                                    zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "balanced_accuracy": float(recall_score(labels, predicted, labels=present,
+                                                average="macro", zero_division=0)),
+        **metric_intervals(labels, predicted),
         "per_class": {
-            name: {"precision": report[name]["precision"], "recall": report[name]["recall"],
-                   "f1": report[name]["f1-score"], "support": int(report[name]["support"])}
-            for name in classes
+            name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                   "f1": float(f1[i]), "support": int(support[i])}
+            for i, name in enumerate(classes)
         },
     }
+
+
+def summary_lines(results: dict[str, dict], n_images: int) -> list[str]:
+    """The stage's printout: each model's metrics with their intervals, and what those mean."""
+    lines = [f"evaluate: {n_images} test images; [95% bootstrap interval over the test images: "
+             "where the number could land on another test set of this size]"]
+    width = max(len(name) for name in results)
+    for name, metrics in results.items():
+        shown = [f"{label} {metrics[key]:.4f} {format_interval(metrics[key + '_ci95'])}"
+                 for key, label in (("test_accuracy", "accuracy"), ("macro_f1", "macro F1"),
+                                    ("balanced_accuracy", "balanced accuracy"))]
+        lines.append(f"  {name:<{width}}  " + ", ".join(shown))
+    return lines
 
 
 def predictions_table(paths, probabilities: np.ndarray, labels: np.ndarray,

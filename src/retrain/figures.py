@@ -154,8 +154,12 @@ def _outcome_title(actual: str, predicted: str, confidence: float | None,
 
 def confusion_matrix_figure(actual: Sequence[str], predicted: Sequence[str],
                             classes: Sequence[str], dest: str | Path, *,
-                            clip: float = 0.0, title: str = "Confusion matrix") -> Path:
+                            clip: float = 0.0, title: str = "Confusion matrix",
+                            accuracy_interval: Sequence[float] | None = None) -> Path:
     """Counts and row-normalised matrices side by side, each with its colour bar.
+
+    `accuracy_interval` ([low, high], a 95% bootstrap interval over the test images) is
+    shown next to the accuracy in the title.
 
     Readable from 2 to hundreds of classes: the figure grows with the class count up to a
     cap; beyond 30 classes per-cell numbers are hidden, and tick labels are thinned so they
@@ -184,7 +188,12 @@ def confusion_matrix_figure(actual: Sequence[str], predicted: Sequence[str],
                  layout="constrained")
     total = int(counts.sum())
     accuracy = np.trace(counts) / total if total else float("nan")
-    fig.suptitle(f"{title}: {total} images, accuracy {accuracy:.1%}", fontsize=14)
+    headline = f"{title}: {total} images, accuracy {accuracy:.1%}"
+    if accuracy_interval is not None:
+        low, high = accuracy_interval
+        headline += (f"\n95% bootstrap interval over the test images: "
+                     f"{low:.1%} to {high:.1%}")
+    fig.suptitle(headline, fontsize=14)
     ax_counts, ax_norm = fig.subplots(1, 2)
 
     vmax = float(clip) if clip > 0 else max(1.0, float(counts.max()))

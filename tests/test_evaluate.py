@@ -1,0 +1,59 @@
+"""Test metrics: scikit-learn's figures under any class names, intervals next to them."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from retrain.evaluate import classification_metrics, summary_lines
+
+
+def one_hot(predicted, n_classes):
+    return np.eye(n_classes, dtype=np.float32)[predicted] * 0.9 + 0.1 / n_classes
+
+
+@pytest.mark.parametrize("name", ["accuracy", "macro avg", "weighted avg", "micro avg"])
+def test_a_class_named_like_a_report_row_keeps_its_own_figures(name):
+    classes = ["cats", name, "dogs"]
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 0, 2, 2, 1])
+
+    metrics = classification_metrics(one_hot(predicted, 3), labels, classes)
+
+    # class 1: predicted 4 times, 2 of them right; 3 test images.
+    assert metrics["per_class"][name] == {"precision": 0.5, "recall": pytest.approx(2 / 3),
+                                          "f1": pytest.approx(4 / 7), "support": 3}
+    assert metrics["test_accuracy"] == pytest.approx(5 / 8)
+
+
+def test_a_class_without_test_images_stays_out_of_the_macro_averages():
+    # Class 2 ("rare") has no test image but is predicted once: its F1 is 0 by definition,
+    # which says nothing about the model and must not halve the macro F1.
+    classes = ["cats", "dogs", "rare"]
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    predicted = np.array([0, 0, 2, 1, 1, 1])
+
+    metrics = classification_metrics(one_hot(predicted, 3), labels, classes)
+
+    expected = f1_score(labels, predicted, labels=[0, 1], average="macro")
+    assert metrics["macro_f1"] == pytest.approx(expected)
+    assert metrics["macro_f1"] > f1_score(labels, predicted, labels=[0, 1, 2], average="macro")
+    assert metrics["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert metrics["per_class"]["rare"]["support"] == 0
+    low, high = metrics["macro_f1_ci95"]
+    assert low <= metrics["macro_f1"] <= high
+
+
+def test_every_headline_metric_has_an_interval_and_the_printout_says_what_it_means():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 50)
+    predicted = np.where(rng.random(50) < 0.8, labels, (labels + 1) % 4)
+    metrics = classification_metrics(one_hot(predicted, 4), labels, list("abcd"))
+
+    for key in ("test_accuracy", "macro_f1", "balanced_accuracy"):
+        low, high = metrics[f"{key}_ci95"]
+        assert 0 <= low < metrics[key] < high <= 1
+    lines = summary_lines({"head": metrics, "finetuned": metrics}, 50)
+    assert "95% bootstrap interval over the test images" in lines[0]
+    low, high = metrics["test_accuracy_ci95"]
+    assert f"accuracy {metrics['test_accuracy']:.4f} [{low:.4f}, {high:.4f}]" in lines[1]
+    assert lines[2].startswith("  finetuned  accuracy")
