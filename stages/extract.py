@@ -25,7 +25,7 @@ def main() -> None:
     from retrain.reproducibility import make_deterministic
 
     make_deterministic(params["seed"])
-    base, extractor = build_extractor(model_params)
+    base, extractor = build_extractor(model_params, params["seed"])
     engine = make_engine(extract["engine"], extractor, model_params)
     seconds = images = 0
     with atomic_path(args.out, directory=True) as tmp:

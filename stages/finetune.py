@@ -45,7 +45,7 @@ def main() -> None:
 
     make_deterministic(params["seed"])
     head = keras.models.load_model(args.head)
-    model = assemble_model(build_base(model_params), head)
+    model = assemble_model(build_base(model_params, params["seed"]), head)
     unfreeze_from(model, tune["from_layer"], tune["train_batchnorm"])
     size, seed = model_params["image_size"], params["seed"]
     datasets = {}

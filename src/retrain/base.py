@@ -11,12 +11,17 @@ from retrain.backbones import check_model_params, get_backbone
 from retrain.errors import DownloadError, ParamsError, first_line
 
 
-def build_base(model: dict) -> keras.Model:
+def build_base(model: dict, seed: int = 0) -> keras.Model:
     """The convolutional base without its top, taking raw [0, 255] pixels, frozen.
 
-    Its output is the last feature map before pooling (what CAM weighs).
+    Its output is the last feature map before pooling (what CAM weighs). Its random
+    initialisation (what `model.weights: none` keeps) comes from `seed` alone: Keras
+    initialisers draw from the global seed stream, which loading any model (the head in
+    `finetune`) advances, so the generators are reseeded here. Every stage that builds a
+    base from the same params and seed gets the same network as `extract` did.
     """
     check_model_params(model)
+    keras.utils.set_random_seed(seed)
     backbone = get_backbone(model["backbone"])
     size = model["image_size"]
     kwargs = {"include_top": False, "input_shape": (size, size, 3)}

@@ -105,6 +105,6 @@ def extract_to_file(engine, paths: Sequence[str | Path], size: int, batch_size: 
     return ExtractionStats(len(paths), time.perf_counter() - start)
 
 
-def build_extractor(model_params: dict) -> tuple[keras.Model, keras.Model]:
-    base = build_base(model_params)
+def build_extractor(model_params: dict, seed: int = 0) -> tuple[keras.Model, keras.Model]:
+    base = build_base(model_params, seed)
     return base, pooled_model(base)
