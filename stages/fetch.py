@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from retrain.archive import class_folders
+from retrain.archive import UNLABELED, class_folders
 from retrain.errors import exits_cleanly
 from retrain.fetch import fetch_dataset
 from retrain.params import load_params
@@ -26,6 +26,9 @@ def main() -> None:
         max_extracted_bytes=data["max_extracted_mb"] * 1e6,
     )
     print(f"fetch: {dataset.name}: {len(class_folders(dataset))} class folders in {dataset}")
+    if (dataset / UNLABELED).is_dir():
+        print(f"fetch: images outside every class folder are set aside in {dataset / UNLABELED} "
+              "(split lists them in excluded.csv)")
 
 
 if __name__ == "__main__":

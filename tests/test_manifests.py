@@ -86,7 +86,7 @@ def test_bad_files_are_excluded_with_a_reason(class_tree):
     assert metrics["excluded"] == {"total": 4, "cross_class_duplicates": 0,
                                    "prefiltered": 0, "unselected_class": 0, "not_image_files": 1,
                                    "unsupported_formats": 0, "bad_file_names": 0,
-                                   "unreadable_images": 3}
+                                   "unlabeled_images": 0, "unreadable_images": 3}
     assert metrics["empty_class_folders"] == 0
 
 
@@ -99,6 +99,47 @@ def test_unsupported_format_is_excluded_in_the_loader_s_words(class_tree):
     manifests = build_manifests(class_tree, **SPLIT)
     assert manifests.excluded["reason"].tolist() == [unsupported_format("TIFF")]
     assert data_metrics(manifests)["excluded"]["unsupported_formats"] == 1
+
+
+def test_sets_of_classes_beside_unlabeled_images_give_the_inner_classes(tmp_path):
+    """pets/train/{cats,dogs} beside an unlabeled pets/test/ (as fetch extracts it): the
+    classes are cats and dogs, and every unlabeled image is excluded with its reason."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from retrain.archive import extract_dataset
+    from retrain.synthetic import draw_image, jpeg_bytes
+
+    rng = np.random.default_rng(0)
+    members = {f"pets/train/{name}/{i}.jpg": draw_image(label, 32, rng)
+               for label, name in enumerate(["cats", "dogs"]) for i in range(12)}
+    members |= {f"pets/test/{i}.jpg": draw_image(i % 2, 32, rng) for i in range(3)}
+    archive = tmp_path / "pets.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, image in members.items():
+            data = jpeg_bytes(image)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    extract_dataset(archive, tmp_path / "raw")
+    manifests = build_manifests(tmp_path / "raw", **SPLIT)
+    assert manifests.classes == ["cats", "dogs"]
+    assert manifests.excluded.to_dict("records") == [
+        {"path": f"pets/.unlabeled/test/{i}.jpg",
+         "reason": "unlabeled image (not inside a class folder)"} for i in range(3)]
+    assert data_metrics(manifests)["excluded"]["unlabeled_images"] == 3
+
+
+def test_image_loose_in_the_dataset_root_is_excluded_as_unlabeled(class_tree):
+    image = sorted((dataset(class_tree) / "class_000").iterdir())[0]
+    shutil.copy(image, dataset(class_tree) / "cover.jpg")
+    manifests = build_manifests(class_tree, **SPLIT)
+    assert manifests.excluded.to_dict("records") == [
+        {"path": "synthetic_photos/cover.jpg",
+         "reason": "unlabeled image (not inside a class folder)"}]
+    assert data_metrics(manifests)["excluded"]["unlabeled_images"] == 1
 
 
 def test_file_name_that_is_not_utf8_is_excluded_and_written_readably(class_tree, tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from retrain.archive import UNLABELED
 from retrain.atomic import atomic_path
 from retrain.errors import DataError
 from retrain.images import image_name_problem, is_image_name, read_rgb
@@ -36,6 +37,7 @@ EXCLUSION_KINDS = {
     "not an image file name": "not_image_files",
     "unsupported image format": "unsupported_formats",
     "file name is not UTF-8": "bad_file_names",
+    "unlabeled image": "unlabeled_images",
     "": "unreadable_images",
 }
 
@@ -138,6 +140,16 @@ def scan_images(root: Path, base: Path, workers: int | None = None):
     return rows, excluded
 
 
+def unlabeled_images(root: Path, base: Path) -> list[dict]:
+    """Excluded rows for images outside every class folder: loose in the dataset root, or set
+    aside by `fetch` (a publisher's unlabeled test set, say) in its UNLABELED folder."""
+    loose = [p for p in root.iterdir() if p.is_file()]
+    aside = sorted((root / UNLABELED).rglob("*"))
+    return [{"path": _utf8_shown(p.relative_to(base).as_posix()),
+             "reason": "unlabeled image (not inside a class folder)"}
+            for p in loose + aside if is_image_name(p) and p.is_file()]
+
+
 def drop_cross_class_duplicates(rows: list[dict], excluded: list[dict]) -> list[dict]:
     labels_by_digest = defaultdict(set)
     for row in rows:
@@ -200,6 +212,7 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
         raise DataError(f"{raw_dir}: dataset folder not found (run the fetch stage first)")
     root = dataset_root(raw_dir)
     rows, excluded = scan_images(root, raw_dir)
+    excluded += unlabeled_images(root, raw_dir)
     empty_classes = sorted({p.name for p in class_dirs(root)} - {row["label"] for row in rows})
     rows = drop_cross_class_duplicates(rows, excluded)
     if prefilter is not None:
