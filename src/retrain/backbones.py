@@ -7,6 +7,11 @@ themselves are built in `retrain.base`.
 `preprocess_input` is built into every model graph (`retrain.base.build_base`), so saved and
 exported models take raw pixels in [0, 255]. EfficientNet rescales inside the network, so
 its entry has no preprocessing: scaling twice would silently ruin its features.
+
+A weights file stands in for the ImageNet weights (machines without a download), so it
+must get the network `weights="imagenet"` gets. Keras builds EfficientNet differently for
+the two: only for "imagenet" does it divide by the ImageNet standard deviation after its
+Normalization layer. `as_imagenet_graph` adds that layer back.
 """
 
 from __future__ import annotations
@@ -28,12 +33,40 @@ class Backbone:
     imagenet_sizes: tuple[int, ...] | None  # sizes the ImageNet weights exist for; None: any
     takes_alpha: bool = False
     min_size: int = 32  # smallest input the architecture accepts
+    # Turns the network Keras builds for weights=None into the one it builds for "imagenet",
+    # where the two differ; applied before a weights file is loaded.
+    as_imagenet_graph: Callable[[Any], Any] | None = None
 
 
 def _apps():
     import keras
 
     return keras.applications
+
+
+# keras/src/applications/efficientnet.py, IMAGENET_STDDEV_RGB
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def efficientnet_imagenet_graph(network):
+    """EfficientNet with the std rescaling Keras adds after Normalization for "imagenet".
+
+    Keras's Normalization divides by sqrt(variance) = std, the original EfficientNet by the
+    variance (std^2), so Keras follows it with a Rescaling by 1 / sqrt(std): without it a
+    weights file gives inputs about 2x too large per channel, and no error.
+    """
+    import keras
+
+    def call(layer, *args, **kwargs):
+        outputs = layer(*args, **kwargs)
+        if isinstance(layer, keras.layers.Normalization):
+            outputs = keras.layers.Rescaling([1 / std ** 0.5 for std in IMAGENET_STDDEV_RGB],
+                                             name="imagenet_std_rescaling")(outputs)
+        return outputs
+
+    # The layers themselves are reused: only the graph between them changes.
+    return keras.models.clone_model(network, clone_function=lambda layer: layer,
+                                    call_function=call)
 
 
 REGISTRY: dict[str, Backbone] = {
@@ -51,7 +84,8 @@ REGISTRY: dict[str, Backbone] = {
         "vgg16", lambda **kw: _apps().VGG16(**kw),
         lambda x: _apps().vgg16.preprocess_input(x), 224, None),
     "efficientnet_b0": Backbone(
-        "efficientnet_b0", lambda **kw: _apps().EfficientNetB0(**kw), None, 224, None),
+        "efficientnet_b0", lambda **kw: _apps().EfficientNetB0(**kw), None, 224, None,
+        as_imagenet_graph=efficientnet_imagenet_graph),
 }
 
 

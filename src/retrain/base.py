@@ -39,6 +39,8 @@ def build_base(model: dict, seed: int = 0) -> keras.Model:
                             f"weights ({reason}); put the no-top .h5 file in ~/.keras/models "
                             "or set model.weights to its path") from None
     if weights not in ("imagenet", "none"):
+        if backbone.as_imagenet_graph:  # a weights file stands in for the ImageNet weights
+            network = backbone.as_imagenet_graph(network)
         _load_weights_file(network, weights, backbone.name)
 
     pixels = keras.Input((size, size, 3), name="pixels")
