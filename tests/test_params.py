@@ -61,6 +61,12 @@ BAD_VALUES = [
     ("render.cam_method", "saliency", "render.cam_method"),
     ("prefilter.imagenet_classes", [1000], "prefilter.imagenet_classes"),
     ("report.gates", [{"metric": "x", "direction": "up", "tolerance": 0}], "report.gates"),
+    ("report.gates", [{"metric": "x", "direction": "higher", "tolerance": 0,
+                       "significance": 1.0}], "optional significance in"),
+    ("report.gates", [{"metric": "x", "direction": "higher", "tolerance": 0,
+                       "significance": "5%"}], "report.gates"),
+    ("report.gates", [{"metric": "x", "direction": "higher", "tolerance": 0,
+                       "alpha": 0.05}], "report.gates"),
 ]
 
 

@@ -14,10 +14,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
+from scipy import stats
 
-from retrain.report import ReportError, build_report, changed_figures, check_gates, main
+from retrain.report import (
+    ReportError,
+    build_report,
+    changed_figures,
+    check_gates,
+    compose_report,
+    main,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -299,3 +309,106 @@ def test_gated_metric_missing_in_both_revisions_is_an_error():
 def test_gated_metric_that_is_not_a_number_is_an_error():
     with pytest.raises(ReportError, match=ACCURACY):
         check_gates(diff_of(0.9, "high"), [gate(ACCURACY)], "base")
+
+
+# --- paired comparisons on the pipeline's own outputs ---------------------------------------
+#
+# A copy of the session's pipeline run. Its committed base is rewritten so that the fine-tuned
+# model got every test file right (predictions CSV and metrics together, in evaluate's
+# formats), then the workspace's predictions are edited as a pull request's run would change
+# them. A perfect base makes every edit a known number of discordant files.
+
+SIGNIFICANT_GATES = [dict(gate(ACCURACY), significance=0.05),
+                     dict(gate("finetuned.macro_f1"), significance=0.05)]
+
+
+def write_finetuned_predictions(ws: Path, paths, actual, predicted) -> None:
+    """reports/predictions.csv and the `finetuned` metrics of evaluate.json, as the evaluate
+    stage writes them, for a model that predicts `predicted` with certainty."""
+    from retrain.evaluate import classification_metrics, predictions_table
+
+    classes = (ws / "data" / "manifests" / "classes.txt").read_text().splitlines()
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[name] for name in actual])
+    probabilities = np.eye(len(classes))[[index[name] for name in predicted]]
+    table = predictions_table(list(paths), probabilities, labels, classes)
+    table.to_csv(ws / "reports" / "predictions.csv", index=False, lineterminator="\n")
+    metrics_path = ws / "metrics" / "evaluate.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["finetuned"] = classification_metrics(probabilities, labels, classes)
+    metrics_path.write_text(json.dumps(metrics))
+
+
+def perfect_base(ws: Path) -> pd.DataFrame:
+    """Commit, tagged `base`, a fine-tuned model right on every test file; its table."""
+    table = pd.read_csv(ws / "reports" / "predictions.csv", dtype=str, keep_default_na=False)
+    write_finetuned_predictions(ws, table["path"], table["actual"], table["actual"])
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    _run([*git, "commit", "-qam", "perfect base"], ws)
+    _run(["git", "tag", "base"], ws)
+    return pd.read_csv(ws / "reports" / "predictions.csv", dtype=str, keep_default_na=False)
+
+
+def wrong_class(ws: Path, name: str) -> str:
+    classes = (ws / "data" / "manifests" / "classes.txt").read_text().splitlines()
+    return classes[(classes.index(name) + 1) % len(classes)]
+
+
+def flip_to_wrong(ws: Path, table: pd.DataFrame, count: int) -> None:
+    predicted = [wrong_class(ws, a) if i < count else a for i, a in enumerate(table["actual"])]
+    write_finetuned_predictions(ws, table["path"], table["actual"], predicted)
+
+
+@pytest.mark.slow
+def test_two_changed_test_files_pass_as_not_significant(workspace):
+    base = perfect_base(workspace)
+    flip_to_wrong(workspace, base, 2)
+
+    report = compose_report("base", SIGNIFICANT_GATES, workspace, context="the small profile")
+
+    assert report.passed, report.markdown
+    drop = -2 / len(base)
+    assert drop < -0.01   # beyond the tolerance: the tolerance alone would fail it
+    assert "not significant" in report.verdict and ACCURACY in report.verdict
+    assert f"same {len(base)} test files" in report.markdown
+    assert "McNemar p = 0.5" in report.verdict   # 2 discordant files, both against: p = 0.5
+    assert "| 0.5 (2 vs 0) | ✅ not significant |" in report.markdown
+    assert "Compared on: the small profile" in report.markdown
+
+
+@pytest.mark.slow
+def test_many_files_flipped_to_wrong_fail_naming_metric_change_interval_and_p(workspace):
+    base = perfect_base(workspace)
+    flip_to_wrong(workspace, base, len(base))
+    assert len(base) >= 6   # enough files for McNemar to reject at 0.05
+
+    report = compose_report("base", SIGNIFICANT_GATES, workspace)
+
+    assert not report.passed
+    p = stats.binomtest(0, len(base), 0.5).pvalue
+    verdict = report.verdict
+    assert verdict.startswith("❌")
+    assert f"`{ACCURACY}` (metrics/evaluate.json) 1 → 0 (-1, 95% paired interval [-1, -1], " \
+           f"McNemar p = {p:.3g}; tolerance 0.01, significance 0.05" in verdict
+    assert "`finetuned.macro_f1` (metrics/evaluate.json) 1 → 0 (-1, 95% paired interval" \
+           in verdict
+
+
+@pytest.mark.slow
+def test_different_test_sets_are_reported_unpaired_and_judged_by_the_tolerance(workspace):
+    base = perfect_base(workspace)
+    kept = base.iloc[2:].copy()      # two files fewer, one renamed
+    kept.iloc[0, kept.columns.get_loc("path")] = "elsewhere/renamed.png"
+    predicted = [wrong_class(workspace, a) for a in kept["actual"][:2]] + list(kept["actual"][2:])
+    write_finetuned_predictions(workspace, kept["path"], kept["actual"], predicted)
+
+    report = compose_report("base", SIGNIFICANT_GATES, workspace)
+
+    assert not report.passed   # two wrong of n - 2: worse than the tolerance allows
+    shared = len(base) - 3
+    assert (f"**unpaired**, the test sets differ: {shared} files shared (same path and label) "
+            f"of {len(base)} at the base and {len(base) - 2} in the workspace") in report.markdown
+    assert "test sets differ: tolerance only" in report.verdict
+    row = next(line for line in report.markdown.splitlines() if f"`{ACCURACY}`" in line
+               and line.startswith("| `finetuned"))
+    assert row.count("[") == 2 and "| — |" in row   # both intervals, no McNemar

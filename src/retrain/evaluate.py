@@ -57,7 +57,7 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
 def summary_lines(results: dict[str, dict], n_images: int) -> list[str]:
     """The stage's printout: each model's metrics with their intervals, and what those mean."""
     lines = [f"evaluate: {n_images} test images; [95% bootstrap interval over the test images: "
-             "where the number could land on another test set of this size]"]
+             "how far the number could move with another draw of test images]"]
     width = max(len(name) for name in results)
     for name, metrics in results.items():
         shown = [f"{label} {metrics[key]:.4f} {format_interval(metrics[key + '_ci95'])}"

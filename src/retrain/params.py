@@ -66,18 +66,29 @@ def _imagenet_indices() -> Field:
 
 
 def _gates() -> Field:
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def is_level(value):
+        # A significance level: the gate then fails only on a drop that a paired test calls
+        # real at this level (retrain.report).
+        return is_number(value) and 0 < value < 1
+
     def check(value):
         return all(
             isinstance(gate, dict)
-            and set(gate) == {"metric", "direction", "tolerance"}
+            and {"metric", "direction", "tolerance"} <= set(gate)
+            and set(gate) <= {"metric", "direction", "tolerance", "significance"}
             and isinstance(gate["metric"], str)
             and gate["direction"] in ("higher", "lower")
-            and isinstance(gate["tolerance"], (int, float))
+            and is_number(gate["tolerance"])
             and gate["tolerance"] >= 0
+            and ("significance" not in gate or is_level(gate["significance"]))
             for gate in value
         )
 
-    return Field(list, check, "a list of {metric, direction: higher|lower, tolerance >= 0}")
+    return Field(list, check, "a list of {metric, direction: higher|lower, tolerance >= 0, "
+                              "optional significance in (0, 1)}")
 
 
 INF = float("inf")

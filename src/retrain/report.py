@@ -6,22 +6,34 @@ entry of `report.gates` in params.yaml names a metric, the direction that is bet
 absolute tolerance, and the command exits 1 when a gated metric gets worse by more than that.
 The Markdown it writes is meant for a pull-request comment (`cml comment create`).
 
+A test metric is noisy (retrain.uncertainty), so a fixed tolerance alone fails on noise and
+misses real drops hidden in it. When both revisions predicted the same test files, each gated
+metric of metrics/evaluate.json also gets a paired comparison on those files: the difference
+with its paired bootstrap interval and, for accuracy, McNemar's exact test. A gate with a
+`significance` level then fails only when the drop exceeds its tolerance *and* the paired
+test calls it real at that level; without a shared test set the tolerance alone decides.
+
 Exit status: 0 pass, 1 regression, 2 usage error (bad params, unknown revision, dvc failure).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
+import pandas as pd
+
+from retrain import uncertainty
 from retrain.atomic import write_text
 from retrain.errors import UserError, exits_cleanly
 from retrain.params import load_params
@@ -41,6 +53,41 @@ class ReportError(UserError):
     exit_code = 2
 
 
+# evaluate's outputs (dvc.yaml): the metrics file, and each model's per-image predictions by
+# its key in that file.
+EVALUATE_METRICS = "metrics/evaluate.json"
+PREDICTIONS = {"finetuned": "reports/predictions.csv", "head": "reports/predictions_head.csv"}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the test images say about one gated metric's change.
+
+    `difference` and `mcnemar` exist only when both revisions predicted the same test files;
+    the two revisions' own intervals whenever both predictions tables could be read.
+    """
+
+    old_interval: list[float] | None
+    new_interval: list[float] | None
+    difference: uncertainty.PairedDifference | None = None
+    mcnemar: uncertainty.McNemar | None = None
+
+    @property
+    def paired(self) -> bool:
+        return self.difference is not None
+
+    def drop_is_real(self, significance: float, direction: str) -> bool:
+        """Whether the paired test rejects "no change" at `significance` in the worse
+        direction: McNemar's exact test for accuracy, else the paired bootstrap interval (at
+        confidence 1 - significance) lying wholly on the worse side of zero."""
+        worse_sign = -1 if direction == "higher" else 1
+        if self.mcnemar is not None:
+            got_worse = np.sign(self.mcnemar.new_only - self.mcnemar.base_only) == worse_sign
+            return bool(got_worse) and self.mcnemar.pvalue < significance
+        low, high = self.difference.interval
+        return high < 0 if worse_sign < 0 else low > 0
+
+
 @dataclass(frozen=True)
 class GateResult:
     """One gate checked against one metrics file."""
@@ -51,6 +98,8 @@ class GateResult:
     tolerance: float
     old: float | None
     new: float | None
+    significance: float | None = None
+    evidence: Evidence | None = None
 
     @property
     def change(self) -> float | None:
@@ -60,7 +109,8 @@ class GateResult:
 
     @property
     def status(self) -> str:
-        """`pass`, `regression`, `new` (no base value) or `missing` (no value now).
+        """`pass`, `regression`, `not significant` (worse beyond the tolerance, but the paired
+        test does not call the drop real), `new` (no base value) or `missing` (no value now).
 
         A metric that vanished from the workspace fails: the gate can no longer be checked,
         which is exactly what a broken evaluate stage looks like. One that is new passes,
@@ -71,11 +121,23 @@ class GateResult:
         if self.old is None:
             return "new"
         worse = -self.change if self.direction == "higher" else self.change
-        return "regression" if worse > self.tolerance + SLACK else "pass"
+        if worse <= self.tolerance + SLACK:
+            return "pass"
+        if self.significance is None or self.evidence is None or not self.evidence.paired:
+            return "regression"
+        if self.evidence.drop_is_real(self.significance, self.direction):
+            return "regression"
+        return "not significant"
 
     @property
     def passed(self) -> bool:
-        return self.status in ("pass", "new")
+        return self.status in ("pass", "new", "not significant")
+
+    @property
+    def confidence(self) -> float:
+        """The paired interval's level: 1 - significance, so that it excludes zero exactly
+        when the gate calls a drop real."""
+        return 1 - self.significance if self.significance else uncertainty.CONFIDENCE
 
 
 @dataclass(frozen=True)
@@ -177,9 +239,118 @@ def check_gates(metrics: dict[str, dict], gates: list[dict], base: str) -> list[
                     tolerance=float(gate["tolerance"]),
                     old=_number(entry.get("old"), name),
                     new=_number(entry.get("new"), name),
+                    significance=gate.get("significance"),
                 )
             )
     return results
+
+
+# --- paired comparisons ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestSets:
+    """One model's predictions at the base and in the workspace, aligned by test file.
+
+    `base` and `new` are None, and `note` says why, when a table cannot be read. The sets are
+    paired when both predicted exactly the same files with the same labels; `shared` counts
+    the files (same path and label) they have in common.
+    """
+
+    model: str
+    base: pd.DataFrame | None = None
+    new: pd.DataFrame | None = None
+    shared: int = 0
+    note: str = ""
+
+    @property
+    def paired(self) -> bool:
+        return (self.base is not None and self.new is not None
+                and self.shared == len(self.base) == len(self.new) > 0)
+
+
+def _read_predictions(text: str, where: str) -> pd.DataFrame | str:
+    """The path, actual and predicted columns of an evaluate predictions CSV, or why not."""
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return f"{where} is not a predictions CSV"
+    if not {"path", "actual", "predicted"} <= set(table.columns):
+        return f"{where} lacks the path, actual and predicted columns"
+    if table["path"].duplicated().any():
+        return f"{where} names a test file twice"
+    return table[["path", "actual", "predicted"]]
+
+
+def _base_text(base: str, path: str, repo_dir: Path) -> str | None:
+    """A `cache: false` output as committed at `base` (git tracks those), or None."""
+    done = subprocess.run(["git", "show", f"{base}:{path}"], cwd=repo_dir,
+                          capture_output=True, check=False)
+    return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
+
+
+def load_test_sets(model: str, base: str, repo_dir: str | Path) -> TestSets:
+    """Both revisions' predictions of `model` (a key of metrics/evaluate.json)."""
+    repo_dir, path = Path(repo_dir), PREDICTIONS[model]
+    base_text = _base_text(base, path, repo_dir)
+    if base_text is None:
+        return TestSets(model, note=f"{path} is not committed at {base}")
+    try:
+        new_text = (repo_dir / path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return TestSets(model, note=f"{path} is missing in the workspace")
+    old = _read_predictions(base_text, f"{path} at {base}")
+    new = _read_predictions(new_text, f"{path} in the workspace")
+    for table in (old, new):
+        if isinstance(table, str):
+            return TestSets(model, note=table)
+    shared = len(old.merge(new[["path", "actual"]], on=["path", "actual"]))
+    return TestSets(model, old, new, shared)
+
+
+def _class_indices(*columns: pd.Series) -> list[np.ndarray]:
+    names = sorted(set().union(*(set(column) for column in columns)))
+    index = {name: i for i, name in enumerate(names)}
+    return [column.map(index).to_numpy(np.int64) for column in columns]
+
+
+def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:
+    """The intervals and paired test for a gated evaluate.json metric; None when the
+    predictions cannot tell (unreadable tables, or a metric without an interval)."""
+    metric = result.metric.rpartition(":")[2].split(".", 1)[-1]
+    if test_sets.base is None or metric not in uncertainty.METRICS:
+        return None
+    old, new = test_sets.base, test_sets.new
+    old_labels, old_predicted, new_labels, new_predicted = _class_indices(
+        old["actual"], old["predicted"], new["actual"], new["predicted"])
+    evidence = Evidence(uncertainty.metric_interval(metric, old_labels, old_predicted),
+                        uncertainty.metric_interval(metric, new_labels, new_predicted))
+    if not test_sets.paired:
+        return evidence
+    aligned = old[["path"]].merge(new, on="path", how="left")
+    labels, base_predicted, new_predicted = _class_indices(
+        old["actual"], old["predicted"], aligned["predicted"])
+    difference = uncertainty.paired_difference(metric, labels, base_predicted, new_predicted,
+                                               result.confidence)
+    mcnemar = (uncertainty.mcnemar_exact(base_predicted == labels, new_predicted == labels)
+               if metric == "test_accuracy" else None)
+    return replace(evidence, difference=difference, mcnemar=mcnemar)
+
+
+def _evaluated_model(result: GateResult) -> str | None:
+    """`finetuned` for a gate on metrics/evaluate.json's `finetuned.*`, else None."""
+    model = result.metric.rpartition(":")[2].split(".", 1)[0]
+    return model if result.path == EVALUATE_METRICS and model in PREDICTIONS else None
+
+
+def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path
+                 ) -> tuple[list[GateResult], dict[str, TestSets]]:
+    """Each gate with its evidence, and the test sets read for them (by model)."""
+    test_sets = {model: load_test_sets(model, base, repo_dir)
+                 for model in dict.fromkeys(filter(None, map(_evaluated_model, results)))}
+    results = [replace(r, evidence=gather_evidence(r, test_sets[model]))
+               if (model := _evaluated_model(r)) else r for r in results]
+    return results, test_sets
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -267,21 +438,47 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "—" if interval is None else f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
+
+
+def _evidence_words(r: GateResult) -> str:
+    """`95% paired interval [a, b], McNemar p = 0.03`, or why the tolerance alone decides."""
+    e = r.evidence
+    if e is None or not e.paired:
+        return "test sets differ: tolerance only" if e is not None else ""
+    words = f"{r.confidence:.0%} paired interval {_interval(e.difference.interval)}"
+    if e.mcnemar is not None:
+        words += f", McNemar p = {e.mcnemar.pvalue:.3g}"
+    return words
+
+
 def _verdict(results: list[GateResult]) -> str:
     failed = [r for r in results if not r.passed]
     if not failed:
         checked = f"{len(results)} checked"
-        return f"✅ **pass**: no gated metric got worse beyond its tolerance ({checked})"
+        verdict = f"✅ **pass**: no gated metric got worse beyond its tolerance ({checked})"
+        noise = [r for r in results if r.status == "not significant"]
+        if noise:
+            verdict += "; not significant: " + "; ".join(
+                f"`{r.metric}` {_fmt(r.change, sign=True)} ({_evidence_words(r)}, "
+                f"significance {_fmt(r.significance)})" for r in noise)
+        return verdict
     parts = []
     for r in failed:
         where = f"`{r.metric}` ({r.path})"
         if r.status == "missing":
             parts.append(f"{where} is missing in the workspace (was {_fmt(r.old)})")
-        else:
-            parts.append(
-                f"{where} {_fmt(r.old)} → {_fmt(r.new)} ({_fmt(r.change, sign=True)}, "
-                f"tolerance {_fmt(r.tolerance)}, {r.direction} is better)"
-            )
+            continue
+        evidence = _evidence_words(r)
+        rule = f"tolerance {_fmt(r.tolerance)}"
+        if r.significance is not None:
+            rule += f", significance {_fmt(r.significance)}"
+        parts.append(
+            f"{where} {_fmt(r.old)} → {_fmt(r.new)} ({_fmt(r.change, sign=True)}"
+            + (f", {evidence}" if evidence else "")
+            + f"; {rule}, {r.direction} is better)"
+        )
     return "❌ **regression**: " + "; ".join(parts)
 
 
@@ -320,22 +517,65 @@ def _metrics_section(metrics: dict[str, dict]) -> list[str]:
     )
 
 
+RESULT_MARKS = {"pass": "✅", "new": "✅ new", "not significant": "✅ not significant",
+                "regression": "❌", "missing": "❌ missing"}
+
+
+def _with_interval(value: float | None, interval: list[float] | None) -> str:
+    return _cell(value) + ("" if interval is None else " " + _cell(_interval(interval)))
+
+
 def _gates_section(results: list[GateResult]) -> list[str]:
-    rows = [
-        [
+    rows = []
+    for r in results:
+        e = r.evidence
+        change = _cell(r.change, sign=True)
+        if e is not None and e.paired:
+            change += " " + _cell(_interval(e.difference.interval))
+        mcnemar = e.mcnemar if e is not None else None
+        rows.append([
             f"`{r.metric}`",
             f"`{r.path}`",
             f"{r.direction} is better",
             _cell(r.tolerance),
-            _cell(r.old),
-            _cell(r.new),
-            _cell(r.change, sign=True),
-            {"pass": "✅", "new": "✅ new", "regression": "❌", "missing": "❌ missing"}[r.status],
-        ]
-        for r in results
-    ]
-    header = ["metric", "file", "direction", "tolerance", "old", "new", "change", "result"]
-    return ["## Gates", ""] + _table(header, rows, "No gates configured.")
+            _cell(r.significance),
+            _with_interval(r.old, e.old_interval if e else None),
+            _with_interval(r.new, e.new_interval if e else None),
+            change,
+            "—" if mcnemar is None else
+            f"{mcnemar.pvalue:.3g} ({mcnemar.base_only} vs {mcnemar.new_only})",
+            RESULT_MARKS[r.status],
+        ])
+    header = ["metric", "file", "direction", "tolerance", "significance", "old", "new",
+              "change", "McNemar p", "result"]
+    lines = ["## Gates", ""] + _table(header, rows, "No gates configured.")
+    if any(r.evidence is not None for r in results):
+        lines += ["", "Old and new: 95% bootstrap interval over each revision's test images. "
+                  "Change: paired bootstrap interval over the test images both predicted, at "
+                  "1 − significance (95% without one). McNemar p: exact test on the images "
+                  "exactly one revision gets right (right only at the base vs only now). A "
+                  "gate with a significance fails when the metric is worse beyond its "
+                  "tolerance and the paired test calls the drop real (p or the interval's "
+                  "level); without a shared test set the tolerance alone decides."]
+    return lines
+
+
+def _test_sets_section(test_sets: dict[str, TestSets]) -> list[str]:
+    lines = []
+    for model, sets in test_sets.items():
+        path = PREDICTIONS[model]
+        if sets.base is None:
+            lines.append(f"- `{model}`: no paired comparison, {sets.note}; gates use their "
+                         "tolerance alone.")
+        elif sets.paired:
+            lines.append(f"- `{model}`: both revisions predicted the same {sets.shared} test "
+                         f"files (`{path}`): changes are paired.")
+        else:
+            lines.append(f"- `{model}`: **unpaired**, the test sets differ: {sets.shared} "
+                         f"files shared (same path and label) of {len(sets.base)} at the base "
+                         f"and {len(sets.new)} in the workspace; gates use their tolerance "
+                         "alone, each revision's own interval is shown.")
+    return ["## Test sets", ""] + lines if lines else []
 
 
 def _figures_section(figures: list[str], link_prefix: str) -> list[str]:
@@ -370,11 +610,13 @@ def compose_report(
     repo_dir: str | Path = ".",
     figures_dir: str = "reports/figures",
     link_prefix: str = ".",
+    context: str = "",
 ) -> Report:
     """Collect the diffs, check the gates and lay out the Markdown.
 
     link_prefix is the path from where the Markdown will live to repo_dir, so that the image
-    links resolve for `cml comment create`, which uploads the local images it finds.
+    links resolve for `cml comment create`, which uploads the local images it finds. context
+    says what the compared runs were made on (CI: the real data or the small profile).
     """
     runs = [
         _Dvc(["metrics", "diff", "--all", base], repo_dir),
@@ -383,19 +625,23 @@ def compose_report(
     ]
     try:
         (metrics, stderr), (params, _) = runs[0].result(), runs[1].result()
-        results = check_gates(metrics, gates, base)
+        results, test_sets = add_evidence(check_gates(metrics, gates, base), base, repo_dir)
         figure_lines = _figures_or_why_not(runs[2], base, repo_dir, figures_dir, link_prefix)
     finally:
         for run in runs:
             run.stop()
     verdict = _verdict(results)
     notes = [f"> {warning}" for warning in _load_warnings(stderr)]
+    header = [f"# Metrics report: workspace vs `{base}`", "", verdict]
+    if context:
+        header += ["", f"Compared on: {context}"]
     sections = [
-        [f"# Metrics report: workspace vs `{base}`", "", verdict],
+        header,
         notes,
         _params_section(params),
         _metrics_section(metrics),
         _gates_section(results),
+        _test_sets_section(test_sets),
         figure_lines,
     ]
     markdown = "\n\n".join("\n".join(s) for s in sections if s) + "\n"
@@ -423,6 +669,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="write the Markdown here (default: print it)")
     parser.add_argument("--params", default="params.yaml", help="params file with report.gates")
     parser.add_argument("--figures", default="reports/figures", help="folder of figures")
+    parser.add_argument("--context", default=os.environ.get("RETRAIN_REPORT_CONTEXT", ""),
+                        help="what the compared runs were made on, printed in the report "
+                        "(default: $RETRAIN_REPORT_CONTEXT)")
     return parser.parse_args(argv)
 
 
@@ -434,10 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out_dir = Path(args.out).resolve().parent
         link_prefix = Path(os.path.relpath(Path.cwd(), out_dir)).as_posix()
-    report = compose_report(args.base, gates, ".", args.figures, link_prefix)
+    report = compose_report(args.base, gates, ".", args.figures, link_prefix, args.context)
     if args.out:
         write_text(args.out, report.markdown)
         print(report.verdict)
+        if args.context:
+            print(f"Compared on: {args.context}")
     else:
         print(report.markdown, end="")
     return EXIT_PASS if report.passed else EXIT_REGRESSION
