@@ -18,8 +18,6 @@ from retrain.archive import archive_stem, class_folders, extract_dataset
 from retrain.errors import DataError
 from retrain.synthetic import write_dataset
 
-SHARED_FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / \
-    "flower_photos_small.tgz"
 JPEG = b"\xff\xd8\xff\xe0 pixels are not decoded by fetch"
 
 
@@ -473,9 +471,10 @@ def test_archive_stem(file_name, stem):
     assert archive_stem(file_name) == stem
 
 
-@pytest.mark.skipif(not SHARED_FLOWERS.exists(), reason="../shared/data is not available")
 def test_real_flower_photos_sample(tmp_path):
-    dataset = extract_dataset(SHARED_FLOWERS, tmp_path / "raw")
+    from conftest import real_flowers_or_skip
+
+    dataset = extract_dataset(real_flowers_or_skip(), tmp_path / "raw")
     assert dataset.name == "flower_photos"
     assert (dataset / "LICENSE.txt").is_file()
     counts = {p.name: len(list(p.iterdir())) for p in class_folders(dataset)}

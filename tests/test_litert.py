@@ -3,8 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import REAL_WEIGHTS_035 as REAL_WEIGHTS
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, real_weights_or_skip
 
 from retrain import litert
 from retrain.features import KerasEngine, build_extractor, extract_to_file, make_engine
@@ -154,9 +153,8 @@ def test_make_engine_dispatch(small, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason=f"{REAL_WEIGHTS} is absent")
 def test_features_agree_with_keras_real_weights(cache_root):
-    params = {"backbone": "mobilenet_v2", "weights": str(REAL_WEIGHTS), "image_size": 224,
+    params = {"backbone": "mobilenet_v2", "weights": str(real_weights_or_skip()), "image_size": 224,
               "alpha": 0.35}
     _, extractor = build_extractor(params)
     engine = litert.LiteRTEngine(extractor, params)

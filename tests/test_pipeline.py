@@ -133,3 +133,31 @@ def test_predict_with_the_wrong_file_is_one_clear_error(pipeline_run, model, cla
     with pytest.raises(UserError, match=message) as info:
         main(args)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.xdist_group("real_flowers_run")
+def test_fine_tuning_on_real_photos_keeps_what_the_head_learned(real_flowers_run):
+    """On 80 real test photos (5 classes), both models are far above chance, and fine-tuning
+    does not lose accuracy beyond noise: McNemar's exact test on the photos where the two
+    models disagree, one-sided (is the fine-tuned model worse?), must not reject at 1%."""
+    from scipy.stats import binomtest
+
+    ws = real_flowers_run
+    correct = {}
+    for name, csv in (("finetuned", "predictions.csv"), ("head", "predictions_head.csv")):
+        table = pd.read_csv(ws / "reports" / csv)
+        correct[name] = (table["actual"] == table["predicted"]).to_numpy()
+    classes = len((ws / "data" / "manifests" / "classes.txt").read_text().split())
+    tested = len(correct["head"])
+    assert classes == 5 and tested >= 60
+    for name, right in correct.items():
+        # 99% Clopper-Pearson interval of the accuracy: its low end clears 2x chance
+        low = binomtest(int(right.sum()), tested).proportion_ci(0.99).low
+        assert low > 2 / classes, f"{name}: {right.mean():.3f} on {tested} photos, low {low:.3f}"
+    only_head = int((correct["head"] & ~correct["finetuned"]).sum())
+    only_finetuned = int((~correct["head"] & correct["finetuned"]).sum())
+    if only_head + only_finetuned:
+        worse = binomtest(only_head, only_head + only_finetuned, 0.5, alternative="greater")
+        assert worse.pvalue > 0.01, (f"fine-tuning lost accuracy: {only_head} photos only the "
+                                     f"head got right, {only_finetuned} only the fine-tuned "
+                                     f"model (p = {worse.pvalue:.4f})")
