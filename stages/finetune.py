@@ -29,6 +29,7 @@ def main() -> None:
     import keras
     from dvclive import Live
 
+    from retrain.accelerators import float32_copy, select_accelerator
     from retrain.base import build_base
     from retrain.cache import user_cache_dir
     from retrain.finetune import (
@@ -41,42 +42,58 @@ def main() -> None:
     )
     from retrain.images import cached_image_array
     from retrain.reproducibility import make_deterministic
-    from retrain.training import CurveLogger, balanced_class_weights, history_summary
+    from retrain.training import (
+        CurveLogger,
+        TrainingThroughput,
+        balanced_class_weights,
+        history_summary,
+    )
 
     make_deterministic(params["seed"])
+    accelerator = select_accelerator(params["accelerator"])
     head = keras.models.load_model(args.head)
-    model = assemble_model(build_base(model_params, params["seed"]), head)
-    unfreeze_from(model, tune["from_layer"], tune["train_batchnorm"])
     size, seed = model_params["image_size"], params["seed"]
-    datasets = {}
-    for split, frame in splits.items():
-        images = cached_image_array([Path(args.raw) / p for p in frame["path"]],
-                                    frame["sha256"], size, user_cache_dir("images"))
-        labels = frame["label_index"].to_numpy("int64")
-        datasets[split] = image_dataset(
-            images, labels, tune["batch_size"], seed=seed, shuffle=split == "train",
-            augment=augmenter(tune["augment"], seed) if split == "train" else None)
     labels = splits["train"]["label_index"].to_numpy()
     weights = balanced_class_weights(labels, head.output.shape[-1]) \
         if params["head"]["class_weights"] else None
     head_epochs = json.loads(Path(args.head_metrics).read_text())["epochs_run"]
+    timer = TrainingThroughput(len(labels))
 
-    with atomic_path(args.live, directory=True) as live_dir, \
-            Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
-        history = fine_tune(model, datasets["train"], datasets["val"],
-                            learning_rate=params["head"]["learning_rate"] * tune["lr_factor"],
-                            epochs=tune["epochs"], class_weight=weights,
-                            callbacks=[CurveLogger(live, first_step=head_epochs)])
+    # Built, compiled and fitted in the accelerator's scope: variables on every replica,
+    # layers in its precision. finetune.batch_size is the global batch.
+    with accelerator.scope():
+        model = assemble_model(build_base(model_params, params["seed"]), head)
+        unfreeze_from(model, tune["from_layer"], tune["train_batchnorm"])
+        datasets = {}
+        for split, frame in splits.items():
+            images = cached_image_array([Path(args.raw) / p for p in frame["path"]],
+                                        frame["sha256"], size, user_cache_dir("images"))
+            datasets[split] = image_dataset(
+                images, frame["label_index"].to_numpy("int64"), tune["batch_size"], seed=seed,
+                shuffle=split == "train",
+                augment=augmenter(tune["augment"], seed) if split == "train" else None)
+        with atomic_path(args.live, directory=True) as live_dir, \
+                Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
+            history = fine_tune(
+                model, datasets["train"], datasets["val"],
+                learning_rate=params["head"]["learning_rate"] * tune["lr_factor"],
+                epochs=tune["epochs"], class_weight=weights,
+                callbacks=[CurveLogger(live, first_step=head_epochs), timer])
+    if accelerator.mixed:
+        model = float32_copy(model)  # evaluate, export and predict run it, often on a CPU
     with atomic_path(args.model) as tmp:
         model.save(tmp)
     with atomic_path(args.serving, directory=True) as tmp:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
     summary = {**history_summary(history), "params": count_params(model),
                "from_layer": tune["from_layer"],
-               "from_layer_name": model.get_layer("backbone").layers[tune["from_layer"]].name}
+               "from_layer_name": model.get_layer("backbone").layers[tune["from_layer"]].name,
+               **accelerator.summary(), "train_images_per_second": timer.images_per_second()}
     write_json(args.metrics, summary)
     print(f"finetune: val_accuracy {summary.get('val_accuracy', float('nan')):.4f}, "
-          f"{summary['params']['trainable']:,} trainable params")
+          f"{summary['params']['trainable']:,} trainable params, {accelerator.precision} on "
+          f"{accelerator.description} ({accelerator.replicas} replica(s)), "
+          f"{summary['train_images_per_second']} training images/s")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ def test_every_stage_wrote_its_outputs(pipeline_run):
     assert extract["feature_map_shape"][-1] == extract["feature_size"]
     finetune = read_json(ws / "metrics" / "finetune.json")
     assert 0 < finetune["params"]["trainable"] < finetune["params"]["total"]
+    # How the model was made: auto precision on this CPU machine.
+    assert (finetune["device"], finetune["precision"], finetune["replicas"]) == (
+        "CPU", "float32", 1)
+    assert finetune["train_images_per_second"] > 0
     assert (ws / "models" / "serving" / "saved_model.pb").exists()
     assert not list(ws.rglob(".tmp-*")), "temporary outputs were left behind"
 

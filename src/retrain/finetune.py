@@ -22,8 +22,10 @@ def assemble_model(base: keras.Model, head: keras.Model) -> keras.Model:
     """Stack the trained head on the base's pooled features, sharing the head's weights."""
     x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
     x = keras.layers.Dropout(head.get_layer("dropout").rate, name="dropout")(x)
+    # float32 even under a mixed-precision policy: a float16 softmax rounds small
+    # probabilities to 0 and the loss to inf (the Keras mixed-precision guide's advice).
     classifier = keras.layers.Dense(head.get_layer(CLASSIFIER).units, activation="softmax",
-                                    name=CLASSIFIER)
+                                    dtype="float32", name=CLASSIFIER)
     probabilities = classifier(x)
     classifier.set_weights(head.get_layer(CLASSIFIER).get_weights())
     return keras.Model(base.input, probabilities, name="classifier_model")

@@ -11,7 +11,9 @@ CLASSIFIER = "classifier"
 def build_head(feature_size: int, classes: int, dropout: float, seed: int) -> keras.Model:
     features = keras.Input((feature_size,), name="features")
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(features)
-    probabilities = keras.layers.Dense(classes, activation="softmax", name=CLASSIFIER)(x)
+    # float32 whatever the dtype policy: a float16 softmax rounds small probabilities to 0.
+    probabilities = keras.layers.Dense(classes, activation="softmax", dtype="float32",
+                                       name=CLASSIFIER)(x)
     return keras.Model(features, probabilities, name="head")
 
 

@@ -140,6 +140,10 @@ SCHEMA: dict[str, Any] = {
             "contrast": _number(0, 1),
         },
     },
+    "accelerator": {
+        "precision": _choice("auto", "float32", "mixed"),
+        "gpus": _number(0, 4096, integer=True),
+    },
     "render": {
         "cam_method": _choice("cam", "gradcam"),
         "cam_samples": _number(1, 64, integer=True),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import keras
 import numpy as np
 from dvclive import Live
@@ -38,6 +40,40 @@ class CurveLogger(keras.callbacks.Callback):
             if f"val_{name}" in logs:
                 self.live.log_metric(f"val/{name}", float(logs[f"val_{name}"]))
         self.live.next_step()
+
+
+class TrainingThroughput(keras.callbacks.Callback):
+    """Training images per second, from the training part of each epoch (validation left out).
+
+    The first epoch pays for tracing (and XLA compilation on a GPU), so it counts only when
+    it is the only one.
+    """
+
+    def __init__(self, images_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.seconds: list[float] = []
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):  # validation starts: the training part is over
+        self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop()
+
+    def _stop(self):
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def images_per_second(self) -> float:
+        steady = self.seconds[1:] or self.seconds
+        if not steady:
+            return 0.0
+        return round(self.images_per_epoch * len(steady) / sum(steady), 2)
 
 
 def history_summary(history: keras.callbacks.History, monitor: str = "val_loss") -> dict:
