@@ -57,3 +57,16 @@ def test_every_headline_metric_has_an_interval_and_the_printout_says_what_it_mea
     low, high = metrics["test_accuracy_ci95"]
     assert f"accuracy {metrics['test_accuracy']:.4f} [{low:.4f}, {high:.4f}]" in lines[1]
     assert lines[2].startswith("  finetuned  accuracy")
+
+
+def test_a_zero_width_interval_is_explained_in_the_printout():
+    labels = np.arange(10) % 2
+    perfect = classification_metrics(one_hot(labels, 2), labels, ["a", "b"])
+
+    assert perfect["test_accuracy_ci95"] == [1.0, 1.0]
+    lines = summary_lines({"head": perfect}, 10)
+    assert "zero width" in lines[-1] and "up to about 30%" in lines[-1]
+    predicted = labels.copy()
+    predicted[:3] = 1 - predicted[:3]
+    imperfect = classification_metrics(one_hot(predicted, 2), labels, ["a", "b"])
+    assert len(summary_lines({"head": imperfect}, 10)) == 2   # no note without the need
