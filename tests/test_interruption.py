@@ -3,6 +3,7 @@ and the next `dvc repro` finishes with every output whole."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import dvc, set_param, stages_run
 
+from retrain.atomic import STAGING
 from retrain.workspace import pipeline_env
 
 pytestmark = pytest.mark.slow
@@ -50,8 +52,8 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
     set_param(workspace, "extract.batch_size", 8)
     set_param(workspace, "finetune.lr_factor", 0.05)
 
-    # 1. SIGKILL while extract writes its features.
-    kill_repro_when(workspace, lambda: temporary_outputs(workspace, "data"))
+    # 1. SIGKILL while extract writes its features (in the staging area, not in data/).
+    kill_repro_when(workspace, lambda: temporary_outputs(workspace, STAGING))
     # Nothing that looks like finished features: DVC removed the old ones before running,
     # and the new ones only ever existed under a temporary name.
     assert not (workspace / "data" / "features" / "test.npy").exists()
@@ -68,7 +70,7 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
     assert stages_run(result.stdout)[0] == "finetune", result.stdout
     assert "extract" not in stages_run(result.stdout)
     assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
-    for folder in ("data", "models", "dvclive"):
+    for folder in ("data", "models", "dvclive", STAGING):  # the killed runs' work reclaimed
         assert not temporary_outputs(workspace, folder), folder
     for split in ("train", "val", "test"):
         assert np.isfinite(np.load(workspace / "data" / "features" / f"{split}.npy")).all()
@@ -76,3 +78,27 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
 
     import retrain.base  # noqa: F401
     keras.models.load_model(workspace / "models" / "model.keras")  # whole and loadable
+
+
+def test_leftover_of_a_killed_fetch_never_sits_beside_restored_outputs(workspace):
+    """The issue's case: SIGKILL during `dvc repro -f fetch`, then `dvc repro fetch` restores
+    data/raw from the run-cache without running the stage: no stage code runs to clean up, so
+    the killed run's temporary folder must not be in data/ in the first place."""
+    shutil.rmtree(workspace / "data" / "raw")  # `-f` has DVC remove the outputs first
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal\n"
+         "from retrain.atomic import atomic_path\n"
+         "with atomic_path('data/raw', directory=True) as tmp:\n"
+         "    (tmp / 'half.bin').write_bytes(bytes(1_000_000))\n"
+         "    os.kill(os.getpid(), signal.SIGKILL)\n"],
+        cwd=workspace, env=pipeline_env(workspace))  # what fetch leaves when killed mid-way
+    assert killed.returncode == -signal.SIGKILL
+    restored = dvc(workspace, "repro", "fetch")
+    assert stages_run(restored.stdout) == [], restored.stdout  # from the run-cache
+    assert (workspace / "data" / "raw").is_dir()
+    assert not temporary_outputs(workspace, "data")
+    assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
+    assert temporary_outputs(workspace, STAGING)  # out of the way, until a stage writes
+    result = dvc(workspace, "repro", "-f", "split")
+    assert stages_run(result.stdout) == ["split"]
+    assert not temporary_outputs(workspace, STAGING)

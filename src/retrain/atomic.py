@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from retrain.errors import UserError
 
@@ -23,37 +26,95 @@ def remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `dest`; on success it replaces `dest`, on error it vanishes.
+    """Yield a temporary path for `dest`; on success it replaces `dest`, on error it vanishes.
     A file (`directory=False`) may replace a file, never a folder.
 
-    The sibling lives in the same folder, so the final rename never crosses file systems.
-    A stage killed mid-write leaves only a hidden `.tmp-*` name, never a valid-looking output.
+    The temporary folder lives in the staging area of `dest` (see `staging_area`), on the
+    same file system, so the final rename is atomic, and not beside the output: a stage
+    killed mid-write (SIGKILL, no cleanup runs) leaves its leftover where DVC never looks,
+    and the next write of any stage reclaims it.
     """
     dest = Path(dest)
     if not directory and dest.is_dir() and not dest.is_symlink():
         # A file output never replaces a folder: `--out reports` meant `reports/x.md`.
         raise UserError(f"{dest}: is a folder; name a file to write")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".tmp-{dest.name}-*"):  # left by a killed earlier run
-        remove(stale)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    if directory:  # mkdtemp makes 0700 folders; an output folder gets the usual permissions
-        os.chmod(tmp, 0o777 & ~_umask())
-    target = tmp if directory else tmp / dest.name
-    try:
+    prefix = f"{TMP_PREFIX}{dest.name}-"
+    reclaim_leftovers(dest.parent, prefix)  # beside the output: older versions put them there
+    area = staging_area(dest.parent)
+    if area != dest.parent.resolve() and area not in _reclaimed:
+        reclaim_leftovers(area)  # the whole area once per process: every stage writes
+        _reclaimed.add(area)
+    with _owned_temporary(area, prefix) as tmp:
+        target = tmp if directory else tmp / dest.name
         yield target
         if dest.exists() or dest.is_symlink():
             remove(dest)
         os.replace(target, dest)
+
+
+TMP_PREFIX = ".tmp-"
+LOCK_SUFFIX = ".lock"
+STAGING = Path(".dvc") / "tmp" / "retrain"  # inside a DVC project: git- and DVC-ignored
+_reclaimed: set[Path] = set()  # staging areas this process has already swept
+
+
+def staging_area(folder: Path) -> Path:
+    """Where temporary work for an output in `folder` goes: `.dvc/tmp/retrain` of the DVC
+    project holding `folder` when it is on the same file system (a rename across file systems
+    is a copy, not atomic), else `folder` itself."""
+    folder = Path(folder).resolve()
+    project = next((p for p in (folder, *folder.parents) if (p / ".dvc").is_dir()), None)
+    if project is None:
+        return folder
+    area = project / STAGING
+    area.mkdir(parents=True, exist_ok=True)
+    return area if area.stat().st_dev == folder.stat().st_dev else folder
+
+
+@contextlib.contextmanager
+def _owned_temporary(area: Path, prefix: str) -> Iterator[Path]:
+    """A fresh temporary folder in `area`, marked as this process's by a lock held on its
+    `.lock` file until the end. The OS drops the lock when the process dies, however it dies,
+    which is how `reclaim_leftovers` tells a leftover from another stage's live work."""
+    handle, lock_path = tempfile.mkstemp(prefix=prefix, suffix=LOCK_SUFFIX, dir=area)
+    os.close(handle)
+    lock = FileLock(lock_path)
+    lock.acquire()
+    tmp = Path(lock_path[: -len(LOCK_SUFFIX)])
+    try:
+        tmp.mkdir()  # only once the lock is held: a temporary folder is never unowned
+        yield tmp
     finally:
         if tmp.exists():
             remove(tmp)
+        lock.release()
+        Path(lock_path).unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def reclaim_leftovers(area: str | Path, prefix: str = TMP_PREFIX) -> list[Path]:
+    """Remove temporary folders in `area` whose owner is gone (killed stages); return them.
+
+    Several stages may write at once (`dvc exp run --queue`, `dvc queue start -j 2`), so a
+    folder is removed only when its lock can be taken, that is, when no live process holds it.
+    """
+    reclaimed = []
+    for tmp in sorted(Path(area).glob(f"{glob.escape(prefix)}*")):
+        if tmp.suffix == LOCK_SUFFIX or not tmp.is_dir():
+            continue
+        lock = FileLock(f"{tmp}{LOCK_SUFFIX}", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            continue  # another stage is writing it
+        try:
+            if tmp.exists():
+                remove(tmp)
+                reclaimed.append(tmp)
+        finally:
+            lock.release()
+            Path(f"{tmp}{LOCK_SUFFIX}").unlink(missing_ok=True)
+    return reclaimed
 
 
 def write_json(dest: str | Path, data: Any) -> None:
