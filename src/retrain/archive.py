@@ -432,7 +432,8 @@ def _survey(folder: Path) -> _Folder:
 def _read_layout(root: Path, unpacked: Path, label: str) -> _Layout:
     """Which folders of `root` are containers and which hold unlabeled images; empty when
     `root` holds class folders (a class may have subfolders of its own)."""
-    folders = [_survey(d) for d in _subfolders(root) if _holds_images(d, deep=True)]
+    folders = _expand_sets_of_sets(
+        [_survey(d) for d in _subfolders(root) if _holds_images(d, deep=True)])
     nested = [f for f in folders if f.inner]
     repeated = {name for f in nested for g in nested if f is not g
                 for name in f.inner_names & g.inner_names}
@@ -461,6 +462,19 @@ def _read_layout(root: Path, unpacked: Path, label: str) -> _Layout:
     return layout
 
 
+def _expand_sets_of_sets(folders: list[_Folder]) -> list[_Folder]:
+    """`test_set/{test_set,unlabeled}/`: a set whose folders are all named as sets stands
+    for those sets."""
+    expanded = []
+    for folder in folders:
+        if (_set_like(folder.path.name) and folder.inner and not folder.loose
+                and all(map(_set_like, folder.inner_names))):
+            expanded += _expand_sets_of_sets([_survey(d) for d in folder.inner])
+        else:
+            expanded.append(folder)
+    return expanded
+
+
 def _repeats(folder: _Folder, repeated: set[str]) -> bool:
     """Most of `folder`'s subfolders (two at least) are named as in a sibling: the mark of a
     set of the same classes, not of a class with a stray `misc/` shared with another."""
@@ -479,13 +493,15 @@ def _merge_containers(root: Path, layout: _Layout, dataset: Path, label: str) ->
     class folder go to `dataset/.unlabeled/`, under their path in the archive."""
     dataset.mkdir()
     aside = dataset / UNLABELED
-    moved = {f.path for f in layout.containers + layout.unlabeled}
+    moved = {root / f.path.relative_to(root).parts[0]
+             for f in layout.containers + layout.unlabeled}
     for entry in root.iterdir():
         if entry not in moved:  # LICENSE.txt, README and the like
             os.replace(entry, dataset / entry.name)
     for folder in layout.unlabeled:
-        aside.mkdir(exist_ok=True)
-        os.replace(folder.path, aside / folder.path.name)
+        target = aside / folder.path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder.path, target)
     for container in layout.containers:
         for item in sorted(container.content.iterdir()):
             if item in container.inner:
