@@ -99,6 +99,6 @@ def test_leftover_of_a_killed_fetch_never_sits_beside_restored_outputs(workspace
     assert not temporary_outputs(workspace, "data")
     assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
     assert temporary_outputs(workspace, STAGING)  # out of the way, until a stage writes
-    result = dvc(workspace, "repro", "-f", "split")
+    result = dvc(workspace, "repro", "--force", "--single-item", "split")
     assert stages_run(result.stdout) == ["split"]
     assert not temporary_outputs(workspace, STAGING)

@@ -6,8 +6,8 @@ import contextlib
 import glob
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,11 +77,10 @@ def _owned_temporary(area: Path, prefix: str) -> Iterator[Path]:
     """A fresh temporary folder in `area`, marked as this process's by a lock held on its
     `.lock` file until the end. The OS drops the lock when the process dies, however it dies,
     which is how `reclaim_leftovers` tells a leftover from another stage's live work."""
-    handle, lock_path = tempfile.mkstemp(prefix=prefix, suffix=LOCK_SUFFIX, dir=area)
-    os.close(handle)
-    lock = FileLock(lock_path)
-    lock.acquire()
-    tmp = Path(lock_path[: -len(LOCK_SUFFIX)])
+    tmp = area / f"{prefix}{secrets.token_hex(8)}"
+    lock_path = Path(f"{tmp}{LOCK_SUFFIX}")
+    lock = FileLock(lock_path, timeout=0)
+    lock.acquire()  # a fresh name: nobody else can hold it
     try:
         tmp.mkdir()  # only once the lock is held: a temporary folder is never unowned
         yield tmp
@@ -89,7 +88,7 @@ def _owned_temporary(area: Path, prefix: str) -> Iterator[Path]:
         if tmp.exists():
             remove(tmp)
         lock.release()
-        Path(lock_path).unlink(missing_ok=True)
+        lock_path.unlink(missing_ok=True)
 
 
 def reclaim_leftovers(area: str | Path, prefix: str = TMP_PREFIX) -> list[Path]:
@@ -100,7 +99,7 @@ def reclaim_leftovers(area: str | Path, prefix: str = TMP_PREFIX) -> list[Path]:
     """
     reclaimed = []
     for tmp in sorted(Path(area).glob(f"{glob.escape(prefix)}*")):
-        if tmp.suffix == LOCK_SUFFIX or not tmp.is_dir():
+        if not tmp.is_dir():  # a lock file, or not ours
             continue
         lock = FileLock(f"{tmp}{LOCK_SUFFIX}", timeout=0)
         try:
