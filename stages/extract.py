@@ -24,8 +24,11 @@ def main() -> None:
     from retrain.features import base_summary, build_extractor, extract_to_file, make_engine
     from retrain.reproducibility import make_deterministic
 
-    make_deterministic(params["seed"])
-    base, extractor = build_extractor(model_params, params["seed"])
+    # Only `model.weights: none` draws anything here: the random base, whose features are
+    # cached. It follows the data's seed (finetune rebuilds it from the same), so a sweep
+    # over the training `seed` reuses the features.
+    make_deterministic(params["split"]["seed"])
+    base, extractor = build_extractor(model_params, params["split"]["seed"])
     engine = make_engine(extract["engine"], extractor, model_params)
     seconds = images = 0
     with atomic_path(args.out, directory=True) as tmp:

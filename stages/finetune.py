@@ -62,7 +62,11 @@ def main() -> None:
     # Built, compiled and fitted in the accelerator's scope: variables on every replica,
     # layers in its precision. finetune.batch_size is the global batch.
     with accelerator.scope():
-        model = assemble_model(build_base(model_params, params["seed"]), head)
+        # The base extract built (its random weights, for model.weights: none, follow
+        # split.seed); everything drawn from here on follows the training seed.
+        base = build_base(model_params, params["split"]["seed"])
+        make_deterministic(params["seed"])
+        model = assemble_model(base, head)
         unfreeze_from(model, tune["from_layer"], tune["train_batchnorm"])
         datasets = {}
         for split, frame in splits.items():

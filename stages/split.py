@@ -23,12 +23,13 @@ def main() -> None:
     if params["prefilter"]["enabled"]:
         from retrain.reproducibility import make_deterministic
 
-        make_deterministic(params["seed"])
+        make_deterministic(split["seed"])
     manifests = build_manifests(
         args.raw,
         val_fraction=split["val_fraction"],
         test_fraction=split["test_fraction"],
-        seed=params["seed"],
+        seed=split["seed"],
+        method=split["method"],
         min_images_per_class=split["min_images_per_class"],
         top_classes=split["top_classes"],
         prefilter=make_prefilter(params["prefilter"]),
@@ -39,6 +40,9 @@ def main() -> None:
     sizes = ", ".join(f"{name} {metrics['images'][name]['total']}" for name in manifests.splits)
     print(f"split: {len(manifests.classes)} classes; {sizes}; "
           f"excluded {metrics['excluded']['total']} (see {args.out}/excluded.csv)")
+    for note in manifests.top_ups:
+        print(f"split: note: {note} (every class needs an image in every split)",
+              file=sys.stderr)
     if manifests.empty_classes:
         print(f"split: warning: {len(manifests.empty_classes)} class folder(s) hold no usable "
               f"image and are left out: {', '.join(manifests.empty_classes)}", file=sys.stderr)

@@ -1,23 +1,11 @@
 """Stage `train_head`: train Dropout -> Dense on the cached features."""
 
 import argparse
-from pathlib import Path
-
-import numpy as np
 
 from retrain.atomic import atomic_path, write_json
-from retrain.errors import DataError, exits_cleanly
-from retrain.manifests import read_classes, read_split
+from retrain.errors import exits_cleanly
+from retrain.manifests import load_split_arrays, read_classes
 from retrain.params import load_params
-
-
-def load_split_arrays(features_dir: str, manifests_dir: str, split: str):
-    features = np.load(Path(features_dir) / f"{split}.npy")
-    labels = read_split(manifests_dir, split)["label_index"].to_numpy()
-    if len(features) != len(labels):
-        raise DataError(f"{features_dir}/{split}.npy has {len(features)} rows but the "
-                        f"{split} manifest has {len(labels)}: re-run the extract stage")
-    return features, labels
 
 
 @exits_cleanly

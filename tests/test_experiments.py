@@ -18,7 +18,7 @@ from conftest import dvc, set_param, stages_run
 pytestmark = pytest.mark.slow
 
 UPSTREAM = ["fetch", "split", "extract"]
-FROM_TRAIN_HEAD = ["train_head", "finetune", "evaluate", "render"]
+FROM_TRAIN_HEAD = ["train_head", "crossval", "finetune", "evaluate", "render"]
 
 # The compact `dvc exp show` of the README's Experiments section: the swept params and the
 # headline metrics.
@@ -61,6 +61,33 @@ def test_head_learning_rate_change_reruns_train_head_and_later_only(workspace):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in result.stdout
     assert locked_outs(workspace) == before
     assert read_metrics(workspace) == metrics_before
+
+
+def stages_changed(workspace: Path) -> set[str]:
+    """Stages `dvc status` would re-run."""
+    return set(json.loads(dvc(workspace, "status", "--json").stdout))
+
+
+def test_each_seed_and_finetune_change_invalidates_only_its_stages(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    # The training seed: a `dvc exp run -S seed=1,2,3` sweep keeps the split, the features and
+    # the cross-validation, so it measures training noise on one fixed test set.
+    set_param(workspace, "seed", params["seed"] + 1)
+    assert stages_changed(workspace) == {"train_head", "finetune", "render"}
+    set_param(workspace, "seed", params["seed"])
+    # Fine-tuning params leave the head's cross-validation alone ...
+    set_param(workspace, "finetune.epochs", params["finetune"]["epochs"] + 1)
+    assert "crossval" not in stages_changed(workspace)
+    set_param(workspace, "finetune.epochs", params["finetune"]["epochs"])
+    # ... head params re-run it ...
+    set_param(workspace, "head.dropout", 0.5)
+    assert "crossval" in stages_changed(workspace)
+    set_param(workspace, "head.dropout", params["head"]["dropout"])
+    # ... and the split seed re-draws the split (then everything after it runs).
+    set_param(workspace, "split.seed", params["split"]["seed"] + 1)
+    assert stages_changed(workspace) == {"split", "extract"}
+    set_param(workspace, "split.seed", params["split"]["seed"])
+    assert stages_changed(workspace) == set()
 
 
 def test_misspelled_set_param_fails_and_names_the_key(workspace):

@@ -8,7 +8,13 @@ import yaml
 from conftest import REPO
 
 from retrain.errors import DataError
-from retrain.manifests import build_manifests, data_metrics, read_split, write_manifests
+from retrain.manifests import (
+    assign_splits,
+    build_manifests,
+    data_metrics,
+    read_split,
+    write_manifests,
+)
 
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.1, "seed": 7}
 
@@ -240,3 +246,93 @@ def test_split_stage_on_the_real_flower_sample(tmp_path):
         assert metrics["images"]["test"][label] in (3, 4)
         assert metrics["images"]["train"][label] in (28, 29)
     assert len(read_split(tmp_path / "manifests", "test")) == 16
+
+
+def extracted_tree(tmp_path, name: str, **dataset_args):
+    """raw/<dataset>/<class>/*.jpg from a generated tarball."""
+    import tarfile
+
+    from retrain.synthetic import write_dataset
+
+    tarball = write_dataset(tmp_path / f"{name}.tgz", **dataset_args)
+    raw = tmp_path / name
+    with tarfile.open(tarball) as tar:
+        tar.extractall(raw, filter="data")
+    return raw
+
+
+def split_of_paths(manifests) -> dict[str, str]:
+    return {path: name for name, frame in manifests.splits.items() for path in frame["path"]}
+
+
+@pytest.fixture(scope="module")
+def lopsided_tree(tmp_path_factory):
+    """Classes of 200, 200 and 3 images: stratification alone leaves the small one out of a
+    split."""
+    return extracted_tree(tmp_path_factory.mktemp("lopsided"), "raw", classes=3,
+                          per_class=[200, 200, 3], size=16, seed=3)
+
+
+@pytest.mark.parametrize("method", ["stratified", "hash"])
+@pytest.mark.parametrize("val_fraction, test_fraction", [(0.2, 0.1), (0.2, 0.8)])
+def test_every_class_gets_an_image_in_every_split(lopsided_tree, method, val_fraction,
+                                                  test_fraction):
+    # The default fractions used to give the 3-image class no test image; 0.2/0.8 no train.
+    manifests = build_manifests(lopsided_tree, val_fraction=val_fraction,
+                                test_fraction=test_fraction, seed=42, method=method)
+    counts = data_metrics(manifests)["images"]
+    for name in ("train", "val", "test"):
+        assert counts[name]["class_002"] >= 1, (name, counts)
+    assert sum(counts[name]["class_002"] for name in counts) == 3
+    # The move is reported, naming the class (the split stage prints these notes).
+    assert any("class 'class_002' (3 images)" in note for note in manifests.top_ups)
+    assert not any("class_000" in note or "class_001" in note for note in manifests.top_ups)
+
+
+@pytest.mark.parametrize("val_fraction, test_fraction, message", [
+    (0.1, 0.1, "split.val_fraction=0.1 and split.test_fraction=0.1 give val 6 of 60 distinct "
+               "images, fewer than the 10 classes .*: raise split.val_fraction"),
+    (0.3, 0.1, "split.val_fraction=0.3 and split.test_fraction=0.1 give test 5 of 60 distinct "
+               "images, fewer than the 10 classes .*: raise split.test_fraction"),
+    (0.6, 0.7, "split.val_fraction=0.6 and split.test_fraction=0.7 give train 7 of 60 "
+               "distinct images, .*: lower split.val_fraction or split.test_fraction"),
+])
+def test_impossible_fractions_name_the_params_and_values(val_fraction, test_fraction, message):
+    rows = [{"sha256": f"{label}-{i}", "label": label} for label in "abcdefghij"
+            for i in range(6)]
+    with pytest.raises(DataError, match=message) as error:
+        assign_splits(rows, val_fraction, test_fraction, seed=42)
+    assert "train_size" not in str(error.value) and "test_size" not in str(error.value)
+
+
+def test_hash_split_keeps_every_earlier_image_where_it_was(tmp_path):
+    raw = extracted_tree(tmp_path, "raw", classes=3, per_class=20, size=24, seed=1)
+    hashed = {"val_fraction": 0.3, "test_fraction": 0.3, "seed": 5, "method": "hash"}
+    stratified = {**hashed, "method": "stratified"}
+    before = build_manifests(raw, **hashed)
+    before_stratified = split_of_paths(build_manifests(raw, **stratified))
+    # A new data version: 10 more images per class.
+    more = extracted_tree(tmp_path, "more", classes=3, per_class=10, size=24, seed=2)
+    for image in dataset(more).glob("*/*.jpg"):
+        image.rename(dataset(raw) / image.parent.name / f"new_{image.name}")
+    after = build_manifests(raw, **hashed)
+
+    assert before.top_ups == [] and after.top_ups == []  # pure hash draws on both versions
+    old, new = split_of_paths(before), split_of_paths(after)
+    assert len(new) == len(old) + 30
+    assert {path: new[path] for path in old} == old
+    # What the hash method is for: a stratified split moves earlier images.
+    new_stratified = split_of_paths(build_manifests(raw, **stratified))
+    assert {path: new_stratified[path] for path in old} != before_stratified
+
+
+def test_hash_split_is_seeded_and_keeps_identical_files_together(class_tree):
+    hashed = {"val_fraction": 0.3, "test_fraction": 0.3, "method": "hash"}
+    root = dataset(class_tree)
+    first = sorted((root / "class_000").iterdir())[0]
+    shutil.copy(first, root / "class_000" / "copy.jpg")
+    a = split_of_paths(build_manifests(class_tree, **hashed, seed=1))
+    b = split_of_paths(build_manifests(class_tree, **hashed, seed=2))
+    assert a != b
+    original = first.relative_to(class_tree).as_posix()
+    assert a[original] == a[f"{root.name}/class_000/copy.jpg"]

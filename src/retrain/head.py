@@ -23,9 +23,11 @@ def compile_classifier(model: keras.Model, learning_rate: float) -> None:
 
 
 def train_head(head: keras.Model, train: tuple[np.ndarray, np.ndarray],
-               val: tuple[np.ndarray, np.ndarray], *, learning_rate: float, epochs: int,
+               val: tuple[np.ndarray, np.ndarray] | None, *, learning_rate: float, epochs: int,
                batch_size: int, class_weight: dict | None = None,
-               patience: int = 0, callbacks: list | None = None) -> keras.callbacks.History:
+               patience: int = 0, callbacks: list | None = None,
+               verbose: int = 2) -> keras.callbacks.History:
+    """Fit the head; `val` (needed for early stopping) is scored after every epoch."""
     compile_classifier(head, learning_rate)
     callbacks = list(callbacks or [])
     if patience:
@@ -33,4 +35,4 @@ def train_head(head: keras.Model, train: tuple[np.ndarray, np.ndarray],
             monitor="val_loss", patience=patience, restore_best_weights=True))
     # fit shuffles each epoch from the global seed set by make_deterministic.
     return head.fit(*train, validation_data=val, epochs=epochs, batch_size=batch_size,
-                    class_weight=class_weight, callbacks=callbacks, shuffle=True, verbose=2)
+                    class_weight=class_weight, callbacks=callbacks, shuffle=True, verbose=verbose)

@@ -1,15 +1,16 @@
 """Build split manifests: list every image once, check it, and assign it to train/val/test.
 
 Splits are made on files (never by `take`/`skip` on a shuffled stream, which reshuffles on
-every pass and leaks images between splits), stratified by class and seeded. Byte-identical
-files move together; identical files filed under two classes are dropped, since either
-label would be wrong for one of them.
-"""
+every pass and leaks images between splits), seeded by `split.seed` alone, either stratified
+by class or by a hash of each image's content. Byte-identical files move together; identical
+files filed under two classes are dropped, since either label would be wrong for one of them.
+Every class gets at least one image in every split."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import math
 import os
 import unicodedata
 from collections import Counter, defaultdict
@@ -17,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from retrain.archive import UNLABELED
 from retrain.atomic import atomic_path
-from retrain.errors import DataError
+from retrain.errors import DataError, first_line
 from retrain.images import image_name_problem, is_image_name, read_rgb
 
 SPLITS = ("train", "val", "test")
@@ -48,6 +50,7 @@ class Manifests:
     classes: list[str]
     excluded: pd.DataFrame  # path, reason
     empty_classes: list[str] = field(default_factory=list)  # folders with no usable image
+    top_ups: list[str] = field(default_factory=list)  # images moved to fill an empty split
 
 
 def dataset_root(raw_dir: Path) -> Path:
@@ -180,8 +183,15 @@ def select_classes(rows, excluded, min_images: int, top_n: int) -> list[dict]:
     return [row for row in rows if row["label"] in keep]
 
 
-def assign_splits(rows, val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Stratified, seeded split of groups of identical files; returns {sha256: split}."""
+def assign_splits(rows, val_fraction: float, test_fraction: float, seed: int,
+                  method: str = "stratified") -> tuple[dict[str, str], list[str]]:
+    """Split groups of identical files; returns ({sha256: split}, notes on top-ups).
+
+    `stratified`: scikit-learn's seeded stratified split (exact class proportions).
+    `hash`: each image by a seeded hash of its content, so adding images never moves an
+    earlier one (see `hash_split`). Either way, a class whose draw leaves a split empty gets
+    one image moved there (`top_up`): every class is in every split.
+    """
     groups = sorted({(row["sha256"], row["label"]) for row in rows})
     per_class = Counter(label for _, label in groups)
     for label, n in sorted(per_class.items()):
@@ -189,21 +199,111 @@ def assign_splits(rows, val_fraction: float, test_fraction: float, seed: int) ->
             raise DataError(f"class '{label}' has {n} distinct image(s); at least "
                             f"{MIN_IMAGES_TO_SPLIT} are needed to split it (drop small classes "
                             "with split.min_images_per_class)")
+    check_split_sizes(len(groups), len(per_class), val_fraction, test_fraction)
+    if method == "hash":
+        split_of = hash_split(groups, val_fraction, test_fraction, seed)
+        notes = []
+    else:
+        split_of, notes = stratified_split(groups, val_fraction, test_fraction, seed)
+    notes += top_up(groups, split_of, dict.fromkeys(SPLITS, 1), seed)
+    return split_of, notes
+
+
+def split_sizes(images: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Images per split as scikit-learn's `train_test_split` counts them: each held-out
+    share is rounded up, validation first, then test from what remains."""
+    val = math.ceil(val_fraction * images)
+    test = math.ceil(test_fraction * (images - val))
+    return {"train": images - val - test, "val": val, "test": test}
+
+
+def check_split_sizes(images: int, classes: int, val_fraction: float,
+                      test_fraction: float) -> None:
+    """Each split must be able to hold one image per class; name the params if not."""
+    sizes = split_sizes(images, val_fraction, test_fraction)
+    small = [name for name in SPLITS if sizes[name] < classes]
+    if not small:
+        return
+    advice = {"train": "lower split.val_fraction or split.test_fraction",
+              "val": "raise split.val_fraction", "test": "raise split.test_fraction"}
+    name = small[0]
+    raise DataError(f"split.val_fraction={val_fraction} and split.test_fraction="
+                    f"{test_fraction} give {name} {sizes[name]} of {images} distinct images, "
+                    f"fewer than the {classes} classes (each split needs one image per "
+                    f"class): {advice[name]}")
+
+
+def split_score(digest: str, seed: int) -> float:
+    """A number in [0, 1) fixed by an image's content and the split seed alone."""
+    hashed = hashlib.sha256(f"{seed}:{digest}".encode()).digest()
+    return int.from_bytes(hashed[:8], "big") / 2**64
+
+
+def hash_split(groups, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Each image's split from its own score, as TensorFlow's old retrain.py did from a hash
+    of the file name (content here, so identical files land together): validation below
+    `val_fraction`, test in the next `test_fraction` of the rest, train above. No image's
+    split depends on any other image, so adding images moves none of the earlier ones."""
+    test_end = val_fraction + (1 - val_fraction) * test_fraction
+    split_of = {}
+    for digest, _ in groups:
+        score = split_score(digest, seed)
+        split_of[digest] = "val" if score < val_fraction else "test" if score < test_end \
+            else "train"
+    return split_of
+
+
+def stratified_split(groups, val_fraction: float, test_fraction: float, seed: int
+                     ) -> tuple[dict, list[str]]:
+    """scikit-learn's stratified split: validation from all images, then test from the
+    rest (stratifying the second split needs two images of each class in the rest)."""
     digests = [digest for digest, _ in groups]
     labels = [label for _, label in groups]
+    rest_name = "train+test"
     try:
-        rest, val, rest_labels, _ = train_test_split(
-            digests, labels, test_size=val_fraction, stratify=labels, random_state=seed)
-        train, test = train_test_split(
-            rest, test_size=test_fraction, stratify=rest_labels, random_state=seed)
-    except ValueError as exc:
-        raise DataError(f"cannot split {len(digests)} images in {len(per_class)} classes: "
-                        f"{exc}") from None
-    return {**{d: "train" for d in train}, **{d: "val" for d in val}, **{d: "test" for d in test}}
+        rest, val = train_test_split(digests, test_size=val_fraction, stratify=labels,
+                                     random_state=seed)
+        split_of = {**dict.fromkeys(rest, rest_name), **dict.fromkeys(val, "val")}
+        notes = top_up(groups, split_of, {rest_name: 2, "val": 1}, seed)
+        rest = [digest for digest in digests if split_of[digest] == rest_name]
+        rest_labels = [label for digest, label in groups if split_of[digest] == rest_name]
+        train, test = train_test_split(rest, test_size=test_fraction, stratify=rest_labels,
+                                       random_state=seed)
+    except ValueError as exc:  # check_split_sizes should have caught every such case
+        raise DataError(f"cannot split {len(digests)} images with split.val_fraction="
+                        f"{val_fraction} and split.test_fraction={test_fraction} "
+                        f"({first_line(exc)})") from None
+    return {**split_of, **dict.fromkeys(train, "train"), **dict.fromkeys(test, "test")}, notes
+
+
+def top_up(groups, split_of: dict, minimum: dict[str, int], seed: int) -> list[str]:
+    """Per class, move images into every split holding fewer than its `minimum`, each from
+    the split with the most to spare (the lowest-scoring image first). Returns one note per
+    move. A class of MIN_IMAGES_TO_SPLIT or more images always has enough to spare."""
+    by_class = defaultdict(list)
+    for digest, label in groups:
+        by_class[label].append(digest)
+    notes = []
+    for label, digests in sorted(by_class.items()):
+        digests.sort(key=lambda digest: split_score(digest, seed))
+        for split, need in minimum.items():
+            while (held := sum(split_of[d] == split for d in digests)) < need:
+                spare = {name: sum(split_of[d] == name for d in digests) - low
+                         for name, low in minimum.items()}
+                donor = max(minimum, key=lambda name: spare[name])
+                if spare[donor] <= 0:  # unreachable past the MIN_IMAGES_TO_SPLIT check
+                    raise DataError(f"class '{label}' has {len(digests)} distinct images, "
+                                    f"too few for one in each split")
+                moved = next(d for d in digests if split_of[d] == donor)
+                split_of[moved] = split
+                notes.append(f"class '{label}' ({len(digests)} images) drew {held} for "
+                             f"{split}: moved one image there from {donor}")
+    return notes
 
 
 def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: float,
-                    seed: int, min_images_per_class: int = 0, top_classes: int = 0,
+                    seed: int, method: str = "stratified", min_images_per_class: int = 0,
+                    top_classes: int = 0,
                     prefilter: Callable[[Path, list, list], list] | None = None) -> Manifests:
     """`prefilter(raw_dir, rows, excluded)` returns the rows to keep and adds the rest to
     `excluded`; it runs before class selection, so top_classes counts only kept images."""
@@ -227,7 +327,7 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
                      f"split.top_classes={top_classes}" if len(selected) < len(rows) else "")
         raise DataError(f"{raw_dir}: {found}{selection}; at least two are needed")
     rows = selected
-    split_of = assign_splits(rows, val_fraction, test_fraction, seed)
+    split_of, top_ups = assign_splits(rows, val_fraction, test_fraction, seed, method)
     index = {label: i for i, label in enumerate(classes)}
     frame = pd.DataFrame(rows)
     frame["label_index"] = frame["label"].map(index)
@@ -238,7 +338,8 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
         for name in SPLITS
     }
     excluded_frame = pd.DataFrame(excluded, columns=["path", "reason"]).sort_values("path")
-    return Manifests(splits, classes, excluded_frame.reset_index(drop=True), empty_classes)
+    return Manifests(splits, classes, excluded_frame.reset_index(drop=True), empty_classes,
+                     top_ups)
 
 
 def data_metrics(manifests: Manifests) -> dict:
@@ -281,6 +382,17 @@ def read_split(manifest_dir: str | Path, split: str) -> pd.DataFrame:
         raise DataError(f"{path}: manifest not found (run the split stage first)")
     return pd.read_csv(path, dtype={"path": str, "label": str, "sha256": str},
                        keep_default_na=False)
+
+
+def load_split_arrays(features_dir: str | Path, manifests_dir: str | Path, split: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """A split's cached features and class indices, row for row as in its manifest."""
+    features = np.load(Path(features_dir) / f"{split}.npy")
+    labels = read_split(manifests_dir, split)["label_index"].to_numpy()
+    if len(features) != len(labels):
+        raise DataError(f"{features_dir}/{split}.npy has {len(features)} rows but the "
+                        f"{split} manifest has {len(labels)}: re-run the extract stage")
+    return features, labels
 
 
 def read_classes(manifest_dir: str | Path) -> list[str]:

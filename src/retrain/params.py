@@ -108,6 +108,8 @@ SCHEMA: dict[str, Any] = {
         "test_fraction": _number(0, 1, lo_open=True, hi_open=True),
         "min_images_per_class": _number(0, INF, integer=True),
         "top_classes": _number(0, INF, integer=True),
+        "seed": _number(0, 2**31 - 1, integer=True),
+        "method": _choice("stratified", "hash"),
     },
     "model": {
         "backbone": _choice(*REGISTRY),
@@ -127,6 +129,11 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _number(1, 65536, integer=True),
         "class_weights": Field(bool, expect="true or false"),
         "early_stopping_patience": _number(0, 10000, integer=True),
+    },
+    "crossval": {
+        "folds": Field(int, lambda v: v == 0 or 2 <= v <= 100, "0 (off) or an integer in [2, 100]"),
+        "repeats": _number(0, 1000, integer=True),
+        "seed": _number(0, 2**31 - 1, integer=True),
     },
     "finetune": {
         "from_layer": _number(0, 100000, integer=True),

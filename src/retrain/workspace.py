@@ -1,7 +1,7 @@
 """Profiles and scratch workspaces: run the pipeline on generated data without touching yours.
 
     python -m retrain profile small   # generate the profile's data, merge its params
-    python -m retrain demo            # all seven stages on the small profile in .demo/
+    python -m retrain demo            # every stage on the small profile in .demo/
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""Cross-validation of the head recipe: folds that respect identical images, figures that
+reproduce for a seed, an off switch, and the stage's output on the pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO
+
+from retrain.crossval import cross_validate_head, fold_indices
+
+HEAD = {"dropout": 0.2, "learning_rate": 0.05, "epochs": 3, "batch_size": 16,
+        "class_weights": False, "early_stopping_patience": 0}
+
+
+def separable_features(rows: int = 60, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(rows) % classes
+    features = rng.normal(size=(rows, 8)).astype("float32")
+    features[np.arange(rows), labels] += 4  # a learnable signal, not a perfect one
+    return features, labels
+
+
+def test_folds_cover_every_row_once_per_repeat_and_keep_copies_together():
+    labels = np.repeat([0, 1], 10)
+    digests = np.array([f"img{i}" for i in range(20)])
+    digests[1] = digests[0]  # a byte-identical pair within class 0
+    folds = fold_indices(labels, digests, folds=5, repeats=2, seed=0)
+    assert len(folds) == 10
+    for repeat in (folds[:5], folds[5:]):
+        held_out = np.concatenate([val for _, val in repeat])
+        assert sorted(held_out) == list(range(20))
+    for train, val in folds:
+        assert not set(train) & set(val)
+        assert ({0, 1} <= set(val)) or ({0, 1} <= set(train))  # the pair is never split
+        assert sorted(np.bincount(labels[val], minlength=2)) in ([2, 2], [1, 2], [2, 3])
+    assert [v.tolist() for _, v in folds[:5]] != [v.tolist() for _, v in folds[5:]]
+
+
+@pytest.mark.slow
+def test_cross_validation_is_deterministic_for_a_seed():
+    features, labels = separable_features()
+    digests = np.array([f"img{i}" for i in range(len(labels))])
+
+    def run(seed):
+        return cross_validate_head(features, labels, digests, 3, HEAD, folds=2, repeats=1,
+                                   seed=seed)
+
+    first = run(seed=3)
+    assert run(seed=3) == first
+    assert run(seed=4)["per_fold"] != first["per_fold"]
+    assert len(first["per_fold"]["val_accuracy"]) == 2
+    assert first["val_accuracy_mean"] > 0.6  # chance is 1/3
+    assert first["val_accuracy_sd"] == pytest.approx(
+        np.std(first["per_fold"]["val_accuracy"], ddof=1), abs=1e-6)
+
+
+def test_zero_folds_writes_a_file_saying_crossval_is_off(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["crossval"]["folds"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(REPO / "stages", tmp_path / "stages")
+    result = subprocess.run(
+        [sys.executable, "stages/crossval.py", "--features", "absent", "--manifests", "absent",
+         "--metrics", "metrics/crossval.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "crossval: off" in result.stdout
+    written = json.loads((tmp_path / "metrics" / "crossval.json").read_text())
+    assert written == {"enabled": False, "folds": 0, "repeats": params["crossval"]["repeats"],
+                       "seed": params["crossval"]["seed"]}
+
+
+@pytest.mark.slow
+def test_pipeline_cross_validates_train_and_val_only(pipeline_run):
+    params = yaml.safe_load((pipeline_run / "params.yaml").read_text())["crossval"]
+    metrics = json.loads((pipeline_run / "metrics" / "crossval.json").read_text())
+    assert (metrics["folds"], metrics["repeats"]) == (params["folds"], params["repeats"])
+    for name in ("val_accuracy", "macro_f1"):
+        values = metrics["per_fold"][name]
+        assert len(values) == params["folds"] * params["repeats"]
+        assert metrics[f"{name}_mean"] == pytest.approx(np.mean(values), abs=1e-6)
+        assert 0 <= metrics[f"{name}_sd"] <= 1
+    classes = len((pipeline_run / "data" / "manifests" / "classes.txt").read_text().split())
+    assert metrics["val_accuracy_mean"] > 1.5 / classes  # chance is 1 / classes
