@@ -83,9 +83,10 @@ def test_each_seed_and_finetune_change_invalidates_only_its_stages(workspace):
     set_param(workspace, "head.dropout", 0.5)
     assert "crossval" in stages_changed(workspace)
     set_param(workspace, "head.dropout", params["head"]["dropout"])
-    # ... and the split seed re-draws the split (then everything after it runs).
+    # ... and the split seed re-draws the split (then everything after it runs); finetune
+    # reads it too, to rebuild the base extract built.
     set_param(workspace, "split.seed", params["split"]["seed"] + 1)
-    assert stages_changed(workspace) == {"split", "extract"}
+    assert stages_changed(workspace) == {"split", "extract", "finetune"}
     set_param(workspace, "split.seed", params["split"]["seed"])
     assert stages_changed(workspace) == set()
 

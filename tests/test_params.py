@@ -47,7 +47,7 @@ BAD_VALUES = [
     ("split.top_classes", -3, "split.top_classes"),
     ("split.seed", -1, "split.seed: expected"),
     ("split.method", "random", "split.method: expected one of stratified, hash"),
-    ("crossval.folds", 1, "crossval.folds: expected 0 (off) or an integer in [2, 100]"),
+    ("crossval.folds", 1, "crossval.folds: expected 0 (off) or an integer in .2, 100.,"),
     ("crossval.repeats", -1, "crossval.repeats"),
     ("model.backbone", "resnet51", "model.backbone: expected one of"),
     ("model.image_size", 16, "model.image_size"),
