@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from retrain.errors import DataError
+from retrain.errors import DataError, ParamsError
 from retrain.manifests import (
     assign_splits,
     build_manifests,
@@ -300,7 +300,7 @@ def test_every_class_gets_an_image_in_every_split(lopsided_tree, method, val_fra
 def test_impossible_fractions_name_the_params_and_values(val_fraction, test_fraction, message):
     rows = [{"sha256": f"{label}-{i}", "label": label} for label in "abcdefghij"
             for i in range(6)]
-    with pytest.raises(DataError, match=message) as error:
+    with pytest.raises(ParamsError, match=message) as error:
         assign_splits(rows, val_fraction, test_fraction, seed=42)
     assert "train_size" not in str(error.value) and "test_size" not in str(error.value)
 
@@ -336,3 +336,30 @@ def test_hash_split_is_seeded_and_keeps_identical_files_together(class_tree):
     assert a != b
     original = first.relative_to(class_tree).as_posix()
     assert a[original] == a[f"{root.name}/class_000/copy.jpg"]
+
+
+def run_split_stage(workspace, raw, **split):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["split"].update(split)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", raw, "--out",
+                           "manifests", "--metrics", "data.json"], cwd=workspace,
+                          capture_output=True, text=True, env={**os.environ,
+                                                              "PYTHONPATH": str(REPO / "src")})
+
+
+def test_split_stage_stops_on_impossible_fractions_with_one_line(class_tree, tmp_path):
+    result = run_split_stage(tmp_path, class_tree, val_fraction=0.05)
+    assert result.returncode == 2  # a params error
+    assert result.stderr.strip().splitlines() == [
+        "error: split.val_fraction=0.05 and split.test_fraction=0.1 give val 2 of 36 distinct "
+        "images, fewer than the 3 classes (each split needs one image per class): raise "
+        "split.val_fraction"]
+    assert not (tmp_path / "manifests").exists() and not (tmp_path / "data.json").exists()
+
+
+def test_split_stage_notes_each_image_it_moves(lopsided_tree, tmp_path):
+    result = run_split_stage(tmp_path, lopsided_tree)
+    assert result.returncode == 0, result.stderr
+    assert "split: note: class 'class_002' (3 images) drew 0 for test: moved one image there " \
+           "from train" in result.stderr

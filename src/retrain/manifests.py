@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 
 from retrain.archive import UNLABELED
 from retrain.atomic import atomic_path
-from retrain.errors import DataError, first_line
+from retrain.errors import DataError, ParamsError, first_line
 from retrain.images import image_name_problem, is_image_name, read_rgb
 
 SPLITS = ("train", "val", "test")
@@ -227,7 +227,8 @@ def check_split_sizes(images: int, classes: int, val_fraction: float,
     advice = {"train": "lower split.val_fraction or split.test_fraction",
               "val": "raise split.val_fraction", "test": "raise split.test_fraction"}
     name = small[0]
-    raise DataError(f"split.val_fraction={val_fraction} and split.test_fraction="
+    # A params error (exit 2): the fix is in params.yaml, whatever the data.
+    raise ParamsError(f"split.val_fraction={val_fraction} and split.test_fraction="
                     f"{test_fraction} give {name} {sizes[name]} of {images} distinct images, "
                     f"fewer than the {classes} classes (each split needs one image per "
                     f"class): {advice[name]}")
