@@ -42,6 +42,7 @@ def main() -> None:
     )
     from retrain.images import cached_image_array
     from retrain.reproducibility import make_deterministic
+    from retrain.serving import export_serving
     from retrain.training import (
         CurveLogger,
         TrainingThroughput,
@@ -88,7 +89,7 @@ def main() -> None:
     with atomic_path(args.model) as tmp:
         model.save(tmp)
     with atomic_path(args.serving, directory=True) as tmp:
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        export_serving(model, tmp)  # pixel and encoded-image signatures
     summary = {**history_summary(history), "params": count_params(model),
                "from_layer": tune["from_layer"],
                "from_layer_name": model.get_layer("backbone").layers[tune["from_layer"]].name,

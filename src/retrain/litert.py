@@ -14,6 +14,10 @@ fast (~2 s for MobileNetV2); Keras' own route (keras-team/keras#19108, and
 (~9 s). The first is tried first, the second if it fails, and whichever is used is checked
 against Keras on a probe batch before it is cached: a wrong conversion (we saw NaNs when
 `from_concrete_functions` is given the model as `trackable_obj`) never reaches the cache.
+
+The `export` stage converts the fine-tuned classifier through the same recipes, also with
+float16 weights or full-integer (int8) quantisation, and runs the result with
+`LiteRTClassifier`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import keras
@@ -41,6 +46,9 @@ PROBE_TOLERANCE = 1e-4
 # EPYC, MobileNetV2/224 extraction costs ~10 CPU-ms per image in sub-batches of 1 to 8,
 # ~13 ms in one call of 32.
 CHUNK_SIZE = 8
+# What `convert` can make: float32 as is, float16 weights, or every op in int8 (uint8 pixels
+# in, float32 probabilities out) calibrated on representative images.
+QUANTIZATIONS = ("float32", "float16", "int8")
 
 
 def litert_available() -> bool:
@@ -106,7 +114,10 @@ def converted_model(extractor: keras.Model, model_params: dict) -> Path:
     name = f"{model_params.get('backbone', extractor.name)}-{size}px-{key[:32]}.tflite"
     dest = user_cache_dir("litert") / name
     if not dest.is_file():
-        flatbuffer = convert(extractor)
+        try:
+            flatbuffer = convert(extractor)
+        except ConversionError as exc:
+            raise ConversionError(f"{exc}; set extract.engine: keras") from None
         with atomic_path(dest) as tmp:
             tmp.write_bytes(flatbuffer)
     return dest
@@ -140,18 +151,31 @@ def _layer_names(model: keras.Model) -> list[str]:
     return list(dict.fromkeys(names))  # unique, in order of appearance
 
 
-def convert(extractor: keras.Model) -> bytes:
-    """Float32 TFLite flatbuffer of `extractor`, verified against Keras on a probe batch."""
+def convert(model: keras.Model, quantization: str = "float32",
+            representative: np.ndarray | None = None) -> bytes:
+    """TFLite flatbuffer of `model` (raw pixels in), checked against Keras on a probe batch.
+
+    float32 must match Keras within PROBE_TOLERANCE; quantised models only need finite
+    outputs of the right shape here (their parity is measured on real images by `export`).
+    `representative`: uint8 pixel batch (N, S, S, 3) that calibrates int8 ranges.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "int8" and (representative is None or not len(representative)):
+        raise ValueError("int8 quantisation needs representative images")
+    options = {} if quantization == "float32" else {"quantization": quantization,
+                                                     "representative": representative}
     failures = []
     for recipe in (_convert_concrete_function, _convert_saved_model):
         try:
-            flatbuffer = recipe(extractor)
-            _check_against_keras(flatbuffer, extractor)
+            flatbuffer = recipe(model, **options)
+            _check_against_keras(flatbuffer, model,
+                                 PROBE_TOLERANCE if quantization == "float32" else None)
             return flatbuffer
         except Exception as exc:  # noqa: BLE001 - try the next recipe, report all
             failures.append(f"{recipe.__name__}: {first_line(exc, 300)}")
-    raise ConversionError(f"cannot convert {extractor.name} to LiteRT ("
-                          + "; ".join(failures) + "); set extract.engine: keras")
+    raise ConversionError(f"cannot convert {model.name} to LiteRT {quantization} ("
+                          + "; ".join(failures) + ")")
 
 
 def _signature(extractor: keras.Model):
@@ -161,16 +185,41 @@ def _signature(extractor: keras.Model):
     return [tf.TensorSpec(shape, tf.float32, name="pixels")]
 
 
-def _builtins_only(converter):
+def _finish(converter, quantization: str = "float32",
+            representative: np.ndarray | None = None) -> bytes:
     import tensorflow as tf
 
     # Builtin ops only: the flatbuffer must run on the plain LiteRT interpreter (no Flex).
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.optimizations = []  # float32, no quantisation
+    if quantization == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.representative_dataset = lambda: (
+            [image[None]] for image in _calibration_images(representative))
+        # Pixels are uint8 anyway; probabilities stay float32 for every caller.
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.float32
     return converter.convert()
 
 
-def _convert_concrete_function(extractor: keras.Model) -> bytes:
+def _calibration_images(representative: np.ndarray) -> np.ndarray:
+    """The representative images as float32, the first with one black and one white pixel.
+
+    The calibrated input range becomes exactly [0, 255], so the uint8 input has scale 1 and
+    zero point 0: a caller hands over the image's own bytes. (Calibrated on photos that
+    happen to span 3..250, every pixel would need rescaling first.) Two pixels move the
+    ranges of later layers by nothing measurable.
+    """
+    images = np.array(representative, dtype=np.float32)
+    images[0].reshape(-1, images.shape[-1])[:2] = [[0.0], [255.0]]
+    return images
+
+
+def _convert_concrete_function(extractor: keras.Model, **quantization) -> bytes:
     import tensorflow as tf
 
     function = tf.function(lambda pixels: extractor(pixels, training=False),
@@ -186,10 +235,10 @@ def _convert_concrete_function(extractor: keras.Model) -> bytes:
             [function.get_concrete_function()])
     finally:
         absl_logger.setLevel(level)
-    return _builtins_only(converter)
+    return _finish(converter, **quantization)
 
 
-def _convert_saved_model(extractor: keras.Model) -> bytes:
+def _convert_saved_model(extractor: keras.Model, **quantization) -> bytes:
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix="retrain-litert-") as saved_model:
@@ -199,27 +248,92 @@ def _convert_saved_model(extractor: keras.Model) -> bytes:
                              input_signature=_signature(extractor))
         archive.write_out(saved_model, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-        return _builtins_only(converter)
+        return _finish(converter, **quantization)
 
 
-def _check_against_keras(flatbuffer: bytes, extractor: keras.Model) -> None:
-    from ai_edge_litert.interpreter import Interpreter
-
+def _check_against_keras(flatbuffer: bytes, extractor: keras.Model,
+                         tolerance: float | None = PROBE_TOLERANCE) -> None:
+    """Raise ConversionError unless the flatbuffer reproduces Keras on a probe batch
+    (within `tolerance` of the largest output; None: shape and finiteness only)."""
     shape = tuple(int(d) for d in extractor.input.shape[1:])
     probe = np.random.default_rng(0).integers(0, 256, size=(2, *shape)).astype(np.float32)
     expected = keras.ops.convert_to_numpy(extractor(probe.copy(), training=False))
-    interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(index, probe.shape, strict=True)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(index, probe)
-    interpreter.invoke()
-    actual = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    actual = LiteRTClassifier(flatbuffer, num_threads=1)(probe)
     if actual.shape != expected.shape:
         raise ConversionError(f"output shape {actual.shape}, Keras gives {expected.shape}")
+    if not np.all(np.isfinite(actual)):
+        raise ConversionError("non-finite outputs on a probe batch")
+    if tolerance is None:
+        return
     error = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
     # Relative to the largest feature: randomly initialised networks give features ~1e-10,
     # where any absolute tolerance would accept a wrong graph.
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    if not np.isfinite(error) or error > PROBE_TOLERANCE * (scale or 1.0):
+    if error > tolerance * (scale or 1.0):
         raise ConversionError(f"features differ from Keras by {error:.3g} on a probe batch")
+
+
+class LiteRTClassifier:
+    """A .tflite model (a path or the flatbuffer's bytes) called on raw [0, 255] pixels.
+
+    Quantised inputs and outputs are converted with the scale and zero point the
+    flatbuffer records, so float32, float16 and int8 exports are called the same way:
+    (N, S, S, 3) pixels in, float32 (N, outputs) out.
+    """
+
+    def __init__(self, model: str | Path | bytes, num_threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        source = {"model_content": model} if isinstance(model, bytes) \
+            else {"model_path": str(model)}
+        self._interpreter = Interpreter(**source, num_threads=num_threads or os.cpu_count())
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        self.input_shape = tuple(int(d) for d in self._input["shape"][1:])
+        self.input_dtype = np.dtype(self._input["dtype"])
+        self.input_quantization = tuple(self._input["quantization"])  # (scale, zero point)
+        self.outputs = int(self._output["shape"][-1])
+        self._batch_size = None
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if tuple(pixels.shape[1:]) != self.input_shape:
+            shape = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"expects batches of shape (N, {shape}), got {pixels.shape}")
+        self._set_input(pixels)
+        self._interpreter.invoke()
+        return self._read_output()
+
+    def latency_ms(self, pixels: np.ndarray, runs: int) -> float:
+        """Median wall time of `runs` calls on one image (its input set once, after a warm-up
+        call), in milliseconds."""
+        self._set_input(pixels[:1])
+        self._interpreter.invoke()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self._interpreter.invoke()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times) * 1000)
+
+    def _set_input(self, pixels: np.ndarray) -> None:
+        if len(pixels) != self._batch_size:
+            self._interpreter.resize_tensor_input(self._input["index"], pixels.shape,
+                                                  strict=True)
+            self._interpreter.allocate_tensors()
+            self._batch_size = len(pixels)
+        self._interpreter.set_tensor(self._input["index"], self._quantized(pixels))
+
+    def _quantized(self, pixels: np.ndarray) -> np.ndarray:
+        if not np.issubdtype(self.input_dtype, np.integer):
+            return np.ascontiguousarray(pixels, dtype=self.input_dtype)
+        scale, zero_point = self.input_quantization
+        info = np.iinfo(self.input_dtype)
+        values = np.round(np.asarray(pixels, np.float32) / (scale or 1.0) + zero_point)
+        return np.clip(values, info.min, info.max).astype(self.input_dtype)
+
+    def _read_output(self) -> np.ndarray:
+        output = self._interpreter.get_tensor(self._output["index"])
+        if np.issubdtype(output.dtype, np.integer):
+            scale, zero_point = self._output["quantization"]
+            return ((output.astype(np.float32) - zero_point) * scale).astype(np.float32)
+        return output.astype(np.float32, copy=False)

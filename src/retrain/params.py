@@ -65,6 +65,17 @@ def _imagenet_indices() -> Field:
     return Field(list, check, "a list of ImageNet class indices in [0, 999]")
 
 
+def _export_formats() -> Field:
+    formats = ("float32", "float16", "int8")  # retrain.litert.QUANTIZATIONS
+
+    def check(value):
+        return bool(value) and len(set(value)) == len(value) and all(
+            isinstance(name, str) and name in formats for name in value)
+
+    return Field(list, check, "a non-empty list of distinct formats out of "
+                 + ", ".join(formats))
+
+
 def _gates() -> Field:
     def is_number(value):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -155,6 +166,10 @@ SCHEMA: dict[str, Any] = {
         "cam_method": _choice("cam", "gradcam"),
         "cam_samples": _number(1, 64, integer=True),
         "confusion_clip": _number(0, INF),
+    },
+    "export": {
+        "formats": _export_formats(),
+        "representative_images": _number(1, 100000, integer=True),
     },
     "prefilter": {
         "enabled": Field(bool, expect="true or false"),

@@ -1,0 +1,270 @@
+"""LiteRT exports, the image-bytes serving signature, the model card and predict on every format.
+
+A tiny convolutional classifier trained for a few seconds on generated images stands in for
+the fine-tuned model: the conversion, the serving graph and the card do not depend on the
+backbone, and unlike a randomly initialised MobileNetV2 it gives distinct, confident
+probabilities whose top-1 can disagree after quantisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from retrain import litert
+
+pytestmark = pytest.mark.skipif(not litert.litert_available(),
+                                reason="ai-edge-litert is not installed")
+
+SIZE = 32
+CLASSES = ["class_000", "class_001", "class_002"]
+
+
+def image_files(class_tree: Path) -> tuple[list[Path], np.ndarray]:
+    files = sorted(class_tree.rglob("*.jpg"))
+    labels = np.array([CLASSES.index(path.parent.name) for path in files])
+    return files, labels
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model, image files, labels): a small CNN fitted to 3 x 12 generated 32 px JPEGs."""
+    import tarfile
+
+    import keras
+
+    from retrain.base import Preprocess
+    from retrain.images import load_image
+    from retrain.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("export")
+    tarball = write_dataset(root / "set.tgz", classes=3, per_class=12, size=40, seed=1)
+    with tarfile.open(tarball) as tar:
+        tar.extractall(root / "raw", filter="data")
+    files, labels = image_files(root / "raw")
+    pixels = np.stack([load_image(path, SIZE) for path in files]).astype(np.float32)
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3), name="pixels")
+    x = Preprocess("mobilenet_v2", name="preprocess")(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="classifier")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(pixels, labels, epochs=30, batch_size=12, verbose=0)
+    return model, files, labels
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """Every format of the trained model, and the Keras probabilities on its images."""
+    from retrain.evaluate import predict_images
+    from retrain.export import FILES, export_formats
+    from retrain.images import load_image
+
+    model, files, labels = trained
+    images = np.stack([load_image(path, SIZE) for path in files])
+    out_dir = tmp_path_factory.mktemp("tflite")
+    paths = export_formats(model, list(FILES), images[::3], out_dir)
+    return paths, images, predict_images(model, images)
+
+
+@pytest.mark.slow
+def test_each_format_converts_loads_and_agrees_with_keras(trained, exported):
+    from retrain.export import FILES, measure
+
+    _, _, labels = trained
+    paths, images, keras_probabilities = exported
+    assert {name: path.name for name, path in paths.items()} == FILES
+    assert keras_probabilities.max(axis=1).mean() > 0.8  # confident: top-1 can be tested
+    results = {name: measure(path, images, labels, CLASSES, keras_probabilities,
+                             latency_runs=5)
+               for name, path in paths.items()}
+    for name, entry in results.items():
+        assert set(entry) == {"accuracy", "macro_f1", "agreement", "max_prob_diff",
+                              "size_bytes", "latency_ms"}, name
+        assert entry["size_bytes"] == paths[name].stat().st_size
+        assert entry["latency_ms"] > 0
+    assert results["float32"]["agreement"] == 1.0
+    assert results["float32"]["max_prob_diff"] < 1e-5
+    assert results["float16"]["agreement"] == 1.0
+    assert results["float16"]["max_prob_diff"] < 0.01
+    assert results["int8"]["agreement"] >= 0.9
+    assert results["int8"]["max_prob_diff"] < 0.2
+    keras_accuracy = float(np.mean(keras_probabilities.argmax(axis=1) == labels))
+    assert results["float32"]["accuracy"] == pytest.approx(keras_accuracy)
+    sizes = [results[name]["size_bytes"] for name in ("float32", "float16", "int8")]
+    assert sizes == sorted(sizes, reverse=True)
+    # int8 takes the uint8 pixels as they are: calibrated on [0, 255], scale 1, zero point 0
+    int8 = litert.LiteRTClassifier(paths["int8"])
+    assert int8.input_dtype == np.uint8 and int8.input_quantization == pytest.approx((1.0, 0))
+
+
+def test_representative_rows_are_seeded_training_rows():
+    from retrain.export import representative_rows
+
+    train = pd.DataFrame({"path": [f"c/{i}.jpg" for i in range(50)]})
+    first = representative_rows(train, 10, seed=1)
+    assert first["path"].tolist() == representative_rows(train, 10, seed=1)["path"].tolist()
+    assert first["path"].tolist() != representative_rows(train, 10, seed=2)["path"].tolist()
+    assert first.index.is_monotonic_increasing and len(set(first["path"])) == 10
+    assert len(representative_rows(train, 500, seed=1)) == 50
+
+
+# --- the image-bytes signature ---------------------------------------------------------------
+
+
+def test_decoded_bytes_give_the_training_pixels(tmp_path):
+    """JPEG (shrunk and enlarged), grayscale and transparent PNG: within one pixel level of
+    `load_image`, the loader training used."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from retrain.images import load_image
+    from retrain.serving import decode_image_bytes
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    rgba = np.dstack([smooth, rng.integers(0, 256, smooth.shape[:2])]).astype(np.uint8)
+    samples = {"photo.jpg": Image.fromarray(smooth), "small.jpg": Image.fromarray(smooth[:20, :24]),
+               "gray.png": Image.fromarray(smooth[..., 0]), "alpha.png": Image.fromarray(rgba)}
+    for name, image in samples.items():
+        image.save(tmp_path / name, quality=90) if name.endswith(".jpg") \
+            else image.save(tmp_path / name)
+        decoded = decode_image_bytes(tf.constant((tmp_path / name).read_bytes()), 48).numpy()
+        expected = load_image(tmp_path / name, 48)
+        difference = np.abs(decoded.astype(int) - expected.astype(int))
+        assert decoded.dtype == np.uint8 and decoded.shape == (48, 48, 3), name
+        assert difference.max() <= 1 and difference.mean() < 0.5, (name, difference.max())
+
+
+@pytest.mark.slow
+def test_bytes_signature_gives_the_same_top1_as_evaluate(trained, tmp_path):
+    import tensorflow as tf
+
+    from retrain.evaluate import predict_images
+    from retrain.images import load_image
+    from retrain.serving import BYTES_SIGNATURE, export_serving
+
+    model, files, _ = trained
+    export_serving(model, tmp_path / "serving")
+    loaded = tf.saved_model.load(str(tmp_path / "serving"))
+    assert {"serving_default", "serve", BYTES_SIGNATURE} <= set(loaded.signatures)
+    served = loaded.signatures[BYTES_SIGNATURE](
+        image_bytes=tf.constant([path.read_bytes() for path in files]))
+    served = next(iter(served.values())).numpy()
+    images = np.stack([load_image(path, SIZE) for path in files])  # 40 px files, resized
+    expected = predict_images(model, images)  # what `evaluate` computes
+    np.testing.assert_array_equal(served.argmax(axis=1), expected.argmax(axis=1))
+    assert np.abs(served - expected).max() < 0.05
+    pixels = loaded.signatures["serving_default"](pixels=tf.constant(images, tf.float32))
+    np.testing.assert_allclose(next(iter(pixels.values())).numpy(), expected, atol=1e-5)
+
+
+# --- model card and predict ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped(trained, exported, tmp_path_factory):
+    """models/: model.keras, tflite/*.tflite and the card, as the pipeline lays them out."""
+    from retrain.atomic import write_json
+    from retrain.card import build_card, card_markdown
+
+    model, _, _ = trained
+    paths, _, _ = exported
+    models = tmp_path_factory.mktemp("models")
+    model.save(models / "model.keras")
+    (models / "tflite").mkdir()
+    for path in paths.values():
+        (models / "tflite" / path.name).write_bytes(path.read_bytes())
+    files = {"model.keras": models / "model.keras",
+             **{f"tflite/{p.name}": models / "tflite" / p.name for p in paths.values()}}
+    card = build_card(
+        classes=CLASSES,
+        model_params={"backbone": "mobilenet_v2", "weights": "/somewhere/w.h5", "alpha": 0.35,
+                      "image_size": SIZE},
+        data_sha256="ab" * 32, split_sizes={"train": 20, "val": 8, "test": 8},
+        evaluate={"finetuned": {"test_accuracy": 0.9, "macro_f1": 0.88, "per_class": {},
+                                "test_accuracy_ci95": [0.8, 0.97]}},
+        export={"int8": {"accuracy": 0.9, "agreement": 1.0, "size_bytes": 1000,
+                         "latency_ms": 0.1, "macro_f1": 0.8, "max_prob_diff": 0.01}},
+        files=files)
+    write_json(models / "model_card.json", card)
+    (models / "model_card.md").write_text(card_markdown(card))
+    return models
+
+
+def test_card_holds_the_contract_metrics_and_digests(shipped):
+    from retrain.card import file_sha256
+
+    card = json.loads((shipped / "model_card.json").read_text())
+    assert card["classes"] == CLASSES
+    assert card["input"]["shape"] == [SIZE, SIZE, 3] and card["input"]["value_range"] == [0, 255]
+    assert "bilinear with antialiasing" in card["input"]["resize"]
+    assert card["model"]["weights"] == "w.h5"  # the file's name, not the machine's path
+    assert card["test_metrics"] == {"test_accuracy": 0.9, "macro_f1": 0.88,
+                                    "test_accuracy_ci95": [0.8, 0.97]}
+    assert card["files"]["tflite/model_int8.tflite"] == file_sha256(
+        shipped / "tflite" / "model_int8.tflite")
+    markdown = (shipped / "model_card.md").read_text()
+    assert "0. class_000" in markdown and "| int8 | 0.9 |" in markdown
+    assert "test_accuracy_ci95: [0.8, 0.97]" in markdown
+
+
+def predict_json(args: list[str], capsys) -> list[dict]:
+    from retrain.predict import main
+
+    assert main([*args, "--json", "--top-k", "3"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tflite", ["model.tflite", "model_fp16.tflite", "model_int8.tflite"])
+def test_predict_on_tflite_prints_the_keras_top1(trained, shipped, tflite, capsys):
+    _, files, _ = trained
+    images = [str(path) for path in files[::4]]
+    # No --classes and no classes.txt here: the names come from the card.
+    keras_lines = predict_json([*images, "--model", str(shipped / "model.keras")], capsys)
+    lite_lines = predict_json([*images, "--model", str(shipped / "tflite" / tflite)], capsys)
+    assert [line["path"] for line in lite_lines] == images
+    for keras_line, lite_line in zip(keras_lines, lite_lines):
+        assert lite_line["top"][0]["class"] == keras_line["top"][0]["class"]
+        if tflite == "model.tflite":
+            for ours, theirs in zip(lite_line["top"], keras_line["top"]):
+                assert ours["class"] == theirs["class"]
+                assert ours["probability"] == pytest.approx(theirs["probability"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_refuses_a_class_list_that_does_not_match_the_card(trained, shipped, tmp_path):
+    from retrain.errors import UserError
+    from retrain.predict import main
+
+    _, files, _ = trained
+    renamed = tmp_path / "classes.txt"
+    renamed.write_text("class_000\nclass_002\nclass_001\n")  # same count, other order
+    with pytest.raises(UserError, match=r"class names do not match .*model_card.json, which "
+                                        r"ships with model_int8.tflite: output 1 is "
+                                        r"'class_001' in the card, 'class_002' here"):
+        main([str(files[0]), "--model", str(shipped / "tflite" / "model_int8.tflite"),
+              "--classes", str(renamed)])
+    renamed.write_text("\n".join(CLASSES) + "\n")
+    assert main([str(files[0]), "--model", str(shipped / "tflite" / "model_int8.tflite"),
+                 "--classes", str(renamed)]) == 0
+
+
+def test_a_card_that_describes_other_files_is_not_used(shipped, tmp_path):
+    from retrain.card import card_for
+
+    assert card_for(shipped / "tflite" / "model.tflite")[1] == shipped / "model_card.json"
+    other = tmp_path / "model.tflite"
+    other.write_bytes(b"not the exported file")
+    (tmp_path / "model_card.json").write_text((shipped / "model_card.json").read_text())
+    assert card_for(other) is None

@@ -1,0 +1,107 @@
+"""The `export` and `card` stages in the small-profile pipeline: metrics DVC shows and a gate
+can check, a card that matches the workspace, the serving signatures against `evaluate`, and
+an `export.*` change that re-runs nothing before it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import dvc, set_param, stages_run
+
+from retrain.card import file_sha256
+
+pytestmark = pytest.mark.slow
+
+EXPORT_KEYS = {"accuracy", "macro_f1", "agreement", "max_prob_diff", "size_bytes", "latency_ms"}
+
+
+def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
+    ws = pipeline_run
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    export = json.loads((ws / "metrics" / "export.json").read_text())
+    assert list(export) == params["export"]["formats"]
+    for name, entry in export.items():
+        assert set(entry) == EXPORT_KEYS, name
+        assert 0 <= entry["agreement"] <= 1 and 0 <= entry["accuracy"] <= 1
+    shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
+    assert "metrics/export.json" in json.dumps(shown)  # DVC knows it as a metrics file
+
+    card = json.loads((ws / "models" / "model_card.json").read_text())
+    assert card["classes"] == (ws / "data" / "manifests" / "classes.txt").read_text().split()
+    assert card["dataset"]["sha256"] == params["data"]["sha256"]
+    sizes = {s: len(pd.read_csv(ws / "data" / "manifests" / f"{s}.csv")) for s in
+             ("train", "val", "test")}
+    assert card["dataset"]["split_sizes"] == sizes
+    evaluate = json.loads((ws / "metrics" / "evaluate.json").read_text())["finetuned"]
+    assert card["test_metrics"]["test_accuracy"] == evaluate["test_accuracy"]
+    assert card["formats"] == export
+    for name, digest in card["files"].items():
+        assert file_sha256(ws / "models" / name) == digest, name
+    assert (ws / "models" / "model_card.md").read_text().startswith("# Model card")
+
+
+def test_predict_takes_the_class_names_from_the_card(pipeline_run):
+    ws = pipeline_run
+    test = pd.read_csv(ws / "data" / "manifests" / "test.csv")
+    predictions = pd.read_csv(ws / "reports" / "predictions.csv")
+    image = ws / "data" / "raw" / test["path"][0]
+    tflite = ws / "models" / "tflite" / "model_int8.tflite"
+    # Run from another folder: no data/manifests/classes.txt to fall back on.
+    result = subprocess.run([sys.executable, "-m", "retrain", "predict", str(image), "--json",
+                             "--model", str(tflite)], capture_output=True, text=True,
+                            cwd=ws.parent)
+    assert result.returncode == 0, result.stderr
+    top = json.loads(result.stdout)["top"]
+    classes = (ws / "data" / "manifests" / "classes.txt").read_text().split()
+    assert top[0]["class"] in classes
+    assert predictions["path"][0] == test["path"][0]
+
+
+def test_bytes_signature_gives_the_top1_of_evaluate(pipeline_run):
+    """TF Serving's view: JPEG bytes through tf.saved_model.load, against evaluate's CSV."""
+    import tensorflow as tf
+
+    from retrain.serving import BYTES_SIGNATURE
+
+    ws = pipeline_run
+    predictions = pd.read_csv(ws / "reports" / "predictions.csv")
+    loaded = tf.saved_model.load(str(ws / "models" / "serving"))
+    encoded = tf.constant([(ws / "data" / "raw" / p).read_bytes() for p in predictions["path"]])
+    outputs = loaded.signatures[BYTES_SIGNATURE](image_bytes=encoded)
+    probabilities = next(iter(outputs.values())).numpy()
+    classes = [column.removeprefix("prob_") for column in predictions.filter(like="prob_")]
+    served = [classes[i] for i in probabilities.argmax(axis=1)]
+    assert served == predictions["predicted"].tolist()
+    expected = predictions.filter(like="prob_").to_numpy()
+    assert np.abs(probabilities - expected).max() < 1e-3
+
+
+def test_export_param_change_reruns_only_export_and_card_and_gates(workspace):
+    gates = [{"metric": "int8.agreement", "direction": "higher", "tolerance": 0.05}]
+    set_param(workspace, "report.gates", gates)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit",
+                    "-qam", "gate int8.agreement"], cwd=workspace, check=True)
+    before = json.loads((workspace / "metrics" / "export.json").read_text())
+    count = yaml.safe_load((workspace / "params.yaml").read_text())["export"][
+        "representative_images"]
+    set_param(workspace, "export.representative_images", count + 4)
+
+    result = dvc(workspace, "repro")
+
+    assert stages_run(result.stdout) == ["export", "card"], result.stdout
+    after = json.loads((workspace / "metrics" / "export.json").read_text())
+    assert after["int8"]["size_bytes"] > 0 and set(after) == set(before)
+    report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
+                            cwd=workspace, capture_output=True, text=True)
+    assert report.returncode in (0, 1), report.stderr
+    gate_rows = [line for line in report.stdout.splitlines()
+                 if line.startswith("| `int8.agreement` | `metrics/export.json`")]
+    assert len(gate_rows) == 1, report.stdout
+    worse = before["int8"]["agreement"] - after["int8"]["agreement"]
+    assert (report.returncode == 1) == (worse > 0.05 + 1e-9)
