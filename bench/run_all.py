@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_export
 import bench_extraction
 import bench_memory
 import bench_pipeline
@@ -23,7 +24,7 @@ from common import PYTHON, bench_env, load_average, machine, parse_args, verdict
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [("extraction", bench_extraction), ("memory", bench_memory),
-              ("pipeline", bench_pipeline)]
+              ("pipeline", bench_pipeline), ("export", bench_export)]
 
 READING = """\
 ## Reading these numbers
