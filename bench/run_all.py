@@ -18,13 +18,15 @@ from pathlib import Path
 
 import bench_export
 import bench_extraction
+import bench_finetune
 import bench_memory
 import bench_pipeline
 from common import PYTHON, bench_env, load_average, machine, parse_args, verdict
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [("extraction", bench_extraction), ("memory", bench_memory),
-              ("pipeline", bench_pipeline), ("export", bench_export)]
+              ("pipeline", bench_pipeline), ("export", bench_export),
+              ("finetune", bench_finetune)]
 
 READING = """\
 ## Reading these numbers
@@ -101,6 +103,7 @@ def goals_table(results: dict) -> str:
              f"{max(r['peak_rss_bytes'] for r in mem['runs']) / 2**20:.0f} MiB")
             if mem else "-", "<= 1.2x and < 2 GiB", mem and mem["goal"]),
     ]
+    rows += [row(*goal) for goal in bench_finetune.goals(results.get("finetune") or {})]
     return "\n".join(["| goal | result | target | |", "|---|---|---|---|", *rows]) + "\n"
 
 

@@ -30,17 +30,19 @@ def main() -> None:
     from dvclive import Live
 
     from retrain.accelerators import float32_copy, select_accelerator
+    from retrain.augment import Augmentation
     from retrain.base import build_base
     from retrain.cache import user_cache_dir
     from retrain.finetune import (
+        Recipe,
+        Split,
         assemble_model,
-        augmenter,
         count_params,
         fine_tune,
-        image_dataset,
+        lower_part_engine,
         unfreeze_from,
     )
-    from retrain.images import cached_image_array
+    from retrain.images import cached_image_array, image_rows
     from retrain.reproducibility import make_deterministic
     from retrain.serving import export_serving
     from retrain.training import (
@@ -53,12 +55,20 @@ def main() -> None:
     make_deterministic(params["seed"])
     accelerator = select_accelerator(params["accelerator"])
     head = keras.models.load_model(args.head)
-    size, seed = model_params["image_size"], params["seed"]
-    labels = splits["train"]["label_index"].to_numpy()
-    weights = balanced_class_weights(labels, head.output.shape[-1]) \
+    data = {}
+    for split, frame in splits.items():
+        images = cached_image_array([Path(args.raw) / p for p in frame["path"]],
+                                    frame["sha256"], model_params["image_size"],
+                                    user_cache_dir("images"))
+        data[split] = Split(image_rows(images), frame["label_index"].to_numpy("int64"))
+    weights = balanced_class_weights(data["train"].labels, head.output.shape[-1]) \
         if params["head"]["class_weights"] else None
+    recipe = Recipe(learning_rate=params["head"]["learning_rate"] * tune["lr_factor"],
+                    epochs=tune["epochs"], batch_size=tune["batch_size"], seed=params["seed"],
+                    augmentation=Augmentation.from_params(tune["augment"]),
+                    class_weight=weights)
     head_epochs = json.loads(Path(args.head_metrics).read_text())["epochs_run"]
-    timer = TrainingThroughput(len(labels))
+    timer = TrainingThroughput(len(data["train"].labels))
 
     # Built, compiled and fitted in the accelerator's scope: variables on every replica,
     # layers in its precision. finetune.batch_size is the global batch.
@@ -69,35 +79,29 @@ def main() -> None:
         make_deterministic(params["seed"])
         model = assemble_model(base, head)
         unfreeze_from(model, tune["from_layer"], tune["train_batchnorm"])
-        datasets = {}
-        for split, frame in splits.items():
-            images = cached_image_array([Path(args.raw) / p for p in frame["path"]],
-                                        frame["sha256"], size, user_cache_dir("images"))
-            datasets[split] = image_dataset(
-                images, frame["label_index"].to_numpy("int64"), tune["batch_size"], seed=seed,
-                shuffle=split == "train",
-                augment=augmenter(tune["augment"], seed) if split == "train" else None)
         with atomic_path(args.live, directory=True) as live_dir, \
                 Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
-            history = fine_tune(
-                model, datasets["train"], datasets["val"],
-                learning_rate=params["head"]["learning_rate"] * tune["lr_factor"],
-                epochs=tune["epochs"], class_weight=weights,
-                callbacks=[CurveLogger(live, first_step=head_epochs), timer])
+            outcome = fine_tune(model, data["train"], data["val"], recipe, path=tune["path"],
+                                train_batchnorm=tune["train_batchnorm"],
+                                make_engine=lower_part_engine(model_params),
+                                cache_bytes=tune["cache_mb"] * 2**20,
+                                callbacks=[CurveLogger(live, first_step=head_epochs), timer])
     if accelerator.mixed:
         model = float32_copy(model)  # evaluate, export and predict run it, often on a CPU
     with atomic_path(args.model) as tmp:
         model.save(tmp)
     with atomic_path(args.serving, directory=True) as tmp:
         export_serving(model, tmp)  # pixel and encoded-image signatures
-    summary = {**history_summary(history), "params": count_params(model),
+    summary = {**history_summary(outcome.history), "path": outcome.path, **outcome.details,
+               "params": count_params(model),
                "from_layer": tune["from_layer"],
                "from_layer_name": model.get_layer("backbone").layers[tune["from_layer"]].name,
                **accelerator.summary(), "train_images_per_second": timer.images_per_second()}
     write_json(args.metrics, summary)
     print(f"finetune: val_accuracy {summary.get('val_accuracy', float('nan')):.4f}, "
-          f"{summary['params']['trainable']:,} trainable params, {accelerator.precision} on "
-          f"{accelerator.description} ({accelerator.replicas} replica(s)), "
+          f"{summary['params']['trainable']:,} trainable params, {outcome.path} path, "
+          f"{accelerator.precision} on {accelerator.description} "
+          f"({accelerator.replicas} replica(s)), "
           f"{summary['train_images_per_second']} training images/s")
 
 

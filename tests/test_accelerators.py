@@ -91,7 +91,7 @@ def noisy_shapes(count: int, classes: int, noise: float, seed: int):
 def train_tiny(precision: str, train, test) -> tuple[keras.Model, np.ndarray]:
     from two_replicas import tiny_conv_base
 
-    from retrain.finetune import assemble_model, fine_tune, image_dataset
+    from retrain.finetune import Recipe, Split, assemble_model, fine_tune
     from retrain.head import build_head
     from retrain.reproducibility import make_deterministic
 
@@ -99,8 +99,8 @@ def train_tiny(precision: str, train, test) -> tuple[keras.Model, np.ndarray]:
     with Accelerator((), precision, "CPU").scope():
         base = tiny_conv_base()
         model = assemble_model(base, build_head(base.output.shape[-1], 4, 0.0, seed=0))
-        fine_tune(model, image_dataset(*train, 32, seed=0, shuffle=True), None,
-                  learning_rate=1e-2, epochs=3)
+        fine_tune(model, Split(*train), Split(train[0][:32], train[1][:32]),
+                  Recipe(learning_rate=1e-2, epochs=3, batch_size=32, seed=0), path="full")
         assert type(model.optimizer).__name__ == (
             "LossScaleOptimizer" if precision == MIXED else "Adam")
     return model, np.asarray(model.predict(test[0], verbose=0))

@@ -106,3 +106,17 @@ def test_a_changed_loader_gets_a_new_cache_file(photos, tmp_path, monkeypatch, m
     after = cached_image_array(paths, digests, 32, cache)
     assert len(cache_files(cache)) == 2  # decoded afresh, not the old file reused
     np.testing.assert_array_equal(after, np.stack([load_image(p, 32) for p in paths]))
+
+
+def test_image_rows_read_what_the_memmap_holds(tmp_path):
+    from retrain.images import ImageRows
+
+    array = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.uint8,
+                                      shape=(7, 4, 5, 3))
+    array[...] = np.random.default_rng(0).integers(0, 256, array.shape)
+    array.flush()
+    cached = np.load(tmp_path / "a.npy", mmap_mode="r")
+    rows = ImageRows(cached)
+    assert len(rows) == 7 and rows.shape == cached.shape
+    for indices in (np.array([0, 3, 6]), np.array([5]), slice(2, 5), np.arange(7)):
+        np.testing.assert_array_equal(rows[indices], cached[indices])

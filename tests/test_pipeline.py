@@ -38,6 +38,9 @@ def test_every_stage_wrote_its_outputs(pipeline_run):
     assert (finetune["device"], finetune["precision"], finetune["replicas"]) == (
         "CPU", "float32", 1)
     assert finetune["train_images_per_second"] > 0
+    # ResNet50V2 from its last stage: only the layers above the frozen ones train, on the
+    # frozen part's outputs (LiteRT here).
+    assert finetune["path"] == "cached" and finetune["cut"], finetune
     assert (ws / "models" / "serving" / "saved_model.pb").exists()
     assert not list(ws.rglob(".tmp-*")), "temporary outputs were left behind"
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from retrain.augment import Augmentation
 from retrain.base import build_base
 from retrain.features import KerasEngine, build_extractor, extract_to_file
-from retrain.finetune import assemble_model, augmenter, fine_tune, image_dataset, unfreeze_from
+from retrain.finetune import Recipe, Split, assemble_model, fine_tune, unfreeze_from
 from retrain.head import build_head, compile_classifier, train_head
 from retrain.reproducibility import make_deterministic
 from retrain.training import balanced_class_weights
@@ -48,7 +49,8 @@ def test_head_on_cached_features_equals_full_model_on_images(trained, images):
     np.testing.assert_allclose(from_images, from_features, atol=1e-4)
 
 
-def test_finetuning_touches_only_layers_from_from_layer_up(trained, images, labels):
+@pytest.mark.parametrize("path", ["full", "auto"])
+def test_finetuning_touches_only_layers_from_from_layer_up(trained, images, labels, path):
     base, _, head = trained
     model = assemble_model(base, head)
     backbone = model.get_layer("backbone")
@@ -59,9 +61,11 @@ def test_finetuning_touches_only_layers_from_from_layer_up(trained, images, labe
                  if isinstance(layer, keras.layers.BatchNormalization)]
     assert batchnorm and not any(layer.trainable for layer in batchnorm)
 
-    data = image_dataset(images, labels.astype("int64"), 8, seed=0, shuffle=True,
-                         augment=augmenter({"flip": True, "brightness": 0.1, "contrast": 0.1}, 0))
-    fine_tune(model, data, data, learning_rate=0.01, epochs=2)
+    data = Split(images, labels.astype("int64"))
+    recipe = Recipe(learning_rate=0.01, epochs=2, batch_size=8, seed=0,
+                    augmentation=Augmentation(flip=True, brightness=0.1, contrast=0.1))
+    outcome = fine_tune(model, data, data, recipe, path=path, make_engine=KerasEngine)
+    assert outcome.path == {"full": "full", "auto": "cached"}[path]
 
     after = {w.path: np.array(w) for w in model.weights}
     changed = {path for path in before if not np.array_equal(before[path], after[path])}

@@ -140,6 +140,7 @@ def test_binary_set_end_to_end(binary_run):
 def test_from_scratch_recipe_trains_every_layer_and_batchnorm(binary_run):
     finetune = read_json(binary_run / "metrics" / "finetune.json")
     assert finetune["from_layer"] == 0
+    assert finetune["path"] == "full" and "train_batchnorm" in finetune["reason"]
     # Only BatchNorm moving statistics stay non-trainable when every layer trains.
     weights = batchnorm_weights(binary_run / "models" / "model.keras")
     moving = sum(w.size for w in weights["moving_mean"] + weights["moving_variance"])

@@ -44,7 +44,7 @@ def one_step(accelerator, initial_weights, images, labels) -> tuple[dict, list]:
     gradient), through the stage's own model, data pipeline and accelerator scope."""
     import keras
 
-    from retrain.finetune import assemble_model, image_dataset, unfreeze_from
+    from retrain.finetune import Recipe, Split, assemble_model, full_path_batches, unfreeze_from
     from retrain.head import build_head
 
     with accelerator.scope():
@@ -58,8 +58,10 @@ def one_step(accelerator, initial_weights, images, labels) -> tuple[dict, list]:
         before = [w.numpy() for w in model.trainable_weights]
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0),
                       loss="sparse_categorical_crossentropy")
-        data = image_dataset(images, labels, GLOBAL_BATCH, seed=0, shuffle=False)
-        history = model.fit(data, epochs=1, verbose=0)
+        split = Split(images, labels)
+        data, _, steps = full_path_batches(split, split, Recipe(learning_rate=1.0, epochs=1,
+                                                                batch_size=GLOBAL_BATCH, seed=0))
+        history = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
     after = [w.numpy() for w in model.trainable_weights]
     return {"replicas": accelerator.replicas,
             "replicas_in_sync": model.distribute_strategy.num_replicas_in_sync,

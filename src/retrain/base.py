@@ -10,6 +10,9 @@ import keras
 from retrain.backbones import check_model_params, get_backbone
 from retrain.errors import DownloadError, ParamsError, first_line
 
+# The name of the nested keras.applications network inside every base (and full model).
+BACKBONE = "backbone"
+
 
 def build_base(model: dict, seed: int = 0) -> keras.Model:
     """The convolutional base without its top, taking raw [0, 255] pixels, frozen.
@@ -30,7 +33,7 @@ def build_base(model: dict, seed: int = 0) -> keras.Model:
     weights = model["weights"]
     try:
         network = backbone.constructor(weights="imagenet" if weights == "imagenet" else None,
-                                       name="backbone", **kwargs)
+                                       name=BACKBONE, **kwargs)
     except Exception as exc:  # Keras raises a bare Exception when the download fails
         if weights != "imagenet":
             raise

@@ -20,8 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from retrain.base import BACKBONE
 from retrain.errors import ParamsError
-from retrain.finetune import BACKBONE
 
 METHODS = ("cam", "gradcam")
 

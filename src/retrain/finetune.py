@@ -4,18 +4,41 @@
 
 The dense layer starts from the trained head, so before fine-tuning the full model gives
 the same probabilities on an image as the head on that image's cached features.
+
+Two exact paths train it, on the same augmented views (`retrain.augment`) in the same
+batches:
+
+- `cached` (when layers below `finetune.from_layer` and BatchNorm are frozen): the frozen
+  lower part (`retrain.frozen_part`) runs once per view under the fast inference engine
+  (LiteRT on a CPU, about 2x TensorFlow), and only the upper part trains, on its outputs.
+  Each epoch draws new views, so training views stream from the engine to the optimizer;
+  views that come back (validation images, training images without continuous
+  augmentation) are kept in a temporary file within a budget.
+- `full`: every step runs the whole model on the pixels (`train_batchnorm`, `from_layer` 0,
+  or `finetune.path: full`).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field
+from queue import Full, Queue
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from retrain.errors import ParamsError
+from retrain.augment import Augmentation, epoch_views
+from retrain.base import BACKBONE
+from retrain.cache import user_cache_dir
+from retrain.errors import ParamsError, first_line
+from retrain.frozen_part import FrozenCut, cut_frozen_part
 from retrain.head import CLASSIFIER, compile_classifier
-
-BACKBONE = "backbone"
 
 
 def assemble_model(base: keras.Model, head: keras.Model) -> keras.Model:
@@ -58,45 +81,271 @@ def count_params(model: keras.Model) -> dict:
     return {"total": trainable + frozen, "trainable": trainable, "non_trainable": frozen}
 
 
-def augmenter(augment: dict, seed: int) -> keras.Sequential:
-    """Random flips, brightness and contrast on raw [0, 255] pixels (training batches only)."""
-    layers = []
-    if augment["flip"]:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if augment["brightness"]:
-        layers.append(keras.layers.RandomBrightness(augment["brightness"], value_range=(0, 255),
-                                                    seed=seed + 1))
-    if augment["contrast"]:
-        layers.append(keras.layers.RandomContrast(augment["contrast"], value_range=(0, 255),
-                                                  seed=seed + 2))
-    return keras.Sequential(layers, name="augment")
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 (N, size, size, 3): decoded images (`images.image_rows`)
+    labels: np.ndarray  # int64 (N,)
 
 
-def image_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
-                  shuffle: bool, augment: keras.Sequential | None = None) -> tf.data.Dataset:
-    """Batches from the decoded-image cache (a memmap): no JPEG is decoded again per epoch."""
-    indices = tf.data.Dataset.from_tensor_slices(np.arange(len(images)))
-    if shuffle:
-        indices = indices.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-
-    def gather(batch_indices):
-        return np.asarray(images[np.sort(batch_indices)]), labels[np.sort(batch_indices)]
-
-    def load(batch_indices):
-        pixels, batch_labels = tf.numpy_function(gather, [batch_indices], [tf.uint8, tf.int64])
-        pixels.set_shape((None, *images.shape[1:]))
-        batch_labels.set_shape((None,))
-        pixels = tf.cast(pixels, tf.float32)
-        if augment is not None:
-            pixels = augment(pixels, training=True)
-        return pixels, batch_labels
-
-    return indices.batch(batch_size).map(load).prefetch(2)
+@dataclass
+class Recipe:
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    seed: int
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    class_weight: dict | None = None
 
 
-def fine_tune(model: keras.Model, train: tf.data.Dataset, val: tf.data.Dataset, *,
-              learning_rate: float, epochs: int, class_weight: dict | None = None,
-              callbacks: list | None = None) -> keras.callbacks.History:
-    compile_classifier(model, learning_rate)
-    return model.fit(train, validation_data=val, epochs=epochs, class_weight=class_weight,
-                     callbacks=callbacks or [], shuffle=False, verbose=2)  # already shuffled
+@dataclass
+class Outcome:
+    history: keras.callbacks.History
+    path: str  # "cached" or "full"
+    details: dict = field(default_factory=dict)  # why full; or what was cut, how, and kept
+
+
+def fine_tune(model: keras.Model, train: Split, val: Split, recipe: Recipe, *,
+              path: str = "auto", train_batchnorm: bool = False, make_engine=None,
+              cache_bytes: int = 2 << 30, callbacks: list | None = None) -> Outcome:
+    """Fine-tune `model` (assembled and unfrozen) on the images, by the fastest exact path.
+
+    `cached`: the frozen lower part runs once per view under `make_engine(lower_model)`
+    (`lower_part_engine`: LiteRT on a CPU; default Keras) and only the upper part trains,
+    on its outputs. `full`: every step runs the whole model on the pixels. Both train on
+    the same views in the same batches. `cache_bytes` bounds the outputs kept on disk.
+    """
+    cut, reason = None, "finetune.path: full"
+    if path == "auto":
+        if train_batchnorm:
+            # The from-scratch baseline (from_layer 0): BatchNorm runs in training mode.
+            reason = "finetune.train_batchnorm: BatchNorm layers learn their statistics"
+        else:
+            cut = cut_frozen_part(model)
+            reason = "nothing but preprocessing is frozen below finetune.from_layer"
+    if cut is None:
+        history = _fit(model, full_path_batches(train, val, recipe), recipe, callbacks)
+        return Outcome(history, "full", {"reason": reason})
+    if make_engine is None:
+        from retrain.features import KerasEngine as make_engine
+    with ExitStack() as cleanup:
+        batches, details = cached_path_batches(cut, train, val, recipe, make_engine,
+                                               cache_bytes, cleanup)
+        history = _fit(cut.upper, batches, recipe, callbacks)
+    return Outcome(history, "cached", details)
+
+
+def _fit(model: keras.Model, batches: tuple, recipe: Recipe,
+         callbacks: list | None) -> keras.callbacks.History:
+    train, val, steps = batches
+    compile_classifier(model, recipe.learning_rate)
+    # One dataset runs through every epoch (its order and views are drawn per epoch), so
+    # fit takes `steps` batches from it per epoch.
+    return model.fit(train, validation_data=val, epochs=recipe.epochs, steps_per_epoch=steps,
+                     class_weight=recipe.class_weight, callbacks=callbacks or [],
+                     shuffle=False, verbose=2)  # the order is drawn per epoch
+
+
+def training_batches(split: Split, recipe: Recipe, inputs: Callable) -> Iterator:
+    """(inputs(views, indices), labels) per batch, epoch after epoch, in each epoch's order.
+
+    A batch's indices are sorted: reads from the image file go forward.
+    """
+    for epoch in range(recipe.epochs):
+        views = epoch_views(recipe.seed, epoch, len(split.labels), recipe.augmentation)
+        for start in range(0, len(split.labels), recipe.batch_size):
+            indices = np.sort(views.order[start : start + recipe.batch_size])
+            yield inputs(views, indices), split.labels[indices]
+
+
+def validation_batches(split: Split, batch_size: int, inputs: Callable) -> Iterator:
+    for start in range(0, len(split.labels), batch_size):
+        indices = np.arange(start, min(start + batch_size, len(split.labels)))
+        yield inputs(indices), split.labels[indices]
+
+
+def read_ahead(batches: Iterator, depth: int = 3) -> Iterator:
+    """The items of `batches`, produced in a thread of their own up to `depth` ahead.
+
+    tf.data runs a generator inside the training step's input op, so the frozen part's
+    engine and the optimiser step would take turns (measured: no overlap at all); in a
+    thread of its own, the engine (which releases the GIL) computes the next batches while
+    TensorFlow trains on this one.
+    """
+    done = object()
+    queue: Queue = Queue(depth)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            failure.append(exc)
+        queue.put(done)
+
+    worker = threading.Thread(target=produce, name="retrain-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not done:
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+
+
+def _dataset(batches: Callable[[], Iterator], count: int, x_spec) -> tf.data.Dataset:
+    """`count` batches from a generator, the next ones prepared while the model trains."""
+    signature = (x_spec, tf.TensorSpec((None,), tf.int64))
+    dataset = tf.data.Dataset.from_generator(lambda: read_ahead(batches()),
+                                             output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(count))
+
+
+def _steps(split: Split, batch_size: int) -> int:
+    return -(-len(split.labels) // batch_size)
+
+
+def full_path_batches(train: Split, val: Split, recipe: Recipe) -> tuple:
+    """Pixels of the views through the whole model: today's recipe, every layer every step."""
+    spec = tf.TensorSpec((None, *train.images.shape[1:]), tf.float32)
+
+    def train_pixels(views, indices):
+        return views.pixels(train.images, indices)
+
+    def val_pixels(indices):
+        return np.asarray(val.images[indices], np.float32)
+
+    return (_dataset(lambda: training_batches(train, recipe, train_pixels),
+                     recipe.epochs * _steps(train, recipe.batch_size), spec),
+            _dataset(lambda: validation_batches(val, recipe.batch_size, val_pixels),
+                     _steps(val, recipe.batch_size), spec),
+            _steps(train, recipe.batch_size))
+
+
+class KeptRows:
+    """Float32 rows in an unlinked temporary file (a killed run leaves nothing behind),
+    written and read with positioned I/O: through the page cache, never mapped into the
+    process, so they add nothing to its resident memory (a memmap where `os.pread` is
+    missing)."""
+
+    def __init__(self, rows: int, width: int, directory=None):
+        self._file = tempfile.TemporaryFile(prefix="retrain-activations-", dir=directory)
+        self._file.truncate(rows * width * 4)  # sparse until written
+        self._fd, self._row_bytes, self.width = self._file.fileno(), width * 4, width
+        self._map = None if hasattr(os, "pread") else \
+            np.memmap(self._file, np.float32, "r+", shape=(rows, width))
+
+    def write(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if self._map is not None:
+            self._map[keys] = values
+            return
+        for key, value in zip(keys, np.ascontiguousarray(values, np.float32)):
+            os.pwrite(self._fd, value.tobytes(), int(key) * self._row_bytes)
+
+    def read(self, keys: np.ndarray) -> np.ndarray:
+        if self._map is not None:
+            return np.asarray(self._map[keys])
+        out = np.empty((len(keys), self.width), np.float32)
+        for row, key in zip(out, keys):
+            row[:] = np.frombuffer(os.pread(self._fd, self._row_bytes,
+                                            int(key) * self._row_bytes), np.float32)
+        return out
+
+    def close(self) -> None:
+        self._map = None
+        self._file.close()
+
+
+class LowerOutputs:
+    """The lower part's outputs for one split's views, by the engine; those that come back
+    (each validation image every epoch; training views without continuous augmentation)
+    are kept (`KeptRows`), computed the first time they are needed."""
+
+    def __init__(self, engine, width: int, kept_rows: int = 0, directory=None):
+        self.engine = engine
+        self.kept = KeptRows(kept_rows, width, directory) if kept_rows else None
+        self.done = np.zeros(kept_rows, bool)
+
+    def __call__(self, pixels: Callable[[np.ndarray], np.ndarray], indices: np.ndarray,
+                 keys: np.ndarray) -> np.ndarray:
+        """Outputs for the batch `indices` (`keys` name their views; `pixels(indices)`
+        gives the views' pixels)."""
+        if self.kept is None:
+            return self.engine(pixels(indices))
+        new = ~self.done[keys]
+        if new.any():
+            self.kept.write(keys[new], self.engine(pixels(indices[new])))
+            self.done[keys[new]] = True
+        return self.kept.read(keys)
+
+    def close(self) -> None:
+        if self.kept is not None:
+            self.kept.close()
+
+
+def cached_path_batches(cut: FrozenCut, train: Split, val: Split, recipe: Recipe,
+                        make_engine, cache_bytes: int, cleanup: ExitStack) -> tuple:
+    """The upper part's inputs for the same views `full_path_batches` draws."""
+    row_bytes = cut.width * 4
+    val_rows = len(val.labels) if len(val.labels) * row_bytes <= cache_bytes else 0
+    # Without continuous augmentation a training image has at most two views (flipped or
+    # not), which recur every epoch: keep them too when they fit beside the validation set.
+    recurring = 0 if recipe.augmentation.continuous else 2 * len(train.labels)
+    train_rows = recurring if (val_rows + recurring) * row_bytes <= cache_bytes else 0
+    directory = user_cache_dir("activations")
+    # Separate engines: fit validates while the training dataset prefetches in its thread.
+    engine = make_engine(cut.lower)
+    train_outputs = cleanup.enter_context(closing(
+        LowerOutputs(engine, cut.width, train_rows, directory)))
+    val_outputs = cleanup.enter_context(closing(
+        LowerOutputs(make_engine(cut.lower) if not val_rows else engine, cut.width,
+                     val_rows, directory)))
+
+    def train_inputs(views, indices):
+        flat = train_outputs(lambda i: views.pixels(train.images, i), indices,
+                             views.view_keys(indices))
+        return cut.split(flat)
+
+    def val_inputs(indices):
+        return cut.split(val_outputs(lambda i: np.asarray(val.images[i], np.float32),
+                                     indices, indices))
+
+    if val_rows:  # computed up front, while no training batch needs the engine
+        for _ in validation_batches(val, 256, val_inputs):
+            pass
+
+    spec = tuple(tf.TensorSpec((None, *shape), tf.float32) for shape in cut.shapes)
+    details = {"cut": cut.names, "cut_values_per_image": cut.width,
+               "engine": getattr(engine, "name", type(engine).__name__),
+               "kept_mb": round((val_rows + train_rows) * row_bytes / 2**20, 3)}
+    return ((_dataset(lambda: training_batches(train, recipe, train_inputs),
+                      recipe.epochs * _steps(train, recipe.batch_size), spec),
+             _dataset(lambda: validation_batches(val, recipe.batch_size, val_inputs),
+                      _steps(val, recipe.batch_size), spec),
+             _steps(train, recipe.batch_size)), details)
+
+
+def lower_part_engine(model_params: dict) -> Callable[[keras.Model], object]:
+    """What runs the frozen lower part: LiteRT on a CPU (as `extract` does), else Keras."""
+
+    def make(lower: keras.Model):
+        from retrain.features import KerasEngine, make_engine
+        from retrain.litert import ConversionError
+
+        try:
+            return make_engine("auto", lower, model_params)
+        except ConversionError as exc:
+            print(f"finetune: {first_line(exc)}; the frozen part runs under Keras",
+                  file=sys.stderr)
+            return KerasEngine(lower)
+
+    return make

@@ -163,3 +163,39 @@ def cached_image_array(
             array.flush()
             del array
     return np.load(dest, mmap_mode="r")
+
+
+class ImageRows:
+    """Rows of a decoded-image cache (`cached_image_array`'s .npy) by positioned reads.
+
+    Indexing a memmap maps every page it touches into the process, so an epoch over all
+    images grows the resident set by the whole file (1.5 GB for 10,000 images at 224 px).
+    `os.pread` copies the rows out of the page cache instead: the same speed, and memory
+    the kernel can reclaim stays out of the process. Safe from several threads.
+    """
+
+    def __init__(self, array: np.memmap):
+        self.shape, self.dtype = array.shape, array.dtype
+        self._row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+        self._offset = array.offset
+        self._fd = os.open(array.filename, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices) -> np.ndarray:
+        indices = np.atleast_1d(np.arange(self.shape[0])[indices])
+        out = np.empty((len(indices), *self.shape[1:]), self.dtype)
+        for row, index in zip(out, indices):
+            data = os.pread(self._fd, self._row_bytes, self._offset + int(index) * self._row_bytes)
+            row[...] = np.frombuffer(data, self.dtype).reshape(row.shape)
+        return out
+
+    def __del__(self):
+        if hasattr(self, "_fd"):
+            os.close(self._fd)
+
+
+def image_rows(array: np.memmap) -> ImageRows | np.memmap:
+    """`ImageRows` over a cached image array where the OS has `pread` (not Windows)."""
+    return ImageRows(array) if hasattr(os, "pread") else array

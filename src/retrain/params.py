@@ -152,6 +152,8 @@ SCHEMA: dict[str, Any] = {
         "epochs": _number(1, 10000, integer=True),
         "batch_size": _number(1, 4096, integer=True),
         "train_batchnorm": Field(bool, expect="true or false"),
+        "path": _choice("auto", "full"),
+        "cache_mb": _number(0, INF, integer=True),
         "augment": {
             "flip": Field(bool, expect="true or false"),
             "brightness": _number(0, 1),

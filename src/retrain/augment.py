@@ -1,0 +1,86 @@
+"""Training-time augmentation, drawn per image and epoch.
+
+What image `i` looks like in epoch `e` (flipped or not, its brightness shift and contrast
+factor) and where it falls in that epoch's order depend only on `(seed, e, i)`, never on
+which batch it lands in or on which engine computes the network. So the two fine-tuning
+paths (`retrain.finetune`) train on the very same views, and a view can be recognised when
+it comes back.
+
+The transforms are those of Keras' RandomFlip("horizontal"), RandomBrightness and
+RandomContrast on [0, 255] pixels, in that order, each clipped to [0, 255].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Independent streams per quantity, so a draw for image i does not depend on the set size.
+_ORDER, _FLIP, _BRIGHTNESS, _CONTRAST = range(4)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    flip: bool = False
+    brightness: float = 0.0  # max shift, as a fraction of the pixel range
+    contrast: float = 0.0  # max relative change of each channel's deviation from its mean
+
+    @classmethod
+    def from_params(cls, augment: dict) -> Augmentation:
+        return cls(bool(augment["flip"]), float(augment["brightness"]),
+                   float(augment["contrast"]))
+
+    @property
+    def continuous(self) -> bool:
+        """True when every epoch draws new views: they never come back."""
+        return bool(self.brightness or self.contrast)
+
+
+@dataclass(frozen=True)
+class EpochViews:
+    """One epoch's order of the images and what each image's view is."""
+
+    order: np.ndarray  # image indices, in the order the epoch visits them
+    flip: np.ndarray  # per image: mirrored left-right
+    shift: np.ndarray  # per image: added to every pixel, in [0, 255] units
+    factor: np.ndarray  # per image: contrast factor
+
+    def view_keys(self, indices: np.ndarray) -> np.ndarray:
+        """An id per view that recurs across epochs (only without continuous draws)."""
+        return 2 * indices + self.flip[indices]
+
+    def pixels(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Float32 views of `images[indices]` (uint8, [0, 255])."""
+        raw = np.asarray(images[indices])  # a copy: a memmap is never written
+        flip = self.flip[indices]
+        raw[flip] = raw[flip, :, ::-1]  # on uint8: a quarter of the bytes
+        batch = raw.astype(np.float32)
+        shift = self.shift[indices].astype(np.float32)
+        if shift.any():
+            batch += shift[:, None, None, None]
+            np.clip(batch, 0, 255, out=batch)
+        factor = self.factor[indices].astype(np.float32)[:, None, None, None]
+        if (factor != 1).any():
+            # (x - mean) * f + mean, as x * f + mean * (1 - f). The per-channel mean as a
+            # product with ones: numpy's strided mean over two axes is ~20x slower.
+            pixels = batch.reshape(len(batch), -1, batch.shape[-1])
+            ones = np.ones((1, pixels.shape[1]), np.float32)
+            mean = (ones @ pixels / pixels.shape[1])[:, :, None, :]
+            batch *= factor
+            batch += mean * (1 - factor)
+            np.clip(batch, 0, 255, out=batch)
+        return batch
+
+
+def epoch_views(seed: int, epoch: int, count: int, augmentation: Augmentation) -> EpochViews:
+    def stream(kind: int) -> np.random.Generator:
+        return np.random.default_rng([seed, epoch, kind])
+
+    order = stream(_ORDER).permutation(count)
+    flip = (stream(_FLIP).random(count) < 0.5) if augmentation.flip \
+        else np.zeros(count, bool)
+    b, c = augmentation.brightness, augmentation.contrast
+    shift = stream(_BRIGHTNESS).uniform(-b, b, count) * 255.0 if b else np.zeros(count)
+    factor = stream(_CONTRAST).uniform(1 - c, 1 + c, count) if c else np.ones(count)
+    return EpochViews(order, flip, shift, factor)

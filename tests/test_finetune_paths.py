@@ -1,0 +1,214 @@
+"""The two fine-tuning paths: the upper part on the frozen part's outputs is the full model,
+for every registry backbone, and both paths train on the same views in the same batches."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from retrain.augment import Augmentation
+from retrain.backbones import REGISTRY
+from retrain.base import build_base
+from retrain.features import KerasEngine
+from retrain.finetune import Recipe, Split, assemble_model, fine_tune, unfreeze_from
+from retrain.frozen_part import cut_frozen_part
+from retrain.head import build_head
+from retrain.reproducibility import make_deterministic
+
+pytestmark = pytest.mark.slow
+CLASSES = 3
+AUGMENT = Augmentation(flip=True, brightness=0.1, contrast=0.1)
+
+# Per backbone: smallest input, and a from_layer whose cut crosses a residual connection
+# (two or more tensors) where the architecture has them.
+CASES = {
+    "mobilenet_v2": (32, 135, ["block_15_expand_relu", "block_14_add"]),
+    "resnet50_v2": (32, 154, None),
+    "xception": (71, 116, None),
+    "vgg16": (32, 15, ["block4_pool"]),
+    "efficientnet_b0": (32, 200, None),
+}
+
+
+def build_model(backbone: str, size: int, from_layer: int, seed: int = 0) -> keras.Model:
+    make_deterministic(seed)
+    params = {"backbone": backbone, "weights": "none", "image_size": size,
+              "alpha": 0.35 if backbone == "mobilenet_v2" else 1.0}
+    base = build_base(params)
+    model = assemble_model(base, build_head(base.output.shape[-1], CLASSES, 0.3, seed))
+    unfreeze_from(model, from_layer)
+    return model
+
+
+def make_head_sensitive(model: keras.Model, images: np.ndarray) -> None:
+    """Scale the classifier to the features' size: random-weight features can be ~1e-12,
+    where every image would get the same probabilities and no comparison could fail."""
+    features = keras.Model(model.input, model.get_layer("pool").output)(images).numpy()
+    spread = features.std(axis=0).max() or 1.0
+    shape = model.get_layer("classifier").get_weights()[0].shape
+    kernel = np.random.default_rng(0).normal(size=shape) * 3 / (spread * np.sqrt(shape[0]))
+    bias = -features.mean(axis=0) @ kernel  # logits centred on zero
+    model.get_layer("classifier").set_weights([kernel.astype("f4"), bias.astype("f4")])
+
+
+def loss_and_gradients(model, inputs, labels):
+    """Probabilities, and the loss gradient per trainable variable (by the variable's id)."""
+    with tf.GradientTape() as tape:
+        probabilities = model(inputs, training=False)
+        loss = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+    gradients = tape.gradient(loss, model.trainable_variables)
+    return probabilities.numpy(), dict(zip(map(id, model.trainable_variables), gradients))
+
+
+def assert_close_relative(actual, expected, tolerance, label):
+    scale = float(np.max(np.abs(expected)))
+    assert scale > 0, f"{label}: all zero, the comparison means nothing"
+    error = float(np.max(np.abs(np.asarray(actual) - np.asarray(expected))))
+    assert error <= tolerance * scale, f"{label}: differs by {error:.3g} (scale {scale:.3g})"
+
+
+def test_every_registry_backbone_is_covered():
+    assert set(CASES) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("backbone", CASES)
+def test_upper_part_on_frozen_outputs_is_the_full_model(backbone):
+    size, from_layer, expected_cut = CASES[backbone]
+    model = build_model(backbone, size, from_layer)
+    images = np.random.default_rng(1).integers(0, 256, (6, size, size, 3)).astype("float32")
+    make_head_sensitive(model, images)
+    labels = np.arange(6) % CLASSES
+
+    cut = cut_frozen_part(model)
+    if expected_cut:
+        assert cut.names == expected_cut
+    assert not cut.lower.trainable_weights
+    # The same variables, nothing else.
+    assert {id(v) for v in cut.upper.trainable_variables} == \
+        {id(v) for v in model.trainable_variables}
+
+    full, full_gradients = loss_and_gradients(model, images, labels)
+    assert np.ptp(full, axis=0).max() > 0.01, "every image gets the same probabilities"
+    outputs = cut.split(KerasEngine(cut.lower)(images.copy()))
+    upper, upper_gradients = loss_and_gradients(cut.upper, list(outputs), labels)
+    np.testing.assert_allclose(upper, full, atol=1e-4)
+    for variable in model.trainable_variables:
+        assert_close_relative(upper_gradients[id(variable)], full_gradients[id(variable)],
+                              1e-4, variable.path)
+
+
+def test_litert_outputs_of_the_frozen_part_reproduce_the_full_model(tiny_model_params):
+    from retrain.litert import LiteRTEngine, litert_available
+
+    if not litert_available():
+        pytest.skip("ai-edge-litert is not installed")
+    model = build_model("resnet50_v2", 32, 154)
+    images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3)).astype("float32")
+    make_head_sensitive(model, images)
+    labels = np.arange(6) % CLASSES
+    cut = cut_frozen_part(model)
+    full, full_gradients = loss_and_gradients(model, images, labels)
+    engine = LiteRTEngine(cut.lower, {"backbone": "resnet50_v2"})
+    upper, upper_gradients = loss_and_gradients(cut.upper, list(cut.split(engine(images))),
+                                                labels)
+    np.testing.assert_allclose(upper, full, atol=1e-4)
+    for variable in model.trainable_variables:
+        assert_close_relative(upper_gradients[id(variable)], full_gradients[id(variable)],
+                              1e-4, variable.path)
+
+
+def test_a_frozen_backbone_leaves_only_the_head_to_train():
+    model = build_model("mobilenet_v2", 32, 153)  # out_relu: no weights above it
+    cut = cut_frozen_part(model)
+    assert cut.names == ["out_relu"]
+    assert {w.path for w in cut.upper.trainable_weights} == \
+        {w.path for w in model.get_layer("classifier").weights}
+
+
+def test_from_layer_zero_leaves_nothing_to_cut():
+    assert cut_frozen_part(build_model("mobilenet_v2", 32, 0)) is None
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = (np.arange(40) % CLASSES).astype("int64")
+    return Split(images[:30], labels[:30]), Split(images[30:], labels[30:])
+
+
+def train(path: str, data, from_layer: int = 154, epochs: int = 2, **kwargs):
+    model = build_model("resnet50_v2", 32, from_layer, seed=3)
+    make_head_sensitive(model, data[0].images[:8].astype("float32"))
+    recipe = Recipe(learning_rate=1e-3, epochs=epochs, batch_size=8, seed=5,
+                    augmentation=kwargs.pop("augmentation", AUGMENT))
+    outcome = fine_tune(model, *data, recipe, path=path, make_engine=KerasEngine, **kwargs)
+    return model, outcome
+
+
+def test_both_paths_train_on_the_same_views_in_the_same_batches(data):
+    full_model, full = train("full", data)
+    cached_model, cached = train("auto", data)
+    assert (full.path, cached.path) == ("full", "cached")
+    assert cached.details["cut"] and cached.details["kept_mb"] > 0
+    for name in ("loss", "val_loss", "accuracy"):
+        np.testing.assert_allclose(cached.history.history[name], full.history.history[name],
+                                   rtol=1e-4, err_msg=name)
+    for a, b in zip(full_model.weights, cached_model.weights):
+        assert a.path == b.path
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-6, err_msg=a.path)
+    start = build_model("resnet50_v2", 32, 154, seed=3)
+    changed = sum(not np.array_equal(a.numpy(), b.numpy())
+                  for a, b in zip(start.weights, cached_model.weights))
+    assert changed, "training changed nothing"
+
+
+def test_views_kept_or_recomputed_give_the_same_training(data):
+    flips_only = Augmentation(flip=True)
+    _, kept = train("auto", data, augmentation=flips_only)
+    _, recomputed = train("auto", data, augmentation=flips_only, cache_bytes=0)
+    assert kept.details["kept_mb"] > 0 and recomputed.details["kept_mb"] == 0
+    for name in ("loss", "val_loss"):
+        np.testing.assert_allclose(kept.history.history[name],
+                                   recomputed.history.history[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"path": "full"}, "finetune.path: full"),
+    ({"path": "auto", "train_batchnorm": True}, "finetune.train_batchnorm"),
+    ({"path": "auto", "from_layer": 0}, "nothing but preprocessing is frozen"),
+])
+def test_full_path_where_the_cached_one_does_not_apply(data, kwargs, reason):
+    _, outcome = train(kwargs.pop("path"), data, epochs=1, **kwargs)
+    assert outcome.path == "full"
+    assert reason in outcome.details["reason"]
+
+
+def test_read_ahead_keeps_order_and_reraises_the_producers_error():
+    import threading
+
+    from retrain.finetune import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("engine failed")
+
+    with pytest.raises(ValueError, match="engine failed"):
+        list(read_ahead(failing()))
+
+    produced = []
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    reader = read_ahead(endless(), depth=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # what tf.data does with an iterator it no longer needs
+    for thread in threading.enumerate():
+        if thread.name == "retrain-read-ahead":
+            thread.join(timeout=5)
+    assert len(produced) < 10  # the producer stopped, bounded by the queue
