@@ -117,6 +117,37 @@ def test_litert_outputs_of_the_frozen_part_reproduce_the_full_model(tiny_model_p
                               1e-4, variable.path)
 
 
+def test_with_imagenet_weights_litert_outputs_reproduce_the_full_model():
+    """The default recipe (MobileNetV2 from layer 135) with real weights, where features and
+    probabilities have their real sizes: LiteRT's lower part, then the upper part."""
+    from conftest import real_weights_or_skip
+
+    from retrain.litert import LiteRTEngine, litert_available
+
+    weights = real_weights_or_skip()
+    if not litert_available():
+        pytest.skip("ai-edge-litert is not installed")
+    make_deterministic(0)
+    params = {"backbone": "mobilenet_v2", "weights": str(weights), "image_size": 224,
+              "alpha": 0.35}
+    base = build_base(params)
+    model = assemble_model(base, build_head(base.output.shape[-1], CLASSES, 0.3, 0))
+    unfreeze_from(model, 135)
+    images = np.random.default_rng(4).integers(0, 256, (8, 224, 224, 3)).astype("float32")
+    make_head_sensitive(model, images)
+    labels = np.arange(8) % CLASSES
+    cut = cut_frozen_part(model)
+    full, full_gradients = loss_and_gradients(model, images, labels)
+    assert np.ptp(full, axis=0).max() > 0.01
+    engine = LiteRTEngine(cut.lower, params)
+    upper, upper_gradients = loss_and_gradients(cut.upper, list(cut.split(engine(images))),
+                                                labels)
+    np.testing.assert_allclose(upper, full, atol=1e-4)
+    for variable in model.trainable_variables:
+        assert_close_relative(upper_gradients[id(variable)], full_gradients[id(variable)],
+                              1e-4, variable.path)
+
+
 def test_a_frozen_backbone_leaves_only_the_head_to_train():
     model = build_model("mobilenet_v2", 32, 153)  # out_relu: no weights above it
     cut = cut_frozen_part(model)
