@@ -153,15 +153,17 @@ def cached_image_array(
     dest = cache_dir / f"images-{size}px-{key}.npy"
     if not dest.exists():
         with atomic_path(dest) as tmp:
-            array = np.lib.format.open_memmap(
+            # The .npy header through open_memmap, the rows by plain writes: rows written
+            # through a memory map would stay mapped, growing the process by the whole file.
+            header = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
             )
-            start = 0
-            for batch in iter_image_batches(paths, size, batch_size=64):
-                array[start : start + len(batch)] = batch
-                start += len(batch)
-            array.flush()
-            del array
+            offset = header.offset
+            del header
+            with open(tmp, "r+b") as out:
+                out.seek(offset)
+                for batch in iter_image_batches(paths, size, batch_size=64):
+                    out.write(np.ascontiguousarray(batch, np.uint8).tobytes())
     return np.load(dest, mmap_mode="r")
 
 
