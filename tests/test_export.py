@@ -216,6 +216,7 @@ def test_card_holds_the_contract_metrics_and_digests(shipped):
     markdown = (shipped / "model_card.md").read_text()
     assert "0. class_000" in markdown and "| int8 | 0.9 |" in markdown
     assert "test_accuracy_ci95: [0.8, 0.97]" in markdown
+    assert "95% bootstrap interval over the test images" in markdown
 
 
 def predict_json(args: list[str], capsys) -> list[dict]:
@@ -268,3 +269,14 @@ def test_a_card_that_describes_other_files_is_not_used(shipped, tmp_path):
     other.write_bytes(b"not the exported file")
     (tmp_path / "model_card.json").write_text((shipped / "model_card.json").read_text())
     assert card_for(other) is None
+
+
+def test_predict_on_a_file_that_is_no_tflite_model_is_one_clear_error(tmp_path):
+    from retrain.errors import UserError
+    from retrain.predict import main
+
+    fake = tmp_path / "model.tflite"
+    fake.write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(UserError, match=r"model.tflite: not a LiteRT model \(") as info:
+        main([str(tmp_path / "photo.jpg"), "--model", str(fake)])
+    assert "\n" not in str(info.value)

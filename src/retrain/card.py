@@ -104,6 +104,9 @@ def card_markdown(card: dict) -> str:
         "## Test metrics (fine-tuned Keras model)",
         "",
         *[f"- {key}: {_number(value)}" for key, value in card["test_metrics"].items()],
+        *(["", "`*_ci95`: 95% bootstrap interval over the test images (from `evaluate`: the "
+               "test set resampled with replacement, the middle 95% of the metric's values)."]
+          if any(key.endswith("_ci95") for key in card["test_metrics"]) else []),
         "",
         "## Exported formats (test split, against the Keras model)",
         "",
