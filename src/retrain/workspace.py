@@ -157,6 +157,7 @@ def demo(argv: list[str] | None = None) -> int:
     figures = (workspace / "reports" / "figures").resolve()
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
     print(f"metrics: {(workspace / 'metrics' / 'evaluate.json').resolve()}")
+    print(f"model card: {(workspace / 'models' / 'model_card.md').resolve()}")
     print(f"figures: {figures}")
     for png in sorted(figures.glob("*.png")):
         print(f"  {png.name}")
