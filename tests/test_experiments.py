@@ -8,6 +8,8 @@ the commands documented in the README's Experiments section.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,6 +132,18 @@ def wait_for_queue(workspace: Path, timeout: float) -> dict[str, str]:
         time.sleep(5)
 
 
+def start_queue(workspace: Path) -> None:
+    """`dvc queue start`, its output in a file: the worker it leaves running inherits the
+    command's stdout, and a captured pipe would then stay open (and `dvc` blocked) for as long
+    as that worker lingers after the queue is done."""
+    from retrain.workspace import pipeline_env
+
+    with open(workspace.parent / "queue-start.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start"], cwd=workspace,
+                       env=pipeline_env(workspace), stdout=log, stderr=subprocess.STDOUT,
+                       stdin=subprocess.DEVNULL, check=True)
+
+
 def test_queued_sweep_runs_both_points_and_reuses_the_features(workspace):
     baseline = locked_outs(workspace)
     queued = dvc(workspace, "exp", "run", "--queue", "-n", "sweep", "-S", "head.dropout=0.2,0.5")
@@ -137,7 +151,7 @@ def test_queued_sweep_runs_both_points_and_reuses_the_features(workspace):
     for name in names:
         assert f"Queued experiment '{name}'" in queued.stdout, queued.stdout
 
-    dvc(workspace, "queue", "start")
+    start_queue(workspace)
     try:
         states = wait_for_queue(workspace, timeout=900)
     finally:
