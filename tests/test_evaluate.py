@@ -52,6 +52,8 @@ def test_every_headline_metric_has_an_interval_and_the_printout_says_what_it_mea
     for key in ("test_accuracy", "macro_f1", "balanced_accuracy"):
         low, high = metrics[f"{key}_ci95"]
         assert 0 <= low < metrics[key] < high <= 1
+        # the same bounds as plain numbers, the form `dvc exp show` can display
+        assert [metrics[f"{key}_ci95_low"], metrics[f"{key}_ci95_high"]] == [low, high]
     lines = summary_lines({"head": metrics, "finetuned": metrics}, 50)
     assert "95% bootstrap interval over the test images" in lines[0]
     low, high = metrics["test_accuracy_ci95"]

@@ -191,11 +191,13 @@ def test_queued_sweep_runs_both_points_and_reuses_the_features(workspace):
     dvc(workspace, "exp", "apply", "sweep-1")
     assert yaml.safe_load((workspace / "params.yaml").read_text())["head"]["dropout"] == 0.2
     applied = json.loads((workspace / "metrics" / "evaluate.json").read_text())
-    # `dvc exp show` leaves out list values (the `*_ci95` intervals): compare the rest.
-    numbers = {key: value for key, value in applied["finetuned"].items()
-               if not isinstance(value, list)}
-    assert numbers == experiments["sweep-1"]["metrics"]["metrics/evaluate.json"]["data"][
-        "finetuned"]
+    shown_metrics = experiments["sweep-1"]["metrics"]["metrics/evaluate.json"]["data"]
+    # DVC shows numbers, not lists: each [low, high] interval is there as its two bounds.
+    assert {key: value for key, value in applied["finetuned"].items()
+            if not isinstance(value, list)} == shown_metrics["finetuned"]
+    assert [shown_metrics["finetuned"]["test_accuracy_ci95_low"],
+            shown_metrics["finetuned"]["test_accuracy_ci95_high"]] == \
+        applied["finetuned"]["test_accuracy_ci95"]
     assert dvc(workspace, "status").stdout.strip() == "Data and pipelines are up to date."
 
 

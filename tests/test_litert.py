@@ -16,8 +16,8 @@ SMALL = dict(TINY_MODEL)  # MobileNetV2, alpha 0.35, 32 px, random weights
 
 
 def small_extractor(seed: int = 0, **changes) -> keras.Model:
-    keras.utils.set_random_seed(seed)  # weights "none" are randomly initialised
-    return build_extractor({**SMALL, **changes})[1]
+    # weights "none": the base's random initialisation comes from this seed alone
+    return build_extractor({**SMALL, **changes}, seed)[1]
 
 
 def pixels(n: int, size: int, seed: int = 1) -> np.ndarray:

@@ -36,6 +36,7 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
     """
     predicted = probabilities.argmax(axis=1)
     present = np.unique(labels)
+    intervals = metric_intervals(labels, predicted)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=list(range(len(classes))), zero_division=0)
     return {
@@ -45,13 +46,22 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
                                    zero_division=0)),
         "balanced_accuracy": float(recall_score(labels, predicted, labels=present,
                                                 average="macro", zero_division=0)),
-        **metric_intervals(labels, predicted),
+        **intervals,
+        **interval_bounds(intervals),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]),
                    "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(classes)
         },
     }
+
+
+def interval_bounds(intervals: dict[str, list[float] | None]) -> dict[str, float]:
+    """Each `<metric>_ci95` as two plain numbers, `<metric>_ci95_low` and `_high`:
+    `dvc exp show` and `dvc metrics show` display numbers but skip lists, and a run's
+    interval belongs next to its metric there too."""
+    return {f"{key}_{side}": bound for key, interval in intervals.items()
+            if interval is not None for side, bound in zip(("low", "high"), interval)}
 
 
 def summary_lines(results: dict[str, dict], n_images: int) -> list[str]:
