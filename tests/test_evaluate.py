@@ -56,6 +56,8 @@ def test_every_headline_metric_has_an_interval_and_the_printout_says_what_it_mea
         assert [metrics[f"{key}_ci95_low"], metrics[f"{key}_ci95_high"]] == [low, high]
     lines = summary_lines({"head": metrics, "finetuned": metrics}, 50)
     assert "95% bootstrap interval over the test images" in lines[0]
+    # a confidence interval for the model's metric, not a range for another test draw
+    assert "metric on all images like these" in lines[0] and "another draw" not in lines[0]
     low, high = metrics["test_accuracy_ci95"]
     assert f"accuracy {metrics['test_accuracy']:.4f} [{low:.4f}, {high:.4f}]" in lines[1]
     assert lines[2].startswith("  finetuned  accuracy")

@@ -66,8 +66,11 @@ def interval_bounds(intervals: dict[str, list[float] | None]) -> dict[str, float
 
 def summary_lines(results: dict[str, dict], n_images: int) -> list[str]:
     """The stage's printout: each model's metrics with their intervals, and what those mean."""
+    # A confidence interval for the model's metric on the population the test images were
+    # drawn from; not where another test draw's own number would land (that number has
+    # its own noise: it falls inside only about 85% of the time).
     lines = [f"evaluate: {n_images} test images; [95% bootstrap interval over the test images: "
-             "how far the number could move with another draw of test images]"]
+             "where the model's metric on all images like these most likely lies]"]
     width = max(len(name) for name in results)
     for name, metrics in results.items():
         shown = [f"{label} {metrics[key]:.4f} {format_interval(metrics[key + '_ci95'])}"
