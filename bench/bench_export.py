@@ -21,20 +21,20 @@ from pathlib import Path
 import yaml
 from common import (
     PYTHON,
+    REAL_PHOTOS,
+    REAL_WEIGHTS,
     REPO,
-    SHARED,
     bench_env,
     load_average,
     machine,
     parse_args,
-    sha256_of,
+    real_photo_params,
+    set_params,
     timed_run,
     verdict,
     write_json,
 )
 
-FLOWERS = SHARED / "data" / "flower_photos_small.tgz"
-WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 LATENCY_ROUNDS = 5
 # Why the size and latency goals depend on the model's width (one-off measurements,
 # 2026-12-01, same machine, with the flatbuffer schema and the same LiteRTClassifier).
@@ -59,10 +59,7 @@ def make_workspace(workdir: Path) -> tuple[Path, dict]:
     from retrain.workspace import create_workspace
 
     ws = create_workspace(workdir / "export-ws", source=REPO)
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["data"].update(url=str(FLOWERS), sha256=sha256_of(FLOWERS))
-    params["model"].update(weights=str(WEIGHTS), alpha=0.35, image_size=224)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(ws, real_photo_params())
     return ws, bench_env(workdir)
 
 
@@ -131,8 +128,8 @@ def serving_parity(ws: Path, files: list[Path], images, keras_probabilities) -> 
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__.splitlines()[0], argv)
-    if not (FLOWERS.exists() and WEIGHTS.exists()):
-        print(f"skipped: {FLOWERS} or {WEIGHTS} not present")
+    if not (REAL_PHOTOS.exists() and REAL_WEIGHTS.exists()):
+        print(f"skipped: {REAL_PHOTOS} or {REAL_WEIGHTS} not present")
         results = {"skipped": "../shared (real photos and weights) not present"}
         write_json(args.json, results)
         return results

@@ -29,6 +29,11 @@ PYTHON = sys.executable
 MODEL = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 224, "alpha": 1.0}
 # The official flower set's class sizes (3,670 images).
 FLOWER_COUNTS = [633, 898, 641, 699, 799]
+# Real data where ../shared has it: 200 flower photos (40 per class) and MobileNetV2
+# alpha 0.35 ImageNet weights without the top.
+REAL_PHOTOS = SHARED / "data" / "flower_photos_small.tgz"
+REAL_WEIGHTS = (SHARED / "weights"
+                / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
 
 
 def parse_args(description: str, argv=None, extra=None) -> argparse.Namespace:
@@ -91,6 +96,33 @@ def sha256_of(path: Path) -> str:
     from retrain.workspace import sha256_of as digest
 
     return digest(path)
+
+
+def set_params(workspace: Path, overrides: dict) -> None:
+    """Merge `overrides` into the workspace's params.yaml and write it back as DVC reads it
+    (YAML 1.2), checked against the schema first. Keys are sections holding dicts, or
+    dotted (`"model.alpha": 0.35`)."""
+    from ruamel.yaml import YAML
+
+    from retrain.params import load_params, validate
+    from retrain.workspace import deep_merge
+
+    path = Path(workspace) / "params.yaml"
+    params = load_params(path, check_model=False)
+    for key, value in overrides.items():
+        for section in reversed(key.split(".")):
+            value = {section: value}
+        params = deep_merge(params, value)
+    validate(params)
+    with open(path, "w", encoding="utf-8") as out:
+        YAML(typ="safe", pure=True).dump(params, out)
+
+
+def real_photo_params(photos: Path = REAL_PHOTOS, weights: Path = REAL_WEIGHTS) -> dict:
+    """The `set_params` overrides that run the pipeline on the real photos and weights."""
+    return {"data.url": str(photos.resolve()), "data.sha256": sha256_of(photos),
+            "model.backbone": "mobilenet_v2", "model.weights": str(weights.resolve()),
+            "model.alpha": 0.35, "model.image_size": 224}
 
 
 def timed_run(cmd: list, cwd: Path, env: dict, check: bool = True) -> tuple[float, str]:

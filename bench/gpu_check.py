@@ -26,23 +26,24 @@ from pathlib import Path
 import yaml
 from common import (
     PYTHON,
+    REAL_PHOTOS,
+    REAL_WEIGHTS,
     REPO,
-    SHARED,
     bench_env,
     load_average,
     machine,
     parse_args,
+    real_photo_params,
+    set_params,
     timed_run,
     write_json,
 )
 
-PHOTOS = SHARED / "data" / "flower_photos_small.tgz"
-WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 REFERENCE = Path(__file__).resolve().parent / "gpu_check_cpu.json"
-# Merged over params.yaml: the real photos and weights, a few epochs (the first epoch of each
-# fit pays for tracing, so fine-tuning throughput is read from the later ones).
+# Merged over params.yaml with the real photos and weights (`real_photo_params`): a few
+# epochs (the first epoch of each fit pays for tracing, so fine-tuning throughput is read
+# from the later ones).
 CHECK_PARAMS = {
-    "model": {"backbone": "mobilenet_v2", "image_size": 224, "alpha": 0.35},
     "head": {"epochs": 5},
     "finetune": {"epochs": 3},
 }
@@ -50,8 +51,8 @@ METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy")
 
 
 def extra_args(parser) -> None:
-    parser.add_argument("--photos", type=Path, default=PHOTOS)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--photos", type=Path, default=REAL_PHOTOS)
+    parser.add_argument("--weights", type=Path, default=REAL_WEIGHTS)
     parser.add_argument("--reference", type=Path, default=REFERENCE)
     parser.add_argument("--cpu-pass", action="store_true",
                         help="also run on this machine's CPU (GPUs hidden) and compare with it")
@@ -61,18 +62,7 @@ def extra_args(parser) -> None:
 
 def check_params(workspace: Path, photos: Path, weights: Path) -> None:
     """params.yaml of the scratch workspace: the repository's, with CHECK_PARAMS and the files."""
-    from ruamel.yaml import YAML
-
-    from retrain.params import load_params, validate
-    from retrain.workspace import deep_merge, sha256_of
-
-    params = deep_merge(load_params(workspace / "params.yaml", check_model=False), CHECK_PARAMS)
-    params["data"]["url"] = str(photos.resolve())
-    params["data"]["sha256"] = sha256_of(photos)
-    params["model"]["weights"] = str(weights.resolve())
-    validate(params)
-    with open(workspace / "params.yaml", "w", encoding="utf-8") as out:
-        YAML(typ="safe", pure=True).dump(params, out)  # YAML 1.2, as DVC reads it
+    set_params(workspace, {**CHECK_PARAMS, **real_photo_params(photos, weights)})
 
 
 def run_pass(label: str, workdir: Path, photos: Path, weights: Path, hide_gpus: bool) -> dict:

@@ -21,11 +21,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
-from common import PYTHON, REPO, SHARED, bench_env, parse_args
-
-PHOTOS = SHARED / "data" / "flower_photos_small.tgz"
-WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+from common import (
+    PYTHON,
+    REAL_PHOTOS,
+    REAL_WEIGHTS,
+    REPO,
+    bench_env,
+    parse_args,
+    real_photo_params,
+    set_params,
+)
 
 
 def extra_args(parser) -> None:
@@ -41,29 +46,16 @@ def dvc(workspace: Path, env: dict, *args: str) -> str:
     return result.stdout
 
 
-def edit_params(workspace: Path, **dotted) -> None:
-    path = workspace / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in dotted.items():
-        *sections, last = key.split(".")
-        node = params
-        for section in sections:
-            node = node[section]
-        node[last] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def make_workspace(data: str, workdir: Path) -> Path:
-    from retrain.workspace import create_workspace, sha256_of
+    from retrain.workspace import create_workspace
 
     if data == "generated":
         return create_workspace(workdir / "noise-generated", source=REPO, profile="small")
-    for path in (PHOTOS, WEIGHTS):
+    for path in (REAL_PHOTOS, REAL_WEIGHTS):
         if not path.exists():
             sys.exit(f"{path} not found: --data real needs ../shared")
     workspace = create_workspace(workdir / "noise-real", source=REPO)
-    edit_params(workspace, **{"data.url": str(PHOTOS), "data.sha256": sha256_of(PHOTOS),
-                              "model.weights": str(WEIGHTS), "model.alpha": 0.35})
+    set_params(workspace, real_photo_params())
     return workspace
 
 
@@ -88,7 +80,7 @@ def main(argv=None) -> int:
     args = parse_args(__doc__, argv, extra_args)
     env = bench_env(args.workdir)
     workspace = make_workspace(args.data, args.workdir)
-    edit_params(workspace, **{"crossval.folds": 5, "crossval.repeats": 2})  # the defaults
+    set_params(workspace, {"crossval.folds": 5, "crossval.repeats": 2})  # the defaults
     dvc(workspace, env, "repro", "extract")
     start = time.perf_counter()
     log = dvc(workspace, env, "repro", "crossval")
@@ -104,7 +96,7 @@ def main(argv=None) -> int:
 
     val, test = [], []
     for seed in args.seeds:
-        edit_params(workspace, seed=seed)
+        set_params(workspace, {"seed": seed})
         log = dvc(workspace, env, "repro", "train_head")
         ran = re.findall(r"Running stage '([\w-]+)'", log)
         assert ran == ["train_head"], f"seed {seed} ran {ran}"
