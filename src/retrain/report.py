@@ -663,7 +663,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="retrain report",
         description="Markdown diff of params, metrics and figures against a base revision; "
-        "exits 1 when a gated metric (params.yaml report.gates) regresses beyond tolerance.",
+        "exits 1 when a gated metric (params.yaml report.gates) regresses beyond its "
+        "tolerance (and, for a gate with a significance, a paired test on the shared test "
+        "images calls the drop real).",
     )
     parser.add_argument("--base", default="main", help="git revision to compare with")
     parser.add_argument("--out", help="write the Markdown here (default: print it)")
