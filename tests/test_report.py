@@ -20,7 +20,9 @@ import pytest
 import yaml
 from scipy import stats
 
+from retrain import uncertainty
 from retrain.report import (
+    Evidence,
     ReportError,
     build_report,
     changed_figures,
@@ -286,6 +288,19 @@ def test_gate_status(direction, old, new, status):
 
     assert result.status == status
     assert result.passed is (status in ("pass", "new"))
+
+
+def test_a_change_that_does_nothing_fails_a_005_accuracy_gate_at_most_1_time_in_40():
+    """McNemar's test is two-sided and only the worse side fails (README: Reading a gate
+    verdict): two equally good, correlated models on 300 shared test images."""
+    rng = np.random.default_rng(0)
+    runs, failed = 2000, 0
+    for _ in range(runs):
+        base = rng.random(300) < 0.85
+        new = np.where(rng.random(300) < 0.8, base, rng.random(300) < 0.85)
+        evidence = Evidence(None, None, mcnemar=uncertainty.mcnemar_exact(base, new))
+        failed += evidence.drop_is_real(0.05, "higher")
+    assert 0 < failed / runs <= 0.025
 
 
 def test_gate_matches_a_key_in_every_metrics_file_or_one_file_by_name():
