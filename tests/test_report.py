@@ -24,6 +24,8 @@ from retrain import uncertainty
 from retrain.report import (
     Evidence,
     ReportError,
+    _verdict,
+    add_evidence,
     build_report,
     changed_figures,
     check_gates,
@@ -301,6 +303,17 @@ def test_a_change_that_does_nothing_fails_a_005_accuracy_gate_at_most_1_time_in_
         evidence = Evidence(None, None, mcnemar=uncertainty.mcnemar_exact(base, new))
         failed += evidence.drop_is_real(0.05, "higher")
     assert 0 < failed / runs <= 0.025
+
+
+def test_a_significance_on_a_metric_without_a_paired_test_says_the_tolerance_decided():
+    metric = "int8.agreement"
+    diff = {"metrics/export.json": {metric: {"old": 1.0, "new": 0.9}}}
+    results = check_gates(diff, [{**gate(metric), "significance": 0.05}], "base")
+
+    results, test_sets = add_evidence(results, "base", ".")  # export.json: no predictions
+
+    assert test_sets == {} and [r.status for r in results] == ["regression"]
+    assert "no paired test for this metric: tolerance only" in _verdict(results)
 
 
 def test_gate_matches_a_key_in_every_metrics_file_or_one_file_by_name():

@@ -445,8 +445,12 @@ def _interval(interval: list[float] | None) -> str:
 def _evidence_words(r: GateResult) -> str:
     """`95% paired interval [a, b], McNemar p = 0.03`, or why the tolerance alone decides."""
     e = r.evidence
-    if e is None or not e.paired:
-        return "test sets differ: tolerance only" if e is not None else ""
+    if e is None:
+        # A gate's significance applies only where a paired test exists (evaluate.json's
+        # metrics with intervals); say so rather than let the level suggest a test ran.
+        return "no paired test for this metric: tolerance only" if r.significance else ""
+    if not e.paired:
+        return "test sets differ: tolerance only"
     words = f"{r.confidence:.0%} paired interval {_interval(e.difference.interval)}"
     if e.mcnemar is not None:
         words += f", McNemar p = {e.mcnemar.pvalue:.3g}"
