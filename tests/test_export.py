@@ -280,3 +280,23 @@ def test_predict_on_a_file_that_is_no_tflite_model_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"model.tflite: not a LiteRT model \(") as info:
         main([str(tmp_path / "photo.jpg"), "--model", str(fake)])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_card_whose_class_count_differs_from_the_model_is_named_in_the_error(tmp_path):
+    import keras
+
+    from retrain.card import file_sha256
+    from retrain.errors import UserError
+    from retrain.predict import main
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
+    model.save(tmp_path / "model.keras")
+    card = tmp_path / "model_card.json"
+    card.write_text(json.dumps({"classes": ["a", "b"],
+                                "files": {"model.keras": file_sha256(tmp_path / "model.keras")}}))
+    with pytest.raises(UserError, match=r"model_card.json: 2 classes but the model has 3 "
+                                        r"outputs"):
+        main([str(tmp_path / "photo.jpg"), "--model", str(tmp_path / "model.keras")])

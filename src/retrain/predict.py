@@ -113,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         raise UserError("--top-k: expected a positive integer")
     classifier = load_classifier(args.model)
-    classes = model_classes(args.model, args.classes)
+    classes, source = model_classes(args.model, args.classes)
     if len(classes) != classifier.outputs:
-        source = args.classes or DEFAULT_CLASSES
         raise UserError(f"{source}: {len(classes)} classes but the model has "
                         f"{classifier.outputs} outputs")
     failed = 0
@@ -131,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def model_classes(model_path: str | Path, classes_path: str | None) -> list[str]:
-    """The model's class names: from the card describing the model file, which a class list
-    given by hand must match name for name; without a card, from the class list."""
+def model_classes(model_path: str | Path, classes_path: str | None
+                  ) -> tuple[list[str], Path]:
+    """The model's class names and the file they came from: the card describing the model
+    file, which a class list given by hand must match name for name; without a card, the
+    class list."""
     found = card_for(model_path)
     if found is None:
-        return read_class_list(classes_path or DEFAULT_CLASSES)
+        classes_path = Path(classes_path or DEFAULT_CLASSES)
+        return read_class_list(classes_path), classes_path
     card, card_path = found
     expected = card["classes"]
     if classes_path is not None:
@@ -144,7 +146,7 @@ def model_classes(model_path: str | Path, classes_path: str | None) -> list[str]
         if given != expected:
             raise UserError(f"{classes_path}: class names do not match {card_path}, which "
                             f"ships with {Path(model_path).name}: {_difference(given, expected)}")
-    return expected
+    return expected, card_path
 
 
 def _difference(given: list[str], expected: list[str]) -> str:
