@@ -80,7 +80,8 @@ def summary_lines(results: dict[str, dict], n_images: int) -> list[str]:
     if any(interval is not None and interval[0] == interval[1]
            for metrics in results.values() for interval in _intervals(metrics)):
         # Every test image right (or all resamples alike): the bootstrap sees no spread, but
-        # an error rate up to about 3/n goes unseen in n images 95% of the time.
+        # n images all right leave an error rate up to about 3/n possible (the rule of
+        # three: its 95% upper bound).
         lines.append(f"  an interval of zero width means the {n_images} test images all agree "
                      f"(e.g. every one right), not that the number is exact: an error rate "
                      f"up to about {min(1, 3 / n_images):.0%} can hide in {n_images} images")
