@@ -285,6 +285,12 @@ def ratios(r: dict) -> dict:
             "experiment_cpu": full["cpu_seconds"] / auto["cpu_seconds"]}
 
 
+def stage_ratios(stage: dict) -> dict:
+    full, auto = stage["full"], stage["auto"]
+    return {key: statistics.mean(full[field]) / statistics.mean(auto[field])
+            for key, field in (("cpu", "cpu_seconds"), ("wall", "seconds"))}
+
+
 def experiments(r: dict) -> list[dict]:
     """Every round of the experiment comparison (one per `--order`), in the results."""
     return r.get("experiments") or ([r["experiment"]] if r.get("experiment") else [])
@@ -299,10 +305,11 @@ def mean_ratios(r: dict) -> dict:
 def goals(r: dict) -> list[tuple]:
     """(label, result, target, met) rows for the goals table of results.md."""
     ratio, rss, acc = mean_ratios(r), r.get("rss"), r.get("accuracy")
+    stage = stage_ratios(r["stage"]) if r.get("stage") else None
     return [
-        ("finetune stage, full path / cached path",
-         f"{ratio['stage']:.2f}x" if ratio else "-", ">= 2.5x",
-         ratio and ratio["stage"] >= 2.5),
+        ("finetune stage alone, full path / cached path",
+         f"{stage['wall']:.2f}x wall, {stage['cpu']:.2f}x CPU" if stage else "-", ">= 2.5x",
+         stage and stage["wall"] >= 2.5),
         ("`dvc exp run -S head.dropout=0.4`, full / cached",
          f"{ratio['experiment']:.2f}x" if ratio else "-", ">= 2x",
          ratio and ratio["experiment"] >= 2),
@@ -366,8 +373,7 @@ def markdown(r: dict) -> str:
     stage = r.get("stage")
     if stage:
         full, auto = stage["full"], stage["auto"]
-        cpu = statistics.mean(full["cpu_seconds"]) / statistics.mean(auto["cpu_seconds"])
-        wall = statistics.mean(full["seconds"]) / statistics.mean(auto["seconds"])
+        cpu, wall = stage_ratios(stage)["cpu"], stage_ratios(stage)["wall"]
         lines += [
             "`stages/finetune.py` alone in the same workspace, interleaved full, cached, "
             "cached, full (decoded-image cache emptied before each):",
