@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from retrain.crossval import cross_validate_head, fold_indices
+from retrain.crossval import ReusedHead, cross_validate_head, fold_indices, fold_scores, score_fold
 
 HEAD = {"dropout": 0.2, "learning_rate": 0.05, "epochs": 3, "batch_size": 16,
         "class_weights": False, "early_stopping_patience": 0}
@@ -59,6 +59,40 @@ def test_cross_validation_is_deterministic_for_a_seed():
     assert first["val_accuracy_mean"] > 0.6  # chance is 1/3
     assert first["val_accuracy_sd"] == pytest.approx(
         np.std(first["per_fold"]["val_accuracy"], ddof=1), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_fold_scores_as_a_fresh_head_whatever_folds_ran_before_it():
+    """The reused head restarts each fold as the train_head stage's fresh head: weights,
+    dropout seed, optimizer state, early stopping and class weights included."""
+    import keras
+
+    from retrain.head import build_head, train_head
+    from retrain.reproducibility import make_deterministic
+    from retrain.training import balanced_class_weights
+
+    features, labels = separable_features()
+    labels[:12] = 0  # imbalanced, so the class weights are not all 1
+    recipe = {**HEAD, "class_weights": True, "early_stopping_patience": 1}
+    digests = np.array([f"img{i}" for i in range(len(labels))])
+    splits = fold_indices(labels, digests, folds=3, repeats=1, seed=7)
+    reused = ReusedHead(features.shape[1], 3, recipe)
+    in_order = [score_fold(reused, features, labels, train, val, seed=7 + index)
+                for index, (train, val) in enumerate(splits)]
+
+    train, val = splits[2]
+    keras.backend.clear_session()
+    make_deterministic(9)
+    fresh = build_head(features.shape[1], 3, recipe["dropout"], 9)
+    train_head(fresh, (features[train], labels[train]), (features[val], labels[val]),
+               learning_rate=recipe["learning_rate"], epochs=recipe["epochs"],
+               batch_size=recipe["batch_size"], patience=1, verbose=0,
+               class_weight=balanced_class_weights(labels[train], 3))
+    predicted = keras.ops.convert_to_numpy(fresh(features[val], training=False)).argmax(1)
+    assert in_order[2] == pytest.approx(fold_scores(labels[val], predicted), abs=1e-6)
+    for trained, expected in zip(reused.model.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_allclose(trained, expected, atol=1e-6)
+    assert in_order[2] != in_order[1]
 
 
 def test_zero_folds_writes_a_file_saying_crossval_is_off(tmp_path):

@@ -17,18 +17,25 @@ def build_head(feature_size: int, classes: int, dropout: float, seed: int) -> ke
     return keras.Model(features, probabilities, name="head")
 
 
-def compile_classifier(model: keras.Model, learning_rate: float) -> None:
+def compile_classifier(model: keras.Model, learning_rate: float,
+                       steps_per_execution: int = 1) -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=steps_per_execution)
 
 
 def train_head(head: keras.Model, train: tuple[np.ndarray, np.ndarray],
                val: tuple[np.ndarray, np.ndarray] | None, *, learning_rate: float, epochs: int,
                batch_size: int, class_weight: dict | None = None,
                patience: int = 0, callbacks: list | None = None,
-               verbose: int = 2) -> keras.callbacks.History:
-    """Fit the head; `val` (needed for early stopping) is scored after every epoch."""
-    compile_classifier(head, learning_rate)
+               verbose: int = 2, compile: bool = True) -> keras.callbacks.History:
+    """Fit the head; `val` (needed for early stopping) is scored after every epoch.
+
+    compile=False trains a head already compiled by `compile_classifier` (whose optimizer
+    the caller has reset): its traced train step is reused instead of traced again.
+    """
+    if compile:
+        compile_classifier(head, learning_rate)
     callbacks = list(callbacks or [])
     if patience:
         callbacks.append(keras.callbacks.EarlyStopping(
