@@ -4,7 +4,12 @@ Every epoch decodes every image and pushes it through the frozen base again (tf.
 pipeline, as in the Keras transfer-learning tutorial). Same network, splits, epochs, batch
 size, learning rate and dropout as the pipeline's train_head stage, read from a workspace.
 
-    python bench/notebook_head.py --workspace WS
+With `--finetune`, the tutorial's second part follows: unfreeze the base from
+`finetune.from_layer` (BatchNorm stays frozen, `retrain.finetune.unfreeze_from`), recompile
+at `head.learning_rate * finetune.lr_factor` and fit `finetune.epochs` more on the same
+images (no augmentation: the notebook way does less work than the pipeline's finetune).
+
+    python bench/notebook_head.py --workspace WS [--finetune]
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--finetune", action="store_true",
+                        help="then unfreeze from finetune.from_layer and fit finetune.epochs")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -58,11 +65,30 @@ def main() -> None:
     model = keras.Model(pixels, outputs)
     model.compile(optimizer=keras.optimizers.Adam(head["learning_rate"]),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(dataset("train", True), validation_data=dataset("val", False),
-                        epochs=head["epochs"], verbose=2)
+    train, val = dataset("train", True), dataset("val", False)
+    history = model.fit(train, validation_data=val, epochs=head["epochs"], verbose=2)
     print(f"notebook head: {head['epochs']} epochs, val_accuracy "
           f"{history.history['val_accuracy'][-1]:.4f}, "
           f"{time.perf_counter() - start:.1f} s including imports")
+    if args.finetune:
+        fine_tune(model, base, train, val, params)
+        print(f"notebook head + finetune: {time.perf_counter() - start:.1f} s including imports")
+
+
+def fine_tune(model, base, train, val, params: dict) -> None:
+    import keras
+
+    from retrain.finetune import unfreeze_from
+
+    recipe = params["finetune"]
+    unfreeze_from(base, recipe["from_layer"], recipe["train_batchnorm"])
+    model.compile(optimizer=keras.optimizers.Adam(params["head"]["learning_rate"]
+                                                  * recipe["lr_factor"]),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(train, validation_data=val, epochs=recipe["epochs"], verbose=2)
+    print(f"notebook finetune: {recipe['epochs']} epochs from layer {recipe['from_layer']}, "
+          f"{len(model.trainable_weights)} trainable tensors, val_accuracy "
+          f"{history.history['val_accuracy'][-1]:.4f}")
 
 
 if __name__ == "__main__":

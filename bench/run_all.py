@@ -21,12 +21,13 @@ import bench_extraction
 import bench_finetune
 import bench_memory
 import bench_pipeline
+import bench_whole
 from common import PYTHON, bench_env, load_average, machine, parse_args, verdict
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [("extraction", bench_extraction), ("memory", bench_memory),
               ("pipeline", bench_pipeline), ("export", bench_export),
-              ("finetune", bench_finetune)]
+              ("finetune", bench_finetune), ("whole", bench_whole)]
 
 READING = """\
 ## Reading these numbers
@@ -104,6 +105,7 @@ def goals_table(results: dict) -> str:
             if mem else "-", "<= 1.2x and < 2 GiB", mem and mem["goal"]),
     ]
     rows += [row(*goal) for goal in bench_finetune.goals(results.get("finetune") or {})]
+    rows += [row(*goal) for goal in bench_whole.goals(results.get("whole") or {})]
     return "\n".join(["| goal | result | target | |", "|---|---|---|---|", *rows]) + "\n"
 
 
