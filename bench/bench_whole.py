@@ -22,6 +22,7 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
+from bench_finetune import timed_stages
 from bench_pipeline import dvc, git_commit
 from common import (
     FLOWER_COUNTS,
@@ -84,7 +85,11 @@ def main(argv=None) -> dict:
                "command": "python bench/bench_whole.py" + (f" --images {images}"
                                                          if images != sum(FLOWER_COUNTS)
                                                          else "")}
-    results["pipeline"] = measured(dvc("repro"), ws, env)
+    load = load_average()
+    run = timed_stages(dvc("repro"), ws, env)
+    results["pipeline"] = {"command": "dvc repro", "wall_s": run["seconds"],
+                           "cpu_s": run["cpu_seconds"], "stages": run["stages"],
+                           "load_before": load, "load_after": run["load_average"]}
     results["notebook"] = measured([PYTHON, NOTEBOOK, "--workspace", ws, "--finetune"],
                                    ws, env)
     results["ratio_wall"] = results["notebook"]["wall_s"] / results["pipeline"]["wall_s"]
@@ -127,6 +132,9 @@ def markdown(r: dict) -> str:
         f"| notebook / pipeline, wall | **{r['ratio_wall']:.2f}x** | >= {GOAL:g}x | "
         f"{verdict(r['goal'])} |",
         f"| notebook / pipeline, CPU | {r['ratio_cpu']:.2f}x | | |",
+        "",
+        "Pipeline stages (wall s, from `Running stage` to the next): "
+        + ", ".join(f"{name} {sec:.0f}" for name, sec in p["stages"].items()) + ".",
         "",
         f"Notebook run: {' '.join(n['output_tail'][-1:])}",
     ]) + "\n"
