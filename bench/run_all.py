@@ -84,6 +84,8 @@ def goals_table(results: dict) -> str:
     ext, mem, pipe = (results.get(k) for k in ("extraction", "memory", "pipeline"))
 
     def row(label, value, goal, ok):
+        # `part and part["goal"]` is the empty part itself when that benchmark did not run
+        ok = ok if isinstance(ok, bool) else None
         return f"| {label} | {value} | {goal} | {verdict(ok)} |"
 
     rows = [
