@@ -143,8 +143,8 @@ def side_by_side(run: dict, reference: dict) -> str:
             lines.append(f"{model + ' ' + metric:<{width}} {_with_interval(mine, metric):>14} "
                          f"{_with_interval(theirs, metric):>14}")
     lines.append(f"(metrics on {run['test_images']} test images; [a, b]: their 95% bootstrap "
-                 "interval from evaluate.json, where the metric would most likely land on "
-                 "another test set of this size; speed-up: reference time / this run's)")
+                 "interval from evaluate.json, a 95% confidence interval for the model's "
+                 "metric on images like these; speed-up: reference time / this run's)")
     return "\n".join(lines)
 
 

@@ -363,3 +363,23 @@ def test_split_stage_notes_each_image_it_moves(lopsided_tree, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "split: note: class 'class_002' (3 images) drew 0 for test: moved one image there " \
            "from train" in result.stderr
+
+
+def test_a_seed_keeps_its_stratified_split_when_no_class_needs_a_top_up():
+    # Two seeded scikit-learn draws, validation from all, test from the rest in the order the
+    # first draw returned it: a seed's split stays the one earlier versions made, so their
+    # test metrics stay paired with today's.
+    from sklearn.model_selection import train_test_split
+
+    rows = [{"sha256": f"{label}-{i:02d}", "label": label} for label in "abcde"
+            for i in range(40)]
+    split_of, notes = assign_splits(rows, 0.2, 0.1, seed=42)
+
+    groups = sorted((row["sha256"], row["label"]) for row in rows)
+    digests, labels = [d for d, _ in groups], [label for _, label in groups]
+    rest, val, rest_labels, _ = train_test_split(digests, labels, test_size=0.2,
+                                                 stratify=labels, random_state=42)
+    train, test = train_test_split(rest, test_size=0.1, stratify=rest_labels, random_state=42)
+    assert notes == []
+    assert split_of == {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"),
+                        **dict.fromkeys(test, "test")}

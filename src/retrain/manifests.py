@@ -266,8 +266,12 @@ def stratified_split(groups, val_fraction: float, test_fraction: float, seed: in
                                      random_state=seed)
         split_of = {**dict.fromkeys(rest, rest_name), **dict.fromkeys(val, "val")}
         notes = top_up(groups, split_of, {rest_name: 2, "val": 1}, seed)
-        rest = [digest for digest in digests if split_of[digest] == rest_name]
-        rest_labels = [label for digest, label in groups if split_of[digest] == rest_name]
+        # scikit-learn's order of `rest`, images moved in by the top-up last: the second draw
+        # depends on that order, and keeping it keeps every earlier split of a seed as it was.
+        moved_in = [digest for digest in val if split_of[digest] == rest_name]
+        rest = [digest for digest in rest if split_of[digest] == rest_name] + moved_in
+        label_of = dict(groups)
+        rest_labels = [label_of[digest] for digest in rest]
         train, test = train_test_split(rest, test_size=test_fraction, stratify=rest_labels,
                                        random_state=seed)
     except ValueError as exc:  # check_split_sizes should have caught every such case
