@@ -53,6 +53,18 @@ PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:
             "sys.exit(code)")
 
 
+def run_stages_to_head(raw, scratch, env: dict) -> None:
+    """split, extract and train_head in `scratch` (its params.yaml), as dvc.yaml runs them."""
+    stage = REPO / "stages"
+    for script, *rest in (
+            ("split.py", "--raw", raw, "--out", "manifests", "--metrics", "data.json"),
+            ("extract.py", "--raw", raw, "--manifests", "manifests", "--out", "features",
+             "--metrics", "extract.json"),
+            ("train_head.py", "--features", "features", "--manifests", "manifests",
+             "--model", "head.keras", "--live", "live-head", "--metrics", "head.json")):
+        timed_run([PYTHON, stage / script, *rest], scratch, env)
+
+
 def git_commit(ws: Path, env: dict, message: str) -> None:
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "add", "-A"], cwd=ws, env=env, check=True)
@@ -164,13 +176,7 @@ def peak_rss(args, env: dict) -> dict:
                      finetune__epochs=args.rss_epochs)
     stage = REPO / "stages"
     if not (scratch / "head.keras").exists():
-        for script, *rest in (
-                ("split.py", "--raw", raw, "--out", "manifests", "--metrics", "data.json"),
-                ("extract.py", "--raw", raw, "--manifests", "manifests", "--out", "features",
-                 "--metrics", "extract.json"),
-                ("train_head.py", "--features", "features", "--manifests", "manifests",
-                 "--model", "head.keras", "--live", "live-head", "--metrics", "head.json")):
-            timed_run([PYTHON, stage / script, *rest], scratch, env)
+        run_stages_to_head(raw, scratch, env)
     forget_decoded_images(args.workdir)  # the worst case: the first run decodes them all
     seconds, out = timed_run(
         [PYTHON, "-c", PEAK_RSS, PYTHON, stage / "finetune.py", "--raw", raw,
@@ -214,13 +220,7 @@ def accuracy_runs(args, env: dict) -> dict | None:
         edit_params_from(REPO / "params.yaml", scratch / "params.yaml", seed=seed,
                          model__weights=str(REAL_WEIGHTS), model__image_size=224,
                          model__alpha=0.35)
-        for script, *rest in (
-                ("split.py", "--raw", raw, "--out", "manifests", "--metrics", "data.json"),
-                ("extract.py", "--raw", raw, "--manifests", "manifests", "--out", "features",
-                 "--metrics", "extract.json"),
-                ("train_head.py", "--features", "features", "--manifests", "manifests",
-                 "--model", "head.keras", "--live", "live-head", "--metrics", "head.json")):
-            timed_run([PYTHON, stage / script, *rest], scratch, env)
+        run_stages_to_head(raw, scratch, env)
         row = {"seed": seed}
         for path in ("full", "auto"):
             edit_params(scratch / "params.yaml", finetune__path=path)
