@@ -1,11 +1,14 @@
-"""Stage `fetch`: download the archive named by `data.url`, check its sha256, extract it."""
+"""Stage `fetch`: download the archive named by `data.url`, check its sha256, extract it, and
+print and store how its folders were read (data.layout)."""
 
 import argparse
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
-from retrain.archive import UNLABELED, class_folders
+from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
 from retrain.fetch import fetch_dataset
+from retrain.layout import describe
 from retrain.params import load_params
 
 
@@ -14,9 +17,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, type=Path,
                         help="folder to write: <out>/<dataset>/<class>/<images>")
+    parser.add_argument("--layout", required=True, type=Path,
+                        help="JSON file to write: how the archive's folders were read")
     args = parser.parse_args()
     data = load_params()["data"]
-    dataset = fetch_dataset(
+    dataset, reading = fetch_dataset(
         data["url"],
         data["sha256"],
         args.out,
@@ -24,11 +29,15 @@ def main() -> None:
         retries=data["retries"],
         max_members=data["max_members"],
         max_extracted_bytes=data["max_extracted_mb"] * 1e6,
+        layout=data["layout"],
+        unlabeled=data["unlabeled"],
     )
-    print(f"fetch: {dataset.name}: {len(class_folders(dataset))} class folders in {dataset}")
-    if (dataset / UNLABELED).is_dir():
-        print(f"fetch: images outside every class folder are set aside in {dataset / UNLABELED} "
-              "(split lists them in excluded.csv)")
+    write_json(args.layout, reading.as_json())
+    archive_name = PurePosixPath(urlsplit(data["url"]).path).name or "the archive"
+    for line in describe(reading, archive_name):
+        print(f"fetch: {line}")
+    print(f"fetch: {dataset.name}: {len(reading.classes)} classes in {dataset}; the reading "
+          f"is in {args.layout}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Safe extraction and layout normalisation of dataset archives, built in the tests."""
+"""Safe extraction of dataset archives, built in the tests (layouts: test_layouts.py)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def place(tmp_path):
     def extract(data: bytes, name: str = "pack.tgz", **limits) -> Path:
         archive = tmp_path / name
         archive.write_bytes(data)
-        return extract_dataset(archive, tmp_path / "raw", **limits)
+        return extract_dataset(archive, tmp_path / "raw", **limits)[0]
 
     extract.sentinel = sentinel
     return extract
@@ -278,173 +278,25 @@ def test_limits_allow_an_archive_within_them(place):
     assert len(tree(dataset)) == 20
 
 
-# --------------------------------------------------------------------------- layouts
-
-# (id, entries, files expected under raw/); archives are named pack.<ext>.
-LAYOUTS = [
-    ("official layout", [d("flowers"), f("flowers/LICENSE.txt", b"CC-BY"),
-                         f("flowers/roses/a.jpg"), f("flowers/tulips/b.jpg")],
-     {"flowers/LICENSE.txt", "flowers/roses/a.jpg", "flowers/tulips/b.jpg"}),
-    ("classes at root", [f("roses/a.jpg"), f("tulips/b.jpg")],
-     {"pack/roses/a.jpg", "pack/tulips/b.jpg"}),
-    ("./ prefixed names", [d("."), d("./roses"), f("./roses/a.jpg"), f("./tulips/b.jpg")],
-     {"pack/roses/a.jpg", "pack/tulips/b.jpg"}),
-    ("nested top folders", [f("outer/inner/roses/a.jpg"), f("outer/inner/tulips/b.jpg")],
-     {"inner/roses/a.jpg", "inner/tulips/b.jpg"}),
-    ("images nested in class folders", [f("roses/2019/a.jpg"), f("tulips/b.jpg")],
-     {"pack/roses/2019/a.jpg", "pack/tulips/b.jpg"}),
-    ("litter skipped", [f("flowers/roses/a.jpg"), f("flowers/roses/.DS_Store"),
-                        f("flowers/.DS_Store"), f("__MACOSX/flowers/roses/._a.jpg"),
-                        f("flowers/tulips/b.jpg"), f("flowers/tulips/Thumbs.db"),
-                        f("flowers/.git/config")],
-     {"flowers/roses/a.jpg", "flowers/tulips/b.jpg"}),
-    ("train/val/test flattened", [f("train/roses/a.jpg"), f("train/tulips/b.jpg"),
-                                  f("val/roses/a.jpg"), f("val/tulips/c.jpg"),
-                                  f("test/roses/d.jpg"), f("train/labels.csv", b"x")],
-     {"pack/roses/a.jpg", "pack/roses/val_a.jpg", "pack/roses/d.jpg", "pack/tulips/b.jpg",
-      "pack/tulips/c.jpg"}),
-    ("splits under a top folder", [f("cars/LICENSE.txt"), f("cars/train/audi/a.jpg"),
-                                   f("cars/validation/audi/a.jpg"),
-                                   f("cars/validation/bmw/b.jpg")],
-     {"cars/LICENSE.txt", "cars/audi/a.jpg", "cars/audi/validation_a.jpg", "cars/bmw/b.jpg"}),
-    ("classes named like splits", [f("train/a.jpg"), f("test/b.jpg")],
-     {"pack/train/a.jpg", "pack/test/b.jpg"}),
-    # Sets of the same class folders side by side are merged by class name; images outside
-    # every class folder are set aside in .unlabeled/ (split lists them as excluded).
-    ("kaggle training_set/test_set", [f("training_set/training_set/cats/cat.1.jpg"),
-                                      f("training_set/training_set/cats/_DS_Store", b"x"),
-                                      f("training_set/training_set/dogs/dog.1.jpg"),
-                                      f("test_set/test_set/cats/cat.1.jpg"),
-                                      f("test_set/test_set/dogs/dog.4001.jpg")],
-     {"pack/cats/cat.1.jpg", "pack/cats/_DS_Store", "pack/cats/test_set_cat.1.jpg",
-      "pack/dogs/dog.1.jpg", "pack/dogs/dog.4001.jpg"}),
-    ("seg_train, seg_test and unlabeled seg_pred",
-     [f("seg_train/seg_train/forest/1.jpg"), f("seg_train/seg_train/sea/2.jpg"),
-      f("seg_test/seg_test/forest/3.jpg"), f("seg_test/seg_test/sea/4.jpg"),
-      f("seg_pred/seg_pred/5.jpg"), f("seg_pred/seg_pred/6.jpg")],
-     {"pack/forest/1.jpg", "pack/forest/3.jpg", "pack/sea/2.jpg", "pack/sea/4.jpg",
-      "pack/.unlabeled/seg_pred/seg_pred/5.jpg", "pack/.unlabeled/seg_pred/seg_pred/6.jpg"}),
-    ("two sets side by side", [f("set1/cats/a.jpg"), f("set1/dogs/b.jpg"), f("set2/cats/c.jpg"),
-                               f("set2/dogs/d.jpg"), f("set2/birds/e.jpg")],
-     {"pack/cats/a.jpg", "pack/cats/c.jpg", "pack/dogs/b.jpg", "pack/dogs/d.jpg",
-      "pack/birds/e.jpg"}),
-    ("train classes beside an unlabeled test folder",
-     [f("pets/train/cats/a.jpg"), f("pets/train/dogs/b.jpg"), f("pets/test/1.jpg"),
-      f("pets/test/2.jpg"), f("pets/LICENSE.txt")],
-     {"pets/cats/a.jpg", "pets/dogs/b.jpg", "pets/.unlabeled/test/1.jpg",
-      "pets/.unlabeled/test/2.jpg", "pets/LICENSE.txt"}),
-    ("sets inside a set", [f("training_set/cats/a.jpg"), f("training_set/dogs/b.jpg"),
-                           f("test_set/test_set/cats/c.jpg"), f("test_set/test_set/dogs/d.jpg"),
-                           f("test_set/unlabeled/e.jpg"), f("test_set/notes.txt")],
-     {"pack/cats/a.jpg", "pack/cats/c.jpg", "pack/dogs/b.jpg", "pack/dogs/d.jpg",
-      "pack/.unlabeled/test_set/unlabeled/e.jpg"}),
-    ("loose images in a set", [f("train/cats/a.jpg"), f("train/dogs/b.jpg"), f("train/x.jpg"),
-                               f("test/cats/c.jpg"), f("test/dogs/d.jpg")],
-     {"pack/cats/a.jpg", "pack/cats/c.jpg", "pack/dogs/b.jpg", "pack/dogs/d.jpg",
-      "pack/.unlabeled/train/x.jpg"}),
-    # Classes with subfolders of their own stay classes.
-    ("classes holding splits", [f("cats/train/a.jpg"), f("cats/test/b.jpg"),
-                                f("dogs/train/c.jpg"), f("dogs/test/d.jpg")],
-     {"pack/cats/train/a.jpg", "pack/cats/test/b.jpg", "pack/dogs/train/c.jpg",
-      "pack/dogs/test/d.jpg"}),
-    ("classes holding one images/ folder each", [f("cats/images/a.jpg"), f("dogs/images/b.jpg")],
-     {"pack/cats/images/a.jpg", "pack/dogs/images/b.jpg"}),
-    ("classes sharing one subfolder name", [f("roses/misc/a.jpg"), f("roses/2019/b.jpg"),
-                                            f("tulips/misc/c.jpg"), f("tulips/d.jpg")],
-     {"pack/roses/misc/a.jpg", "pack/roses/2019/b.jpg", "pack/tulips/misc/c.jpg",
-      "pack/tulips/d.jpg"}),
-    ("hard link inside the archive", [f("flowers/roses/a.jpg"),
-                                      hard("flowers/tulips/a.jpg", "flowers/roses/a.jpg")],
-     {"flowers/roses/a.jpg", "flowers/tulips/a.jpg"}),
-]
-FORMATS = {"w:gz": "pack.tgz", "w:": "pack.tar", "zip": "pack.zip"}
-
-
-def layout_cases():
-    for case_id, entries, expected in LAYOUTS:
-        for fmt, name in FORMATS.items():
-            if fmt == "zip" and any(entry[0] == "hard" for entry in entries):
-                continue
-            yield pytest.param(entries, fmt, name, expected, id=f"{case_id}-{name}")
-
-
-@pytest.mark.parametrize("entries, fmt, name, expected", layout_cases())
-def test_layout(tmp_path, entries, fmt, name, expected):
-    archive = tmp_path / name
-    archive.write_bytes(archive_bytes(entries, fmt))
-    dataset = extract_dataset(archive, tmp_path / "raw")
-    assert tree(tmp_path / "raw") == expected
-    assert dataset == tmp_path / "raw" / sorted(expected)[0].split("/")[0]
-
-
-# Layouts that cannot be read as meant: (id, entries, first line of the error after the
-# archive name, a line of the tree it shows).
-UNREADABLE_LAYOUTS = [
-    ("sets named like nothing", [f("kaggle/cats/a.jpg"), f("kaggle/dogs/b.jpg"),
-                                 f("scraped/cats/c.jpg"), f("scraped/dogs/d.jpg")],
-     r"cannot tell classes from sets of classes: kaggle/, scraped/ hold folders of the "
-     r"same names \(cats, dogs\)$", "kaggle/: cats/ (1), dogs/ (1)"),
-    ("classes with the same subfolders", [f("roses/2019/a.jpg"), f("roses/2020/b.jpg"),
-                                          f("tulips/2019/c.jpg"), f("tulips/2020/d.jpg")],
-     r"cannot tell classes from sets of classes: roses/, tulips/ hold .*\(2019, 2020\)$",
-     "tulips/: 2019/ (1), 2020/ (1)"),
-    ("a class beside sets", [f("train/cats/a.jpg"), f("train/dogs/b.jpg"), f("birds/c.jpg")],
-     r"birds/ is neither a set of class folders nor a set of unlabeled images, next to "
-     r"train/$", "birds/: 1 images"),
-    ("a class with subfolders beside sets", [f("data/train/cats/a.jpg"),
-                                             f("data/train/dogs/b.jpg"),
-                                             f("data/extra/misc/c.jpg"),
-                                             f("data/extra/misc/d.jpg")],
-     r"extra/ is neither .*, next to train/$", "data/extra/: misc/ (2)"),
-]
-
-
-@pytest.mark.parametrize("entries, headline, tree_line",
-                         [case[1:] for case in UNREADABLE_LAYOUTS],
-                         ids=[case[0] for case in UNREADABLE_LAYOUTS])
-def test_unreadable_layout_refused_with_the_tree_found(place, tmp_path, entries, headline,
-                                                       tree_line):
-    with pytest.raises(DataError) as info:
-        place(tar_bytes(entries))
-    first, *rest = str(info.value).splitlines()
-    assert re.match(rf"{tmp_path}/pack\.tgz: {headline}", first), first
-    assert rest[0] == "  found:" and f"    {tree_line}" in rest
-    assert rest[-1].startswith("  expected: [top folder/]<class>/<images>, or sets")
-    assert_nothing_written(tmp_path)
-
-
-def test_tree_in_a_layout_error_is_cut_short(place):
-    shops = [f(f"shop_{i:02}/{animal}/{j}.jpg") for i in range(12)
-             for animal in ("cats", "dogs", "birds", "mice", "rats", "owls", "fish")
-             for j in range(2)]
-    with pytest.raises(DataError) as info:
-        place(tar_bytes(shops))
-    lines = str(info.value).splitlines()
-    assert len(lines) == 12  # headline, found:, 8 folders, "... more", expected
-    assert "    shop_00/: birds/ (2), cats/ (2), dogs/ (2), fish/ (2), mice/ (2), " \
-        "2 more folders" in lines
-    assert "    ... and 4 more folders" in lines
-
-
 @pytest.mark.parametrize("mode", ["w:bz2", "w:xz"])
 def test_other_tar_compressions(tmp_path, mode):
     archive = tmp_path / "pack.tar"
     archive.write_bytes(tar_bytes(GOOD, mode))
-    dataset = extract_dataset(archive, tmp_path / "raw")
+    dataset, _ = extract_dataset(archive, tmp_path / "raw")
     assert tree(dataset) == {"good/a.jpg", "good/b.jpg", "other/c.jpg"}
 
 
 def test_format_comes_from_content_not_name(tmp_path):
     archive = tmp_path / "pack.tgz"
     archive.write_bytes(zip_bytes(GOOD))
-    assert tree(extract_dataset(archive, tmp_path / "raw")) == {"good/a.jpg", "good/b.jpg",
+    assert tree(extract_dataset(archive, tmp_path / "raw")[0]) == {"good/a.jpg", "good/b.jpg",
                                                               "other/c.jpg"}
 
 
 def test_synthetic_tarball_and_given_name(tmp_path):
     archive = write_dataset(tmp_path / "download", classes=3, per_class=2, size=32,
                             top_folder=None)
-    dataset = extract_dataset(archive, tmp_path / "raw", name="shapes", label="http://x/y")
+    dataset, _ = extract_dataset(archive, tmp_path / "raw", name="shapes", label="http://x/y")
     assert dataset == tmp_path / "raw" / "shapes"
     assert [p.name for p in class_folders(dataset)] == ["class_000", "class_001", "class_002"]
 
@@ -479,7 +331,8 @@ def test_archive_stem(file_name, stem):
 def test_real_flower_photos_sample(tmp_path):
     from conftest import real_flowers_or_skip
 
-    dataset = extract_dataset(real_flowers_or_skip(), tmp_path / "raw")
+    dataset, reading = extract_dataset(real_flowers_or_skip(), tmp_path / "raw")
+    assert reading.layout == "classes" and not reading.unlabeled
     assert dataset.name == "flower_photos"
     assert (dataset / "LICENSE.txt").is_file()
     counts = {p.name: len(list(p.iterdir())) for p in class_folders(dataset)}

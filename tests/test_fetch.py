@@ -60,7 +60,7 @@ def tarball(tmp_path_factory) -> tuple[bytes, str]:
 
 def fetch(url, sha256, tmp_path, **kwargs) -> Path:
     options = {**FAST, "cache_dir": tmp_path / "cache", **kwargs}
-    return fetch_dataset(url, sha256, tmp_path / "raw", **options)
+    return fetch_dataset(url, sha256, tmp_path / "raw", **options)[0]
 
 
 def assert_dataset(dataset: Path, name: str = "shapes") -> None:
@@ -396,7 +396,8 @@ def run_stage(tmp_path: Path, url: str, sha256: str) -> subprocess.CompletedProc
     params["data"].update(url=url, sha256=sha256)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "RETRAIN_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw"],
+    return subprocess.run([sys.executable, str(REPO / "stages" / "fetch.py"), "--out", "raw",
+                           "--layout", "layout.json"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -413,4 +414,9 @@ def test_stage_summary(tarball, tmp_path):
     (tmp_path / "shapes.tgz").write_bytes(body)
     result = run_stage(tmp_path, "shapes.tgz", sha256)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"fetch: shapes: {CLASSES} class folders in raw/shapes"
+    counts = ", ".join(f"class_{i:03d} {PER_CLASS}" for i in range(CLASSES))
+    assert result.stdout.splitlines() == [
+        "fetch: read shapes.tgz as class folders under shapes/ (data.layout: auto)",
+        f"fetch:   classes ({CLASSES}): {counts}",
+        "fetch:   set aside as unlabeled: nothing",
+        f"fetch: shapes: {CLASSES} classes in raw/shapes; the reading is in layout.json"]

@@ -124,7 +124,8 @@ def test_model_combination_stops_fetch_before_the_download(tmp_path):
     params["model"]["image_size"] = 64
     params["data"]["url"] = str(tmp_path / "flowers.tgz")  # would fail as "not found"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, REPO / "stages" / "fetch.py", "--out", "raw"],
+    result = subprocess.run([sys.executable, REPO / "stages" / "fetch.py", "--out", "raw",
+                             "--layout", "layout.json"],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

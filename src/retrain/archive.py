@@ -14,18 +14,12 @@ lies.
 The format comes from the content (magic bytes), never the file name: gzip/bzip2/xz
 compressed or plain tar, and zip.
 
-Layout. The result is always `<dest_dir>/<dataset_name>/<class>/<images...>`:
-- one top folder (the official flower_photos/ layout: class folders plus a LICENSE.txt):
-  the dataset is named after that folder, and non-class files such as LICENSE.txt stay;
-- class folders at the archive root: the dataset is named after the archive file name
-  without its extension (.tgz, .tar.gz, .tar, .zip, ...);
-- sets of the same class folders side by side (`train/` `test/`, `training_set/` `test_set/`,
-  `set1/` `set2/`: see "containers" below) are merged into one folder per class, because the
-  split stage makes its own seeded, stratified, duplicate-aware splits and a publisher's
-  split would bypass those checks. Where two sets hold the same file name for a class, the
-  later one (train, then val, then the rest by name) is renamed `<set>_<name>`. Images
-  outside every class folder go to `<dataset>/.unlabeled/`, where `split` reports them;
-  a layout that reads two ways is refused with the tree found.
+Layout. The result is always `<dest_dir>/<dataset_name>/<class>/<images...>`, as
+`retrain.layout` reads the unpacked tree (class folders, or sets of the same class folders
+merged by class name; images without a class set aside in `<dataset>/.unlabeled/`; a tree
+that reads two ways refused). The dataset is named after the archive's single top folder
+(the official flower_photos/ layout, whose LICENSE.txt stays), or after the archive file
+name without its extension (.tgz, .tar.gz, .zip, ...) when class folders are at its root.
 Hidden names (starting with a dot: .DS_Store, ._AppleDouble files) and `__MACOSX`,
 `Thumbs.db` and `desktop.ini` litter are not extracted at all.
 """
@@ -33,18 +27,19 @@ Hidden names (starting with a dot: .DS_Store, ._AppleDouble files) and `__MACOSX
 from __future__ import annotations
 
 import lzma
-import os
 import re
 import stat
 import tarfile
 import zipfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from retrain.atomic import atomic_path, remove
 from retrain.errors import DataError, first_line
 from retrain.images import is_image_name
+from retrain.layout import UNLABELED, Reading, arrange, read_layout
+
+__all__ = ["UNLABELED", "class_folders", "extract_dataset", "unpack"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 LITTER = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
@@ -66,8 +61,12 @@ def extract_dataset(
     label: str | None = None,
     max_members: int = 1_000_000,
     max_extracted_bytes: float = 20e9,
-) -> Path:
-    """Extract `archive` to `dest_dir/<dataset_name>/<class>/...` and return that dataset folder.
+    layout: str = "auto",
+    unlabeled: tuple[str, ...] | list[str] = (),
+) -> tuple[Path, Reading]:
+    """Extract `archive` to `dest_dir/<dataset_name>/<class>/...`; return that dataset folder
+    and the layout reading that arranged it (`retrain.layout`: `layout` is `data.layout`,
+    `unlabeled` is `data.unlabeled`).
 
     `dest_dir` appears whole or not at all: a previous one is replaced only on success.
     `name` is the dataset name used when the archive has no single top folder (default: the
@@ -83,11 +82,12 @@ def extract_dataset(
         unpacked.mkdir()
         unpack(archive, unpacked, label=label, max_members=max_members,
                max_extracted_bytes=max_extracted_bytes)
-        dataset = _arrange(unpacked, staging, name, label)
+        reading = read_layout(unpacked, name, label, layout=layout, unlabeled=unlabeled)
+        dataset = arrange(reading, staging, label)
         if unpacked.exists():
             remove(unpacked)
         dataset_name = dataset.name
-    return Path(dest_dir) / dataset_name
+    return Path(dest_dir) / dataset_name, reading
 
 
 def unpack(
@@ -179,9 +179,23 @@ def _safe_parts(name: str, label: str, role: str = "member") -> tuple[str, ...]:
     if unified.startswith("/") or re.match(r"[A-Za-z]:", unified):
         raise DataError(f"{label}: {role} {name!r} is an absolute path")
     parts = tuple(part for part in unified.split("/") if part not in ("", "."))
+    if not _is_utf8(name):
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise DataError(f"{label}: {role} {shown!r} has a name that is not UTF-8 (an archive "
+                        "made where names are Latin-1 or another encoding), which DVC cannot "
+                        "record; re-create the archive with UTF-8 names, e.g. convert them "
+                        "with `convmv -f latin1 -t utf8 -r --notest <folder>` and pack again")
     if ".." in parts:
         raise DataError(f"{label}: {role} {name!r} points outside the archive folder ('..')")
     return parts
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # bytes that are not UTF-8 arrive from tarfile as surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_litter(parts: tuple[str, ...]) -> bool:
@@ -342,218 +356,6 @@ def _extract_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path
 
 
 # ---------------------------------------------------------------------------- layout
-
-
-def _arrange(unpacked: Path, staging: Path, fallback_name: str, label: str) -> Path:
-    """Move the unpacked tree to `staging/<dataset_name>` in the one layout, and check it."""
-    root, name = _dataset_root(unpacked, fallback_name)
-    dataset = staging / name
-    layout = _read_layout(root, unpacked, label)
-    if layout.containers:
-        _merge_containers(root, layout, dataset, label)
-    else:
-        os.replace(root, dataset)
-    if not class_folders(dataset):
-        raise DataError(f"{label}: no class folders with images (expected "
-                        "[top folder/]<class>/<image files>)")
-    return dataset
-
-
-def _dataset_root(unpacked: Path, fallback_name: str) -> tuple[Path, str]:
-    """Descend through single top folders that are neither a class nor a split folder."""
-    root, name = unpacked, fallback_name
-    while True:
-        subfolders = _subfolders(root)
-        if len(subfolders) != 1 or _holds_images(root, deep=False):
-            return root, name
-        (only,) = subfolders
-        if _holds_images(only, deep=False) or _words(only.name) & SPLIT_WORDS:
-            return root, name
-        root, name = only, only.name
-
-
-# ---------------------------------------------------------------------------- containers
-# A container is a folder of class folders (`train/`, `test_set/`, `set1/`): archives often
-# hold several, each with the same classes. Their class folders are merged by class name.
-# Telling one from a class that merely has subfolders takes two clues: its name (a split or
-# a numbered set) and its subfolders' names repeating in a sibling; a layout where the clues
-# disagree is refused rather than guessed, since a wrong guess trains on the wrong labels.
-
-# Words (of a folder name split at `_`, `-`, digits, ...) naming a publisher's split...
-SPLIT_WORDS = frozenset({"train", "training", "trn", "val", "valid", "validation", "dev",
-                         "test", "testing", "tst", "eval", "evaluation", "holdout", "pred",
-                         "predict", "prediction", "unlabeled", "unlabelled"})
-# ... or one of several sets side by side.
-SET_WORDS = frozenset({"set", "subset", "split", "part", "fold", "batch", "chunk", "shard"})
-MERGE_ORDER = ({"train", "training", "trn"}, {"val", "valid", "validation", "dev"})
-UNLABELED = ".unlabeled"  # images outside every class folder, set aside for `split` to report
-
-
-@dataclass
-class _Folder:
-    path: Path  # a folder of the dataset root
-    content: Path  # the same, or where its single-subfolder wrappers lead (seg_train/seg_train)
-    loose: bool  # image files directly in `content`
-    inner: list[Path]  # subfolders of `content` holding images
-
-    @property
-    def inner_names(self) -> set[str]:
-        return {folder.name for folder in self.inner}
-
-
-@dataclass
-class _Layout:
-    containers: list[_Folder] = field(default_factory=list)  # in merge order
-    unlabeled: list[_Folder] = field(default_factory=list)  # image folders without classes
-
-
-def _words(name: str) -> set[str]:
-    return set(re.findall(r"[a-z]+", name.lower()))
-
-
-def _set_like(name: str) -> bool:
-    return bool(_words(name) & (SPLIT_WORDS | SET_WORDS))
-
-
-def _survey(folder: Path) -> _Folder:
-    """Descend through wrappers: a single subfolder that holds no images itself
-    (`training_set/training_set/<class>/`) or is named as a set (`seg_pred/seg_pred/`), but
-    never into a single class (`test/roses/`)."""
-    content = folder
-    while True:
-        inner = [d for d in _subfolders(content) if _holds_images(d, deep=True)]
-        loose = _holds_images(content, deep=False)
-        if loose or len(inner) != 1 or not (_set_like(inner[0].name)
-                                            or not _holds_images(inner[0], deep=False)):
-            return _Folder(folder, content, loose, inner)
-        content = inner[0]
-
-
-def _read_layout(root: Path, unpacked: Path, label: str) -> _Layout:
-    """Which folders of `root` are containers and which hold unlabeled images; empty when
-    `root` holds class folders (a class may have subfolders of its own)."""
-    folders = _expand_sets_of_sets(
-        [_survey(d) for d in _subfolders(root) if _holds_images(d, deep=True)])
-    nested = [f for f in folders if f.inner]
-    repeated = {name for f in nested for g in nested if f is not g
-                for name in f.inner_names & g.inner_names}
-    repeated = {name for name in repeated if not _set_like(name)}  # cats/{train,test}: classes
-    # Images directly inside make a folder a class, unless its name says it is a set.
-    evidence = [f for f in nested if (not f.loose and _repeats(f, repeated))
-                or (_set_like(f.path.name) and not all(map(_set_like, f.inner_names)))]
-    if not evidence:
-        return _Layout()
-    if unnamed := [f for f in evidence if not _set_like(f.path.name)]:
-        shown = ", ".join(f"{f.path.name}/" for f in unnamed[:3])
-        same = sorted(set.intersection(*(f.inner_names for f in unnamed)))[:4]
-        raise _layout_error(label, root, unpacked,
-                            f"cannot tell classes from sets of classes: {shown} hold folders "
-                            f"of the same names ({', '.join(same) or 'see below'})")
-    layout = _Layout(containers=sorted(evidence, key=_merge_rank))
-    for folder in folders:
-        if folder in evidence:
-            continue
-        if not (folder.loose and not folder.inner and _set_like(folder.path.name)):
-            raise _layout_error(label, root, unpacked,
-                                f"{folder.path.name}/ is neither a set of class folders nor "
-                                f"a set of unlabeled images, next to "
-                                f"{', '.join(f.path.name + '/' for f in evidence[:3])}")
-        layout.unlabeled.append(folder)
-    return layout
-
-
-def _expand_sets_of_sets(folders: list[_Folder]) -> list[_Folder]:
-    """`test_set/{test_set,unlabeled}/`: a set whose folders are all named as sets stands
-    for those sets."""
-    expanded = []
-    for folder in folders:
-        if (_set_like(folder.path.name) and folder.inner and not folder.loose
-                and all(map(_set_like, folder.inner_names))):
-            expanded += _expand_sets_of_sets([_survey(d) for d in folder.inner])
-        else:
-            expanded.append(folder)
-    return expanded
-
-
-def _repeats(folder: _Folder, repeated: set[str]) -> bool:
-    """Most of `folder`'s subfolders (two at least) are named as in a sibling: the mark of a
-    set of the same classes, not of a class with a stray `misc/` shared with another."""
-    shared = len(folder.inner_names & repeated)
-    return shared >= 2 and 2 * shared >= len(folder.inner)
-
-
-def _merge_rank(folder: _Folder) -> tuple[int, str]:
-    words = _words(folder.path.name)
-    rank = next((i for i, group in enumerate(MERGE_ORDER) if words & group), len(MERGE_ORDER))
-    return rank, folder.path.name
-
-
-def _merge_containers(root: Path, layout: _Layout, dataset: Path, label: str) -> None:
-    """One folder per class in `dataset`, merged from every container; images outside any
-    class folder go to `dataset/.unlabeled/`, under their path in the archive."""
-    dataset.mkdir()
-    aside = dataset / UNLABELED
-    moved = {root / f.path.relative_to(root).parts[0]
-             for f in layout.containers + layout.unlabeled}
-    for entry in root.iterdir():
-        if entry not in moved:  # LICENSE.txt, README and the like
-            os.replace(entry, dataset / entry.name)
-    for folder in layout.unlabeled:
-        target = aside / folder.path.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder.path, target)
-    for container in layout.containers:
-        for item in sorted(container.content.iterdir()):
-            if item in container.inner:
-                _merge_class(item, dataset / item.name, container.path.name, label)
-            elif is_image_name(item) and item.is_file():
-                target = aside / item.relative_to(root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(item, target)
-
-
-def _merge_class(class_dir: Path, merged: Path, container: str, label: str) -> None:
-    merged.mkdir(exist_ok=True)
-    for item in sorted(class_dir.iterdir()):
-        target = merged / item.name
-        if target.exists():
-            target = merged / f"{container}_{item.name}"
-        if target.exists():
-            raise DataError(f"{label}: cannot merge {container}/{class_dir.name}/"
-                            f"{item.name}: {target.name} is already taken")
-        os.replace(item, target)
-
-
-def _layout_error(label: str, root: Path, unpacked: Path, problem: str) -> DataError:
-    """A layout that cannot be read as meant: what was found and what was expected."""
-    lines = [f"{label}: {problem}", "  found:"]
-    lines += [f"    {line}" for line in _tree(root, unpacked)]
-    lines += ["  expected: [top folder/]<class>/<images>, or sets of the same class folders "
-              "side by side, named as splits or sets (train/ val/ test/, training_set/ "
-              "test_set/, set1/ set2/): <set>/<class>/<images>"]
-    return DataError("\n".join(lines))
-
-
-def _tree(root: Path, unpacked: Path, folders: int = 8, names: int = 5) -> list[str]:
-    """A few lines sketching `root`: each image folder, where it leads, what it holds."""
-    surveyed = [_survey(d) for d in _subfolders(root) if _holds_images(d, deep=True)]
-    lines = []
-    for folder in surveyed[:folders]:
-        shown = folder.content.relative_to(unpacked).as_posix() + "/"
-        held = [f"{d.name}/ ({_count_images(d)})" for d in folder.inner[:names]]
-        if len(folder.inner) > names:
-            held.append(f"{len(folder.inner) - names} more folders")
-        if folder.loose:
-            held.insert(0, f"{_count_images(folder.content, deep=False)} images")
-        lines.append(f"{shown}: {', '.join(held)}")
-    if len(surveyed) > folders:
-        lines.append(f"... and {len(surveyed) - folders} more folders")
-    return lines
-
-
-def _count_images(folder: Path, *, deep: bool = True) -> int:
-    candidates = folder.rglob("*") if deep else folder.iterdir()
-    return sum(1 for p in candidates if is_image_name(p) and p.is_file())
 
 
 def _subfolders(folder: Path) -> list[Path]:

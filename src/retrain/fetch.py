@@ -41,6 +41,7 @@ from tqdm import tqdm
 from retrain.archive import archive_stem, extract_dataset
 from retrain.cache import user_cache_dir
 from retrain.errors import DownloadError, UserError, first_line
+from retrain.layout import Reading
 from retrain.urls import redact
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,13 @@ def fetch_dataset(
     max_members: int = 1_000_000,
     max_extracted_bytes: float = 20e9,
     backoff_s: float = 1.0,
-) -> Path:
+    layout: str = "auto",
+    unlabeled: tuple[str, ...] | list[str] = (),
+) -> tuple[Path, Reading]:
     """Fetch and verify the archive at `url`, extract it to `dest_dir/<dataset_name>/<class>/`,
-    and return that dataset folder. `dest_dir` appears whole or not at all.
+    and return that dataset folder with its layout reading (retrain.layout; `layout` and
+    `unlabeled` are `data.layout` and `data.unlabeled`). `dest_dir` appears whole or not at
+    all.
 
     Raises DownloadError (URL, HTTP status, network, digest) or DataError (archive content),
     each with a one-line message. `backoff_s` is the wait before the first retry, doubled for
@@ -97,7 +102,8 @@ def fetch_dataset(
     with _secrets_hidden(url):
         return extract_dataset(archive, dest_dir, name=archive_stem(_url_path(url)),
                                label=url, max_members=max_members,
-                               max_extracted_bytes=max_extracted_bytes)
+                               max_extracted_bytes=max_extracted_bytes, layout=layout,
+                               unlabeled=unlabeled)
 
 
 def fetch_archive(

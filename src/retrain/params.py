@@ -58,6 +58,13 @@ def _sha256() -> Field:
     return Field(str, check, "64 hexadecimal digits, quoted if YAML reads them as a number")
 
 
+def _folder_names() -> Field:
+    def check(value):
+        return all(isinstance(name, str) and name.strip("/").strip() for name in value)
+
+    return Field(list, check, "a list of folder names or paths in the archive, such as [test]")
+
+
 def _imagenet_indices() -> Field:
     def check(value):
         return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1000 for i in value)
@@ -113,6 +120,8 @@ SCHEMA: dict[str, Any] = {
         "retries": _number(0, 100, integer=True),
         "max_members": _number(1, INF, integer=True),
         "max_extracted_mb": _number(0, INF, lo_open=True),
+        "layout": _choice("auto", "classes", "sets"),  # retrain.layout.LAYOUTS
+        "unlabeled": _folder_names(),
     },
     "split": {
         "val_fraction": _number(0, 1, lo_open=True, hi_open=True),
