@@ -149,3 +149,22 @@ def real_flowers_run(tmp_path_factory) -> Path:
         set_param(workspace, key, value)
     dvc(workspace, "repro", "evaluate")
     return workspace
+
+
+@pytest.fixture
+def place(tmp_path):
+    """Write archive bytes to tmp_path and extract them to tmp_path/raw, beside a sentinel
+    folder that a path-traversal attack would write into."""
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "secret.txt").write_text("untouched")
+
+    from retrain.archive import extract_dataset
+
+    def extract(data: bytes, name: str = "pack.tgz", **limits) -> Path:
+        archive = tmp_path / name
+        archive.write_bytes(data)
+        return extract_dataset(archive, tmp_path / "raw", **limits)[0]
+
+    extract.sentinel = sentinel
+    return extract

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import random
-import re
 import stat
 import tarfile
 import zipfile
@@ -83,23 +82,6 @@ def zip_bytes(entries: list[tuple]) -> bytes:
 
 def archive_bytes(entries: list[tuple], fmt: str) -> bytes:
     return zip_bytes(entries) if fmt == "zip" else tar_bytes(entries, fmt)
-
-
-@pytest.fixture
-def place(tmp_path):
-    """Write archive bytes to tmp_path and extract them to tmp_path/raw, beside a sentinel
-    folder that a path-traversal attack would write into."""
-    sentinel = tmp_path / "sentinel"
-    sentinel.mkdir()
-    (sentinel / "secret.txt").write_text("untouched")
-
-    def extract(data: bytes, name: str = "pack.tgz", **limits) -> Path:
-        archive = tmp_path / name
-        archive.write_bytes(data)
-        return extract_dataset(archive, tmp_path / "raw", **limits)[0]
-
-    extract.sentinel = sentinel
-    return extract
 
 
 def assert_nothing_written(tmp_path: Path) -> None:

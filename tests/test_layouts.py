@@ -10,7 +10,7 @@ import sys
 import unicodedata
 
 import pytest
-from test_archive import archive_bytes, assert_nothing_written, d, f, hard, place, tar_bytes, tree  # noqa: F401
+from test_archive import archive_bytes, assert_nothing_written, d, f, hard, tar_bytes, tree
 
 from retrain.archive import extract_dataset
 from retrain.errors import DataError

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from retrain.layout import UNLABELED
 from retrain.atomic import atomic_path
 from retrain.errors import DataError, ParamsError, first_line
 from retrain.images import image_name_problem, is_image_name, read_rgb
+from retrain.layout import UNLABELED
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["path", "label", "label_index", "sha256", "width", "height"]
