@@ -1,7 +1,10 @@
-"""Stage `export`: LiteRT models of the fine-tuned classifier, each measured on the test split."""
+"""Stage `export`: LiteRT models of the fine-tuned classifier, each measured on held-out images
+(agreement with Keras on validation + test, accuracy on test)."""
 
 import argparse
 from pathlib import Path
+
+import pandas as pd
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import UserError, exits_cleanly
@@ -21,7 +24,9 @@ def main() -> None:
     params = load_params()
     export, size, seed = params["export"], params["model"]["image_size"], params["seed"]
     classes = read_classes(args.manifests)
-    train, test = read_split(args.manifests, "train"), read_split(args.manifests, "test")
+    train, val, test = (read_split(args.manifests, split) for split in ("train", "val", "test"))
+    # Agreement with Keras needs no labels: every image the model did not train on counts.
+    held_out = pd.concat([val, test], ignore_index=True)
 
     import keras
     import numpy as np
@@ -29,9 +34,9 @@ def main() -> None:
     import retrain.base  # noqa: F401  registers the Preprocess layer for loading
     from retrain.cache import user_cache_dir
     from retrain.evaluate import predict_images
-    from retrain.export import export_formats, measure, representative_rows
+    from retrain.export import export_formats, measure, representative_rows, short_layer_name
     from retrain.images import cached_image_array, load_image
-    from retrain.litert import litert_available
+    from retrain.litert import float_layer_names, litert_available
 
     if not litert_available():
         raise UserError("export needs the LiteRT interpreter: pip install ai-edge-litert")
@@ -39,20 +44,25 @@ def main() -> None:
     model = keras.models.load_model(args.model)
     calibration = representative_rows(train, export["representative_images"], seed)
     representative = np.stack([load_image(raw / p, size) for p in calibration["path"]])
-    images = cached_image_array([raw / p for p in test["path"]], test["sha256"], size,
+    images = cached_image_array([raw / p for p in held_out["path"]], held_out["sha256"], size,
                                 user_cache_dir("images"))
-    labels = test["label_index"].to_numpy()
+    labels = held_out["label_index"].to_numpy()
+    test_rows = np.arange(len(held_out)) >= len(val)
     keras_probabilities = predict_images(model, images)
 
     results = {}
     with atomic_path(args.out, directory=True) as out_dir:
-        for name, path in export_formats(model, export["formats"], representative,
-                                         out_dir).items():
-            results[name] = measure(path, images, labels, classes, keras_probabilities)
+        for name, path in export_formats(model, export["formats"], representative, out_dir,
+                                         export["int8_float_layers"]).items():
+            results[name] = measure(path, images, labels, classes, keras_probabilities,
+                                    test_rows)
             print(f"export: {name} {path.name}: agreement {results[name]['agreement']:.4f}, "
                   f"accuracy {results[name]['accuracy']:.4f}, "
                   f"{results[name]['size_bytes'] / 1e6:.1f} MB, "
                   f"{results[name]['latency_ms']:.2f} ms per image")
+            if results[name].get("float_layers"):
+                print(f"export: {name} layers kept in float: "
+                      + ", ".join(short_layer_name(n) for n in float_layer_names(path)))
     write_json(args.metrics, results)
 
 

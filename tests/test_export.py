@@ -88,8 +88,11 @@ def test_each_format_converts_loads_and_agrees_with_keras(trained, exported):
                              latency_runs=5)
                for name, path in paths.items()}
     for name, entry in results.items():
-        assert set(entry) == {"accuracy", "macro_f1", "agreement", "max_prob_diff",
-                              "size_bytes", "latency_ms"}, name
+        assert set(entry) - {"float_layers"} == {
+            "accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
+            "size_bytes", "latency_ms"}, name
+        low, high = entry["agreement_ci95"]
+        assert low <= entry["agreement"] <= high
         assert entry["size_bytes"] == paths[name].stat().st_size
         assert entry["latency_ms"] > 0
     assert results["float32"]["agreement"] == 1.0
@@ -103,8 +106,43 @@ def test_each_format_converts_loads_and_agrees_with_keras(trained, exported):
     sizes = [results[name]["size_bytes"] for name in ("float32", "float16", "int8")]
     assert sizes == sorted(sizes, reverse=True)
     # int8 takes the uint8 pixels as they are: calibrated on [0, 255], scale 1, zero point 0
+    assert results["int8"]["float_layers"] == 0  # the fixture's default: all int8
     int8 = litert.LiteRTClassifier(paths["int8"])
     assert int8.input_dtype == np.uint8 and int8.input_quantization == pytest.approx((1.0, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("float_layers", [0, 2])
+def test_int8_keeps_the_first_layers_in_float_and_no_others(trained, exported, tmp_path,
+                                                             float_layers):
+    """What the interpreter says: the first `float_layers` layers' outputs are float32
+    tensors, every other layer computes in int8, and the pixels still go in as uint8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from retrain.export import export_formats
+
+    model, _, _ = trained
+    paths, images, _ = exported
+    path = export_formats(model, ["int8"], images[::3], tmp_path, float_layers)["int8"]
+    all_int8 = litert.quantized_layers(paths["int8"])  # the default export: float_layers 0
+    assert len(all_int8) >= 5  # preprocessing, 2 convolutions, pooling, dense, softmax
+    interpreter = Interpreter(model_path=str(path))
+    dtypes = {t["name"]: np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
+    kept = all_int8[:float_layers]
+    assert all(dtypes[name] == np.float32 for name in kept)
+    assert all(dtypes[name] == np.int8 for name in all_int8[float_layers:])
+    assert litert.float_layer_names(path) == kept
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+
+
+def test_agreement_interval_is_the_exact_binomial_interval():
+    from retrain.export import agreement_interval
+
+    low, high = agreement_interval(55, 56)
+    assert 0.90 < low < 0.91 and high == pytest.approx(0.99955, abs=1e-4)
+    assert agreement_interval(56, 56)[1] == 1.0
+    assert agreement_interval(0, 10)[0] == 0.0
 
 
 def test_representative_rows_are_seeded_training_rows():

@@ -1,10 +1,11 @@
 """Deployable LiteRT models and proof that they still predict what the Keras model predicts.
 
 The fine-tuned classifier is converted through the same recipes as `extract`'s engine
-(`retrain.litert`) to float32, float16 weights, and full-integer int8 (calibrated on
-representative training images). Each file is then measured on the test split against the
-Keras model: accuracy and macro F1 against the labels, top-1 agreement and the largest
-probability difference against Keras, its size, and its single-image latency.
+(`retrain.litert`) to float32, float16 weights, and int8 (calibrated on representative
+training images; the first `export.int8_float_layers` layers may stay float). Each file is
+then measured against the Keras model: top-1 agreement and the largest probability
+difference on the held-out images (validation and test: images the model did not train
+on), accuracy and macro F1 against the test labels, its size, and its single-image latency.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binomtest
 
 from retrain import litert
 from retrain.evaluate import classification_metrics
@@ -32,37 +34,61 @@ def representative_rows(train: pd.DataFrame, count: int, seed: int) -> pd.DataFr
 
 
 def export_formats(model, formats: list[str], representative: np.ndarray,
-                   out_dir: str | Path) -> dict[str, Path]:
-    """Write one .tflite file per format into `out_dir`; return format -> path."""
+                   out_dir: str | Path, int8_float_layers: int = 0) -> dict[str, Path]:
+    """Write one .tflite file per format into `out_dir`; return format -> path.
+    `int8_float_layers`: how many layers from the input the int8 file computes in float."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in formats:
-        flatbuffer = litert.convert(model, name, representative if name == "int8" else None)
+        options = ({"representative": representative, "float_layers": int8_float_layers}
+                   if name == "int8" else {})
+        flatbuffer = litert.convert(model, name, **options)
         paths[name] = out_dir / FILES[name]
         paths[name].write_bytes(flatbuffer)
     return paths
 
 
 def measure(path: str | Path, images: np.ndarray, labels: np.ndarray, classes: list[str],
-            keras_probabilities: np.ndarray, batch_size: int = 32,
-            latency_runs: int = LATENCY_RUNS) -> dict:
-    """The metrics/export.json entry of one exported file, on the test images (uint8).
+            keras_probabilities: np.ndarray, test_rows: np.ndarray | None = None,
+            batch_size: int = 32, latency_runs: int = LATENCY_RUNS) -> dict:
+    """The metrics/export.json entry of one exported file.
 
-    Accuracy and macro F1 are computed as `evaluate` computes them for the Keras model.
+    `images` (uint8) are the held-out images, `keras_probabilities` the Keras model's on
+    them: top-1 agreement (with its 95% Clopper-Pearson interval: the range of agreement
+    rates these images cannot rule out) and the largest probability difference are taken
+    over all of them. Accuracy and macro F1 are taken over the `test_rows` (a boolean
+    mask, default all; the test split), as `evaluate` computes them for the Keras model.
     """
+    test_rows = np.ones(len(images), bool) if test_rows is None else np.asarray(test_rows)
     classifier = litert.LiteRTClassifier(path)
     probabilities = predict_images(classifier, images, batch_size)
-    predicted = probabilities.argmax(axis=1)
-    scores = classification_metrics(probabilities, labels, classes)
-    return {
+    agrees = probabilities.argmax(axis=1) == keras_probabilities.argmax(axis=1)
+    scores = classification_metrics(probabilities[test_rows], labels[test_rows], classes)
+    entry = {
         "accuracy": scores["test_accuracy"],
         "macro_f1": scores["macro_f1"],
-        "agreement": float(np.mean(predicted == keras_probabilities.argmax(axis=1))),
+        "agreement": float(np.mean(agrees)),
+        "agreement_ci95": agreement_interval(int(agrees.sum()), len(agrees)),
         "max_prob_diff": float(np.max(np.abs(probabilities - keras_probabilities))),
         "size_bytes": Path(path).stat().st_size,
         "latency_ms": classifier.latency_ms(np.asarray(images[:1]), latency_runs),
     }
+    if classifier.input_dtype == np.uint8:  # the int8 file: how much of it is float
+        entry["float_layers"] = len(litert.float_layer_names(path))
+    return entry
+
+
+def agreement_interval(agreeing: int, total: int) -> list[float]:
+    """95% Clopper-Pearson (exact binomial) interval of the top-1 agreement rate."""
+    interval = binomtest(agreeing, total).proportion_ci(0.95, method="exact")
+    return [float(interval.low), float(interval.high)]
+
+
+def short_layer_name(tensor_name: str) -> str:
+    """A converted layer's output tensor name as people read it: the first of the fused
+    names, without the outer model's scope (`backbone_1/block_2_depthwise_relu_1/Relu6`)."""
+    return tensor_name.split(";")[0].split("/", 1)[-1]
 
 
 def predict_images(classifier: litert.LiteRTClassifier, images: np.ndarray,

@@ -181,6 +181,7 @@ SCHEMA: dict[str, Any] = {
     "export": {
         "formats": _export_formats(),
         "representative_images": _number(1, 100000, integer=True),
+        "int8_float_layers": _number(0, 100000, integer=True),
     },
     "prefilter": {
         "enabled": Field(bool, expect="true or false"),
