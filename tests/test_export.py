@@ -338,3 +338,65 @@ def test_a_card_whose_class_count_differs_from_the_model_is_named_in_the_error(t
     with pytest.raises(UserError, match=r"model_card.json: 2 classes but the model has 3 "
                                         r"outputs"):
         main([str(tmp_path / "photo.jpg"), "--model", str(tmp_path / "model.keras")])
+
+
+# --- which format the card recommends ---------------------------------------------------------
+
+
+def made_up_export(int8_agreement: float, int8_accuracy: float = 0.861,
+                   int8_latency: float = 0.97) -> dict:
+    """metrics/export.json as `export` writes it, with chosen int8 figures."""
+    def entry(accuracy, agreement, size, latency):
+        return {"accuracy": accuracy, "macro_f1": accuracy, "agreement": agreement,
+                "agreement_ci95": [agreement - 0.05, min(agreement + 0.02, 1.0)],
+                "max_prob_diff": 0.1, "size_bytes": size, "latency_ms": latency}
+    return {"float32": entry(0.861, 1.0, 1_636_132, 0.90),
+            "float16": entry(0.861, 1.0, 875_940, 0.93),  # as fast: XNNPACK runs it in float32
+            "int8": {**entry(int8_accuracy, int8_agreement, 646_816, int8_latency),
+                     "float_layers": 12}}
+
+
+def card_of(export: dict) -> dict:
+    from retrain.card import build_card
+
+    return build_card(classes=CLASSES, model_params={
+        "backbone": "mobilenet_v2", "weights": "imagenet", "alpha": 0.35, "image_size": SIZE},
+        data_sha256="ab" * 32, split_sizes={"train": 144, "val": 40, "test": 16},
+        evaluate={}, export=export, files={})
+
+
+def test_card_recommends_float16_when_int8_does_not_hold():
+    """The table measured before int8 kept layers in float (alpha 0.35): int8 agrees on 0.946
+    of the held-out images, float16 is float32's size halved at the same speed."""
+    from retrain.card import card_markdown
+
+    card = card_of(made_up_export(int8_agreement=0.946, int8_accuracy=0.844))
+    advice = card["recommendation"]
+    assert advice["ship"] == "float16"
+    assert advice["dominated_by"] == {"float32": "float16"}
+    assert advice["below_agreement"] == ["int8"]
+    markdown = card_markdown(card)
+    assert "Ship **float16**" in markdown
+    assert "float32 is not better than float16 on any axis" in markdown
+    assert "int8 does not hold: it agrees with the Keras model on 0.946" in markdown
+    assert "XNNPACK converts its weights to float32" in markdown
+
+
+def test_card_recommends_int8_when_it_holds_and_nothing_beats_it():
+    card = card_of(made_up_export(int8_agreement=0.982))
+    advice = card["recommendation"]
+    assert advice["ship"] == "int8" and advice["below_agreement"] == []
+    # As accurate, smaller and no slower than both float files.
+    assert set(advice["dominated_by"]) == {"float32", "float16"}
+    assert advice["dominated_by"]["float16"] == "int8"
+
+
+def test_a_slower_or_less_accurate_int8_does_not_dominate_but_may_still_ship():
+    from retrain.card import LATENCY_TIE
+
+    slower = card_of(made_up_export(int8_agreement=0.99, int8_latency=0.93 * (1 + 2 * LATENCY_TIE)))
+    assert "float16" not in slower["recommendation"]["dominated_by"]
+    assert slower["recommendation"]["ship"] == "int8"  # holds, and the smallest on the front
+    worse = card_of(made_up_export(int8_agreement=0.99, int8_accuracy=0.80))
+    assert worse["recommendation"]["dominated_by"] == {"float32": "float16"}
+    assert worse["recommendation"]["ship"] == "int8"

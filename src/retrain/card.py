@@ -22,8 +22,14 @@ CARD_NAME = "model_card.json"
 RESIZE = "bilinear with antialiasing (Pillow BILINEAR), straight to a square, no crop"
 # Test metrics copied from metrics/evaluate.json's `finetuned` entry (plus any `*_ci95`).
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
-FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "max_prob_diff", "size_bytes",
-                  "latency_ms")
+FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
+                  "size_bytes", "latency_ms", "float_layers")
+# A format is recommended only if it agrees top-1 with the Keras model on at least this
+# share of the held-out images (float32, the reference, always may be).
+SHIP_MIN_AGREEMENT = 0.98
+# Single-image latencies within this fraction of each other count as equal: medians on a
+# shared CPU move by about this much between runs.
+LATENCY_TIE = 0.1
 
 
 def file_sha256(path: str | Path) -> str:
@@ -65,7 +71,40 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
         "formats": {name: {key: entry[key] for key in FORMAT_COLUMNS if key in entry}
                     for name, entry in export.items()},
         "files": {name: file_sha256(path) for name, path in files.items()},
+        "recommendation": recommend_format(export),
     }
+
+
+def recommend_format(formats: dict[str, dict]) -> dict:
+    """Which exported format to ship, from metrics/export.json's entries.
+
+    A format holds when it agrees with Keras on SHIP_MIN_AGREEMENT of the held-out images.
+    Among those that hold, one is dominated when another is at least as accurate, no larger
+    and no slower, and better on one of the three. The recommendation is the smallest file
+    that holds and is not dominated.
+    """
+    holding = {name: entry for name, entry in formats.items()
+               if name == "float32" or entry.get("agreement", 0) >= SHIP_MIN_AGREEMENT}
+    dominated = {name: better for name in holding
+                 for better in holding if better != name
+                 and _dominates(holding[better], holding[name])}
+    candidates = [name for name in holding if name not in dominated]
+    return {
+        "ship": min(candidates, key=lambda name: holding[name]["size_bytes"], default=None),
+        "dominated_by": dominated,
+        "below_agreement": sorted(set(formats) - set(holding)),
+        "min_agreement": SHIP_MIN_AGREEMENT,
+    }
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    """`a` is no worse than `b` on accuracy, size and latency, and better on one."""
+    slower = a["latency_ms"] > b["latency_ms"] * (1 + LATENCY_TIE)
+    no_worse = (a["accuracy"] >= b["accuracy"] and a["size_bytes"] <= b["size_bytes"]
+                and not slower)
+    better = (a["accuracy"] > b["accuracy"] or a["size_bytes"] < b["size_bytes"]
+              or a["latency_ms"] < b["latency_ms"] * (1 - LATENCY_TIE))
+    return no_worse and better
 
 
 def _weights_name(weights: str) -> str:
@@ -108,21 +147,54 @@ def card_markdown(card: dict) -> str:
                "test set resampled with replacement, the middle 95% of the metric's values)."]
           if any(key.endswith("_ci95") for key in card["test_metrics"]) else []),
         "",
-        "## Exported formats (test split, against the Keras model)",
+        "## Exported formats (against the Keras model)",
         "",
-        "| format | accuracy | macro F1 | top-1 agreement | max prob. diff | size (MB) "
-        "| latency (ms, 1 image) |",
-        "|---|---|---|---|---|---|---|",
+        "Accuracy and macro F1 on the test split; top-1 agreement with the Keras model (and "
+        "its 95% Clopper-Pearson interval) and the largest probability difference on the "
+        "held-out images (validation and test).",
+        "",
+        "| format | accuracy | macro F1 | top-1 agreement | agreement 95% | max prob. diff "
+        "| size (MB) | latency (ms, 1 image) | layers in float |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[f"| {name} | {_number(e.get('accuracy'))} | {_number(e.get('macro_f1'))} "
-          f"| {_number(e.get('agreement'))} | {_number(e.get('max_prob_diff'))} "
-          f"| {e['size_bytes'] / 1e6:.2f} | {_number(e.get('latency_ms'))} |"
+          f"| {_number(e.get('agreement'))} | {_number(e.get('agreement_ci95'))} "
+          f"| {_number(e.get('max_prob_diff'))} "
+          f"| {e['size_bytes'] / 1e6:.2f} | {_number(e.get('latency_ms'))} "
+          f"| {_number(e.get('float_layers', 'all'))} |"
           for name, e in card["formats"].items()],
         "",
+        *_recommendation_markdown(card),
         "## Files (sha256)",
         "",
         *[f"- `{name}` {digest}" for name, digest in card["files"].items()],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _recommendation_markdown(card: dict) -> list[str]:
+    advice, formats = card.get("recommendation"), card["formats"]
+    if not advice:
+        return []
+    lines = ["## Which format to ship", ""]
+    if advice["ship"]:
+        lines.append(f"- Ship **{advice['ship']}**: the smallest file that agrees top-1 with "
+                     f"the Keras model on at least {advice['min_agreement']:.0%} of the "
+                     "held-out images and that no other such format beats on accuracy, size "
+                     "and latency together.")
+    for name, better in advice["dominated_by"].items():
+        lines.append(f"- {name} is not better than {better} on any axis: {better} is at "
+                     "least as accurate, no larger and no slower.")
+    for name in advice["below_agreement"]:
+        low, high = formats[name].get("agreement_ci95", [None, None])
+        lines.append(f"- {name} does not hold: it agrees with the Keras model on "
+                     f"{_number(formats[name].get('agreement'))} of the held-out images "
+                     f"(95% interval [{_number(low)}, {_number(high)}]), below "
+                     f"{advice['min_agreement']:.0%}.")
+    if "float16" in formats:
+        lines.append("- float16 halves the file, not the time: on a CPU, XNNPACK converts its "
+                     "weights to float32 when the model loads, so it runs as fast as float32 "
+                     "(latencies within 10% count as equal here).")
+    return [*lines, ""]
 
 
 def _number(value) -> str:
