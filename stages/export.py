@@ -34,7 +34,13 @@ def main() -> None:
     import retrain.base  # noqa: F401  registers the Preprocess layer for loading
     from retrain.cache import user_cache_dir
     from retrain.evaluate import predict_images
-    from retrain.export import export_formats, measure, representative_rows, short_layer_name
+    from retrain.export import (
+        export_formats,
+        latency_rounds_ms,
+        measure,
+        representative_rows,
+        short_layer_name,
+    )
     from retrain.images import cached_image_array, load_image
     from retrain.litert import float_layer_names, litert_available
 
@@ -52,11 +58,15 @@ def main() -> None:
 
     results = {}
     with atomic_path(args.out, directory=True) as out_dir:
-        for name, path in export_formats(model, export["formats"], representative, out_dir,
-                                         export["int8_float_layers"]).items():
+        paths = export_formats(model, export["formats"], representative, out_dir,
+                               export["int8_float_layers"])
+        latencies = latency_rounds_ms(paths, images[:1])
+        for name, path in paths.items():
             results[name] = measure(path, images, labels, classes, keras_probabilities,
                                     test_rows)
-            print(f"export: {name} {path.name}: agreement {results[name]['agreement']:.4f}, "
+            results[name]["latency_ms"] = float(np.median(latencies[name]))
+            print(f"export: {name} {path.name}: agreement {results[name]['agreement']:.4f} "
+                  f"on {len(held_out)} held-out images, "
                   f"accuracy {results[name]['accuracy']:.4f}, "
                   f"{results[name]['size_bytes'] / 1e6:.1f} MB, "
                   f"{results[name]['latency_ms']:.2f} ms per image")

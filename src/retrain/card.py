@@ -193,7 +193,7 @@ def _recommendation_markdown(card: dict) -> list[str]:
     if "float16" in formats:
         lines.append("- float16 halves the file, not the time: on a CPU, XNNPACK converts its "
                      "weights to float32 when the model loads, so it runs as fast as float32 "
-                     "(latencies within 10% count as equal here).")
+                     f"(latencies within {LATENCY_TIE:.0%} count as equal here).")
     return [*lines, ""]
 
 

@@ -21,8 +21,11 @@ from retrain.evaluate import classification_metrics
 
 # Format name (the `export.formats` values, the keys of metrics/export.json) -> file name.
 FILES = {"float32": "model.tflite", "float16": "model_fp16.tflite", "int8": "model_int8.tflite"}
-# Single-image latency is the median of this many interpreter calls after a warm-up call.
+# Single-image latency: the median of LATENCY_RUNS interpreter calls after a warm-up call,
+# taken in LATENCY_ROUNDS rounds interleaved across the formats (so a busy spell on a shared
+# machine slows every format alike), and the median of the rounds.
 LATENCY_RUNS = 50
+LATENCY_ROUNDS = 5
 
 
 def representative_rows(train: pd.DataFrame, count: int, seed: int) -> pd.DataFrame:
@@ -51,8 +54,9 @@ def export_formats(model, formats: list[str], representative: np.ndarray,
 
 def measure(path: str | Path, images: np.ndarray, labels: np.ndarray, classes: list[str],
             keras_probabilities: np.ndarray, test_rows: np.ndarray | None = None,
-            batch_size: int = 32, latency_runs: int = LATENCY_RUNS) -> dict:
-    """The metrics/export.json entry of one exported file.
+            batch_size: int = 32) -> dict:
+    """The metrics/export.json entry of one exported file, but its latency
+    (`latency_rounds_ms`).
 
     `images` (uint8) are the held-out images, `keras_probabilities` the Keras model's on
     them: top-1 agreement (with its 95% Clopper-Pearson interval: the range of agreement
@@ -72,11 +76,23 @@ def measure(path: str | Path, images: np.ndarray, labels: np.ndarray, classes: l
         "agreement_ci95": agreement_interval(int(agrees.sum()), len(agrees)),
         "max_prob_diff": float(np.max(np.abs(probabilities - keras_probabilities))),
         "size_bytes": Path(path).stat().st_size,
-        "latency_ms": classifier.latency_ms(np.asarray(images[:1]), latency_runs),
     }
     if classifier.input_dtype == np.uint8:  # the int8 file: how much of it is float
         entry["float_layers"] = len(litert.float_layer_names(path))
     return entry
+
+
+def latency_rounds_ms(paths: dict[str, Path], image: np.ndarray,
+                      rounds: int = LATENCY_ROUNDS, runs: int = LATENCY_RUNS
+                      ) -> dict[str, list[float]]:
+    """Per format, the single-image latency (median of `runs` calls) of each of `rounds`
+    rounds interleaved across the formats. `image`: one uint8 image, shape (1, S, S, 3)."""
+    classifiers = {name: litert.LiteRTClassifier(path) for name, path in paths.items()}
+    measured = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, classifier in classifiers.items():
+            measured[name].append(classifier.latency_ms(np.asarray(image), runs))
+    return measured
 
 
 def agreement_interval(agreeing: int, total: int) -> list[float]:
