@@ -1,6 +1,8 @@
 """Reproducible transfer learning on images: a DVC pipeline around pretrained Keras CNNs."""
 
-import os
+from retrain import quiet
 
-# TensorFlow's C++ start-up chatter (CPU feature notes, missing CUDA) buries real messages.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before any stage imports TensorFlow: its start-up chatter (oneDNN and cudart notes, a
+# failed CUDA probe on a machine without a GPU) buries real messages. RETRAIN_VERBOSE=1
+# keeps it.
+quiet.install()

@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -36,6 +37,7 @@ import numpy as np
 from retrain.atomic import atomic_path
 from retrain.cache import user_cache_dir
 from retrain.errors import first_line
+from retrain.quiet import native_chatter_hidden
 
 # Bump when the conversion recipe changes, so old cache entries are not reused.
 FORMAT_VERSION = "1"
@@ -100,7 +102,8 @@ class LiteRTEngine:
             # Resizing re-plans the XNNPACK graph: done only when the batch size changes
             # (the first batch, and a smaller last batch of a split).
             self._interpreter.resize_tensor_input(self._input, batch.shape, strict=True)
-            self._interpreter.allocate_tensors()
+            with native_chatter_hidden():  # LiteRT's INFO line on applying XNNPACK
+                self._interpreter.allocate_tensors()
             self._batch_size = len(batch)
         self._interpreter.set_tensor(self._input, batch)
         self._interpreter.invoke()
@@ -172,9 +175,10 @@ def convert(model: keras.Model, quantization: str = "float32",
     failures = []
     for recipe in (_convert_concrete_function, _convert_saved_model):
         try:
-            flatbuffer = recipe(model, **options)
-            _check_against_keras(flatbuffer, model,
-                                 PROBE_TOLERANCE if quantization == "float32" else None)
+            with native_chatter_hidden():  # the quantizer prints its options
+                flatbuffer = recipe(model, **options)
+                _check_against_keras(flatbuffer, model,
+                                     PROBE_TOLERANCE if quantization == "float32" else None)
             return flatbuffer
         except Exception as exc:  # noqa: BLE001 - try the next recipe, report all
             failures.append(f"{recipe.__name__}: {first_line(exc, 300)}")
@@ -230,7 +234,12 @@ def _quantize_int8(converter, representative: np.ndarray, float_layers: int) -> 
     converter.representative_dataset = lambda: (
         [image[None]] for image in _calibration_images(representative))
     converter._experimental_calibrate_only = True  # noqa: SLF001 - the debugger's route
-    calibrated = converter.convert()
+    with warnings.catch_warnings():
+        # The converter asks for input statistics (mean, std) it never uses on this route:
+        # the calibrated input range is exactly [0, 255] (_calibration_images).
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message="Statistics for quantized inputs were expected")
+        calibrated = converter.convert()
 
     def quantize(denylisted: list[str]) -> bytes:
         # Pixels are uint8 anyway; probabilities stay float32 for every caller.
@@ -391,7 +400,8 @@ class LiteRTClassifier:
         if len(pixels) != self._batch_size:
             self._interpreter.resize_tensor_input(self._input["index"], pixels.shape,
                                                   strict=True)
-            self._interpreter.allocate_tensors()
+            with native_chatter_hidden():  # LiteRT's INFO line on applying XNNPACK
+                self._interpreter.allocate_tensors()
             self._batch_size = len(pixels)
         self._interpreter.set_tensor(self._input["index"], self._quantized(pixels))
 
