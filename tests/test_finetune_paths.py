@@ -30,13 +30,14 @@ CASES = {
 }
 
 
-def build_model(backbone: str, size: int, from_layer: int, seed: int = 0) -> keras.Model:
+def build_model(backbone: str, size: int, from_layer: int, seed: int = 0,
+                dropout: float = 0.3, train_batchnorm: bool = False) -> keras.Model:
     make_deterministic(seed)
     params = {"backbone": backbone, "weights": "none", "image_size": size,
               "alpha": 0.35 if backbone == "mobilenet_v2" else 1.0}
     base = build_base(params)
-    model = assemble_model(base, build_head(base.output.shape[-1], CLASSES, 0.3, seed))
-    unfreeze_from(model, from_layer)
+    model = assemble_model(base, build_head(base.output.shape[-1], CLASSES, dropout, seed))
+    unfreeze_from(model, from_layer, train_batchnorm)
     return model
 
 
@@ -95,6 +96,35 @@ def test_upper_part_on_frozen_outputs_is_the_full_model(backbone):
     for variable in model.trainable_variables:
         assert_close_relative(upper_gradients[id(variable)], full_gradients[id(variable)],
                               1e-4, variable.path)
+
+
+@pytest.mark.parametrize("backbone", CASES)
+def test_the_base_runs_in_inference_mode_while_the_model_trains(backbone):
+    """`fit` calls the model with training=True; the base inside it (and the upper part's
+    share of it) must still run as in inference: BatchNorm on its moving statistics,
+    EfficientNet's stochastic-depth Dropout off. The head's own dropout is 0 here, so the
+    same input must give the same output, and the output `predict` gives."""
+    size, from_layer, _ = CASES[backbone]
+    model = build_model(backbone, size, from_layer, dropout=0.0)
+    images = np.random.default_rng(1).integers(0, 256, (4, size, size, 3)).astype("float32")
+    make_head_sensitive(model, images)
+    inference = model(images, training=False).numpy()
+    for _ in range(2):
+        np.testing.assert_array_equal(model(images, training=True).numpy(), inference)
+    cut = cut_frozen_part(model)
+    outputs = list(cut.split(KerasEngine(cut.lower)(images.copy())))
+    upper = cut.upper(outputs, training=False).numpy()
+    for _ in range(2):
+        np.testing.assert_array_equal(cut.upper(outputs, training=True).numpy(), upper)
+
+
+def test_training_batchnorm_from_scratch_runs_the_base_in_training_mode():
+    """The from-scratch baseline (`finetune.train_batchnorm`) does want batch statistics."""
+    model = build_model("mobilenet_v2", 32, 0, dropout=0.0, train_batchnorm=True)
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    make_head_sensitive(model, images)
+    assert not np.allclose(model(images, training=True).numpy(),
+                           model(images, training=False).numpy(), atol=1e-4)
 
 
 def assert_litert_cut_reproduces(model, images: np.ndarray, params: dict) -> np.ndarray:
@@ -168,8 +198,9 @@ def data():
     return Split(images[:30], labels[:30]), Split(images[30:], labels[30:])
 
 
-def train(path: str, data, from_layer: int = 154, epochs: int = 2, **kwargs):
-    model = build_model("resnet50_v2", 32, from_layer, seed=3)
+def train(path: str, data, from_layer: int = 154, epochs: int = 2,
+          backbone: str = "resnet50_v2", **kwargs):
+    model = build_model(backbone, 32, from_layer, seed=3)
     make_head_sensitive(model, data[0].images[:8].astype("float32"))
     recipe = Recipe(learning_rate=1e-3, epochs=epochs, batch_size=8, seed=5,
                     augmentation=kwargs.pop("augmentation", AUGMENT))
@@ -192,6 +223,27 @@ def test_both_paths_train_on_the_same_views_in_the_same_batches(data):
     changed = sum(not np.array_equal(a.numpy(), b.numpy())
                   for a, b in zip(start.weights, cached_model.weights))
     assert changed, "training changed nothing"
+
+
+def test_efficientnet_trains_the_same_weights_on_both_paths(data):
+    """EfficientNet's stochastic-depth Dropout layers sit below and above the cut: on both
+    paths the base runs in inference mode, so one epoch gives the same weights."""
+    from_layer = CASES["efficientnet_b0"][1]
+    full_model, full = train("full", data, from_layer, epochs=1, backbone="efficientnet_b0")
+    cached_model, cached = train("auto", data, from_layer, epochs=1,
+                                 backbone="efficientnet_b0")
+    assert (full.path, cached.path) == ("full", "cached")
+    backbone = full_model.get_layer("backbone")
+    below_the_cut = backbone.layers[:backbone.layers.index(
+        backbone.get_layer(cached.details["cut"][0]))]
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in below_the_cut)
+    start = build_model("efficientnet_b0", 32, from_layer, seed=3)
+    moved = max(np.abs(a.numpy() - b.numpy()).max()
+                for a, b in zip(start.trainable_weights, full_model.trainable_weights))
+    assert moved > 1e-3, "one epoch moved no weight: the comparison means nothing"
+    # Auto-named layers (EfficientNet's Normalization) differ in suffix between two builds.
+    for a, b in zip(full_model.weights, cached_model.weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-4, err_msg=a.path)
 
 
 def test_views_kept_or_recomputed_give_the_same_training(data):

@@ -1,6 +1,7 @@
 """The full model and its fine-tuning.
 
-    raw pixels -> preprocess -> backbone (inference mode) -> pool -> dropout -> dense
+    raw pixels -> preprocess -> backbone (inference mode, also under fit) -> pool -> dropout
+    -> dense
 
 The dense layer starts from the trained head, so before fine-tuning the full model gives
 the same probabilities on an image as the head on that image's cached features.
@@ -34,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.augment import Augmentation, epoch_views
-from retrain.base import BACKBONE
+from retrain.base import BACKBONE, set_inference_mode
 from retrain.cache import user_cache_dir
 from retrain.errors import ParamsError, first_line
 from retrain.frozen_part import FrozenCut, cut_frozen_part
@@ -59,11 +60,15 @@ def unfreeze_from(model: keras.Model, from_layer: int, train_batchnorm: bool = F
 
     Keras 3 runs a trainable BatchNormalization layer in training mode even inside a base
     called with `training=False` (keras-team/keras#20285), which would overwrite the
-    ImageNet moving statistics with those of a few small batches. Only training from
-    random weights (`train_batchnorm`, the from-scratch baseline) wants exactly that:
-    frozen random statistics would make the network meaningless.
+    ImageNet moving statistics with those of a few small batches; the same flag would
+    turn on the Dropout layers inside the base (EfficientNet's stochastic depth), which
+    the cached path's frozen part never runs. So the base stays in inference mode
+    (`set_inference_mode`) and its BatchNorm layers frozen. Only training from random
+    weights (`train_batchnorm`, the from-scratch baseline) wants training mode: frozen
+    random statistics would make the network meaningless.
     """
     backbone = model.get_layer(BACKBONE)
+    set_inference_mode(backbone, not train_batchnorm)
     depth = len(backbone.layers)
     if from_layer >= depth:
         raise ParamsError(f"finetune.from_layer: {from_layer} is beyond the backbone's "

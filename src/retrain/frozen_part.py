@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from retrain.base import BACKBONE
+from retrain.base import BACKBONE, in_inference_mode, set_inference_mode
 
 
 @dataclass
@@ -106,6 +106,7 @@ def cut_frozen_part(model: keras.Model) -> FrozenCut | None:
         # A functional model from intermediate tensors reuses the layers (and weights).
         learning = keras.Model(cut, backbone.outputs[0], name="learning_part")
         x = learning(inputs, training=False)
+        set_inference_mode(learning, in_inference_mode(backbone))  # as in the full model
     for layer in after:
         x = layer(x)
     upper = keras.Model(inputs, x, name="upper_part")
