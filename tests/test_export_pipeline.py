@@ -18,17 +18,21 @@ from retrain.card import file_sha256
 
 pytestmark = pytest.mark.slow
 
-EXPORT_KEYS = {"accuracy", "macro_f1", "agreement", "max_prob_diff", "size_bytes", "latency_ms"}
+EXPORT_KEYS = {"accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
+               "size_bytes", "latency_ms"}
 
 
 def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
     ws = pipeline_run
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    export = json.loads((ws / "metrics" / "export.json").read_text())
+    export = json.loads((ws / "reports" / "details" / "export.json").read_text())
     assert list(export) == params["export"]["formats"]
     for name, entry in export.items():
-        assert set(entry) == EXPORT_KEYS, name
+        assert set(entry) - {"float_layers"} == EXPORT_KEYS, name
         assert 0 <= entry["agreement"] <= 1 and 0 <= entry["accuracy"] <= 1
+        low, high = entry["agreement_ci95"]
+        assert low <= entry["agreement"] <= high
+    assert export["int8"]["float_layers"] == params["export"]["int8_float_layers"]
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     assert "metrics/export.json" in json.dumps(shown)  # DVC knows it as a metrics file
 
