@@ -53,6 +53,19 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     assert img.max() == 255 and img.min() == 0 and len(np.unique(img[..., 0])) > 30
 
 
+def test_sixteen_bit_grey_keeps_the_high_byte_whatever_else_the_image_holds(tmp_path):
+    """The same 16-bit value gives the same pixel in a dark frame and in a bright one: its
+    high byte, as libpng, TensorFlow (the serving graph) and Pillow's 16-bit RGB give it."""
+    dark = np.array([[200, 1000], [255, 0]], np.uint16)
+    bright = np.array([[200, 1000], [255, 65535]], np.uint16)
+    pixels = {}
+    for name, values in (("dark", dark), ("bright", bright)):
+        Image.fromarray(values).save(tmp_path / f"{name}.png")
+        pixels[name] = np.asarray(read_rgb(tmp_path / f"{name}.png"))[..., 0]
+    np.testing.assert_array_equal(pixels["dark"], dark >> 8)
+    np.testing.assert_array_equal(pixels["bright"], bright >> 8)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = gradient(40, 20)  # wide
     exif = Image.Exif()

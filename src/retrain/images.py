@@ -3,7 +3,9 @@ render, predict) goes through `load_image`, so a model always sees the same pixe
 same file.
 
 Pillow decodes JPEG, PNG, GIF (first frame), BMP and WebP: the formats TensorFlow's own
-decoders read. EXIF orientation is applied, grayscale/CMYK/16-bit/alpha become 8-bit RGB.
+decoders read. EXIF orientation is applied, grayscale/CMYK/16-bit/alpha become 8-bit RGB,
+by the same rules as the serving graph's decoder (`retrain.serving.decode_rgb`): 16-bit
+channels keep their high byte, transparency is composited onto white.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 # Bump on any change here that alters decoded pixels (orientation, colour conversion,
 # resizing): decoded-image caches are keyed on it, with Pillow's version and the filter.
-LOADER_VERSION = 1
+LOADER_VERSION = 2
+# Pillow's modes for a 16-bit grey PNG ("I" in Pillow versions before 10.1).
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I")
 RESAMPLING = Image.Resampling.BILINEAR
 # Decompression-bomb guard: larger images are refused before their pixels are decoded.
 MAX_PIXELS = 80_000_000
@@ -89,17 +93,32 @@ def read_rgb(path: str | Path) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255.
-        array = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        img = Image.fromarray(np.round(array * (255.0 / peak)).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite transparency onto white, as a viewer would show it.
+    """8-bit RGB by the rules the serving graph (`retrain.serving.decode_rgb`) also follows."""
+    if img.mode in SIXTEEN_BIT_GREY:
+        img = _grey_high_byte(img)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        # Composite transparency (alpha, or a transparent colour or palette entry) onto
+        # white, as a viewer would show it.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img if img.mode == "RGB" else img.convert("RGB")  # no copy when already RGB
+
+
+def _grey_high_byte(img: Image.Image) -> Image.Image:
+    """16-bit grey as 8-bit: the high byte, whatever the image holds.
+
+    The rule libpng (so TensorFlow's decoders), `tf.image.convert_image_dtype` and Pillow
+    itself (for 16-bit RGB) apply; a content-dependent scale would give a dark frame and a
+    bright one of the same scene different pixels. A transparent grey level (tRNS) is
+    matched at 16 bits, before the low byte is dropped.
+    """
+    values = np.asarray(img).astype(np.uint32)
+    grey = Image.fromarray((values >> 8).astype(np.uint8), "L")
+    if "transparency" not in img.info:
+        return grey
+    opaque = np.where(values == img.info["transparency"], 0, 255).astype(np.uint8)
+    return Image.merge("LA", (grey, Image.fromarray(opaque, "L")))
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
