@@ -175,3 +175,10 @@ def test_what_the_graph_cannot_decode_is_refused_not_guessed(tmp_path, name, wri
     assert read_rgb(path).size == (SIDE, SIDE)
     with pytest.raises(tf.errors.InvalidArgumentError):
         decode_rgb(tf.constant(path.read_bytes()))
+
+
+def test_the_model_card_names_where_the_signature_differs():
+    from retrain.card import SERVING_DECODING
+
+    for exception in ("EXIF orientation", "1- and 4-bit BMPs", "animated WebP"):
+        assert exception in SERVING_DECODING

@@ -20,6 +20,10 @@ CARD_NAME = "model_card.json"
 # How `retrain.images.load_image` turns a file into the model's input (and what the
 # SavedModel's image-bytes signature repeats in the graph).
 RESIZE = "bilinear with antialiasing (Pillow BILINEAR), straight to a square, no crop"
+# Where the signature's pixels differ from training's (tests/test_serving_decode.py).
+SERVING_DECODING = ("the training pixels for JPEG, PNG, GIF, BMP and WebP (within 1 level "
+                    "after resizing) except: EXIF orientation is ignored (rotate on the "
+                    "client or send pixels); 1- and 4-bit BMPs and animated WebP are refused")
 # Test metrics copied from metrics/evaluate.json's `finetuned` entry (plus any `*_ci95`).
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
 FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
@@ -56,8 +60,9 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
             "dtype": "float32 (model_int8.tflite: uint8)",
             "preprocessing": f"inside the model ({model_params['backbone']})",
             "resize": RESIZE,
-            "decoding": "EXIF orientation applied; grayscale, CMYK, 16-bit made 8-bit RGB; "
-                        "transparency composited onto white",
+            "decoding": "EXIF orientation applied; grayscale, CMYK, palette made 8-bit RGB, "
+                        "16-bit by its high byte; transparency composited onto white",
+            "serving_image_bytes": SERVING_DECODING,
         },
         "model": {
             "backbone": model_params["backbone"],
@@ -133,6 +138,7 @@ def card_markdown(card: dict) -> str:
         f"- preprocessing: {contract['preprocessing']}",
         f"- resize: {contract['resize']}",
         f"- decoding: {contract['decoding']}",
+        f"- serving/ `serve_image_bytes`: {contract['serving_image_bytes']}",
         "",
         "## Data",
         "",
