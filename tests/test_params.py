@@ -70,6 +70,8 @@ BAD_VALUES = [
     ("export.formats", ["int4"], "export.formats: expected a non-empty list"),
     ("export.formats", ["int8", "int8"], "export.formats: expected a non-empty list"),
     ("export.representative_images", 0, "export.representative_images"),
+    ("export.int8_float_layers", -1, "export.int8_float_layers"),
+    ("export.int8_float_layers", 2.5, "export.int8_float_layers"),
     ("prefilter.imagenet_classes", [1000], "prefilter.imagenet_classes"),
     ("report.gates", [{"metric": "x", "direction": "up", "tolerance": 0}], "report.gates"),
     ("report.gates", [{"metric": "x", "direction": "higher", "tolerance": 0,
