@@ -16,8 +16,8 @@ against Keras on a probe batch before it is cached: a wrong conversion (we saw N
 `from_concrete_functions` is given the model as `trackable_obj`) never reaches the cache.
 
 The `export` stage converts the fine-tuned classifier through the same recipes, also with
-float16 weights or full-integer (int8) quantisation, and runs the result with
-`LiteRTClassifier`.
+float16 weights or int8 quantisation (every layer int8, or the first layers from the input
+kept in float32), and runs the result with `LiteRTClassifier`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ PROBE_TOLERANCE = 1e-4
 # EPYC, MobileNetV2/224 extraction costs ~10 CPU-ms per image in sub-batches of 1 to 8,
 # ~13 ms in one call of 32.
 CHUNK_SIZE = 8
-# What `convert` can make: float32 as is, float16 weights, or every op in int8 (uint8 pixels
-# in, float32 probabilities out) calibrated on representative images.
+# What `convert` can make: float32 as is, float16 weights, or int8 ops (uint8 pixels in,
+# float32 probabilities out) calibrated on representative images.
 QUANTIZATIONS = ("float32", "float16", "int8")
 
 
