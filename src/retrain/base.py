@@ -58,22 +58,30 @@ def build_base(model: dict, seed: int = 0) -> keras.Model:
 def set_inference_mode(network: keras.Model, inference: bool) -> None:
     """Whether `network` keeps running in inference mode inside a model that trains.
 
-    A Keras 3 functional model hands its own `training` flag to every layer it calls,
-    over the `training=False` the layer was called with (keras-team/keras#20285): under
-    `fit`, a nested backbone would run its Dropout layers (EfficientNet's stochastic depth)
-    in training mode, and any trainable BatchNormalization layer on batch statistics.
-    Taking `training` off the arguments the network inherits from its caller leaves the
-    `training=False` it was called with. Only the from-scratch baseline
-    (`finetune.train_batchnorm`) wants the caller's flag. Not saved with a model: a loaded
-    model inherits the flag again.
+    A Keras 3 functional model hands its own `training` flag to every layer it calls, over
+    the `training=False` the layer was called with (keras-team/keras#20285): under `fit`, a
+    nested backbone would run its Dropout layers (EfficientNet's stochastic depth) in
+    training mode, and any trainable BatchNormalization layer on batch statistics. Taking
+    `training` off the arguments the network and each of its layers take from their caller
+    leaves every layer at its inference default, however the flag travels (injected by the
+    functional model, as in Keras 3.15, or inherited through the call context). Only the
+    from-scratch baseline (`finetune.train_batchnorm`) wants the caller's flag. Not saved
+    with a model: a loaded model takes the flag again.
     """
-    inherited = set(network._call_context_args)
-    network._call_context_args = inherited - {"training"} if inference else \
-        inherited | {"training"}
+    for layer in _layers_within(network):
+        inherited = set(layer._call_context_args)
+        layer._call_context_args = inherited - {"training"} if inference else \
+            inherited | {"training"}
 
 
 def in_inference_mode(network: keras.Model) -> bool:
     return "training" not in network._call_context_args
+
+
+def _layers_within(layer):
+    yield layer
+    for inner in getattr(layer, "layers", ()):
+        yield from _layers_within(inner)
 
 
 def _load_weights_file(network: keras.Model, path: str, name: str) -> None:
