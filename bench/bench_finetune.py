@@ -57,11 +57,12 @@ def run_stages_to_head(raw, scratch, env: dict) -> None:
     """split, extract and train_head in `scratch` (its params.yaml), as dvc.yaml runs them."""
     stage = REPO / "stages"
     for script, *rest in (
-            ("split.py", "--raw", raw, "--out", "manifests", "--metrics", "data.json"),
+            ("split.py", "--raw", raw, "--out", "manifests", "--metrics", "data.json",
+             "--details", "data-details.json"),
             ("extract.py", "--raw", raw, "--manifests", "manifests", "--out", "features",
-             "--metrics", "extract.json"),
+             "--details", "extract.json"),
             ("train_head.py", "--features", "features", "--manifests", "manifests",
-             "--model", "head.keras", "--live", "live-head", "--metrics", "head.json")):
+             "--model", "head.keras", "--live", "live-head", "--details", "head.json")):
         timed_run([PYTHON, stage / script, *rest], scratch, env)
 
 
@@ -115,9 +116,9 @@ def stage_runs(args, env: dict) -> dict:
     base = args.workdir / "finetune-ws"
     env = {**env, "PYTHONPATH": str(base / "src")}
     cmd = [PYTHON, "stages/finetune.py", "--raw", "data/raw", "--manifests", "data/manifests",
-           "--head", "models/head.keras", "--head-metrics", "metrics/head.json",
+           "--head", "models/head.keras", "--head-details", "reports/details/head.json",
            "--model", "bench-model.keras", "--serving", "bench-serving",
-           "--live", "bench-live", "--metrics", "bench-finetune.json"]
+           "--live", "bench-live", "--details", "bench-finetune.json"]
     runs = {"full": [], "auto": []}
     for path in ("full", "auto", "auto", "full"):
         edit_params(base / "params.yaml", finetune__path=path)
@@ -158,7 +159,8 @@ def experiment_runs(args, env: dict) -> dict:
         forget_decoded_images(args.workdir)  # both runs decode their images once
         runs[path] = timed_stages([PYTHON, "-m", "dvc", "exp", "run", "-S", "head.dropout=0.4",
                                    "-S", f"finetune.path={path}"], ws, ws_env)
-        runs[path]["metrics"] = json.loads((ws / "metrics" / "finetune.json").read_text())
+        runs[path]["metrics"] = json.loads(
+            (ws / "reports" / "details" / "finetune.json").read_text())
     return {"images": sum(counts), "epochs": args.epochs, "model": params["model"],
             "runs": runs}
 
@@ -180,9 +182,9 @@ def peak_rss(args, env: dict) -> dict:
     forget_decoded_images(args.workdir)  # the worst case: the first run decodes them all
     seconds, out = timed_run(
         [PYTHON, "-c", PEAK_RSS, PYTHON, stage / "finetune.py", "--raw", raw,
-         "--manifests", "manifests", "--head", "head.keras", "--head-metrics", "head.json",
+         "--manifests", "manifests", "--head", "head.keras", "--head-details", "head.json",
          "--model", "model.keras", "--serving", "serving", "--live", "live-finetune",
-         "--metrics", "finetune.json"], scratch, env)
+         "--details", "finetune.json"], scratch, env)
     peak = int(re.search(r"PEAK_RSS_KB (\d+)", out).group(1)) * 1024
     metrics = json.loads((scratch / "finetune.json").read_text())
     return {"images": images, "epochs": args.rss_epochs, "peak_rss_bytes": peak,
@@ -226,9 +228,9 @@ def accuracy_runs(args, env: dict) -> dict | None:
             edit_params(scratch / "params.yaml", finetune__path=path)
             seconds, _ = timed_run(
                 [PYTHON, stage / "finetune.py", "--raw", raw, "--manifests", "manifests",
-                 "--head", "head.keras", "--head-metrics", "head.json",
+                 "--head", "head.keras", "--head-details", "head.json",
                  "--model", f"model-{path}.keras", "--serving", f"serving-{path}",
-                 "--live", f"live-{path}", "--metrics", f"finetune-{path}.json"], scratch, env)
+                 "--live", f"live-{path}", "--details", f"finetune-{path}.json"], scratch, env)
             metrics = json.loads((scratch / f"finetune-{path}.json").read_text())
             row[path] = {"val_accuracy": metrics["val_accuracy"], "path": metrics["path"],
                          "seconds": seconds, "epochs": metrics["epochs_run"]}

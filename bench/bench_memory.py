@@ -48,11 +48,12 @@ def measure(workdir: Path, images: int, env: dict) -> dict:
     manifests = scratch / "manifests"
     if not (manifests / "train.csv").exists():
         timed_run([PYTHON, REPO / "stages" / "split.py", "--raw", raw, "--out", manifests,
-                   "--metrics", scratch / "data.json"], scratch, env)
+                   "--metrics", scratch / "data.json", "--details", scratch / "details.json"],
+                  scratch, env)
     seconds, out = timed_run(
         [PYTHON, "-c", PEAK_RSS, PYTHON, REPO / "stages" / "extract.py", "--raw", raw,
          "--manifests", manifests, "--out", scratch / "features",
-         "--metrics", scratch / "extract.json"], scratch, env)
+         "--details", scratch / "extract.json"], scratch, env)
     peak_kb = int(re.search(r"PEAK_RSS_KB (\d+)", out).group(1))
     metrics = json.loads((scratch / "extract.json").read_text())
     return {"images": images, "peak_rss_bytes": peak_kb * 1024, "seconds": seconds,

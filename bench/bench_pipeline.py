@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         scope = ["train_head"]
         seconds, _ = timed_run(dvc("repro", *scope), ws, env)
         results["first_repro"] = {"target": "fetch..train_head", "seconds": seconds}
-    extract_metrics = yaml.safe_load((ws / "metrics" / "extract.json").read_text())
+    extract_metrics = yaml.safe_load((ws / "reports" / "details" / "extract.json").read_text())
     results["extract_images_per_second"] = extract_metrics.get("images_per_second")
     results["extract_engine"] = extract_metrics.get("engine")
     git_commit(ws, env, "first run")

@@ -87,7 +87,7 @@ def run_pass(label: str, workdir: Path, photos: Path, weights: Path, hide_gpus: 
         print(f"  {label}: {stage:<11} {seconds[stage]:6.1f} s", flush=True)
 
     def read(name):
-        return json.loads((workspace / "metrics" / name).read_text())
+        return json.loads((workspace / "reports" / "details" / name).read_text())
 
     extract, finetune, evaluate = read("extract.json"), read("finetune.json"), read(
         "evaluate.json")

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     inner = re.search(r"; ([\d.]+) s\n", log)
     crossval = json.loads((workspace / "metrics" / "crossval.json").read_text())
-    data = json.loads((workspace / "metrics" / "data.json").read_text())["images"]
+    data = json.loads((workspace / "reports" / "details" / "data.json").read_text())["images"]
     print(f"data: {args.data}; train {data['train']['total']}, val {data['val']['total']}, "
           f"test {data['test']['total']} images")
     print(f"crossval: `dvc repro crossval` {wall:.1f} s wall "
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         log = dvc(workspace, env, "repro", "train_head")
         ran = re.findall(r"Running stage '([\w-]+)'", log)
         assert ran == ["train_head"], f"seed {seed} ran {ran}"
-        val.append(json.loads((workspace / "metrics" / "head.json").read_text())[
+        val.append(json.loads((workspace / "reports" / "details" / "head.json").read_text())[
             "val_accuracy"])
         test.append(head_test_accuracy(workspace))
         print(f"seed {seed}: ran {ran}; head val_accuracy {val[-1]:.3f}, "

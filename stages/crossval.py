@@ -7,6 +7,7 @@ import numpy as np
 
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
+from retrain.headline import HEADLINE, select
 from retrain.manifests import load_split_arrays, read_classes, read_split
 from retrain.params import load_params
 
@@ -16,13 +17,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--features", required=True)
     parser.add_argument("--manifests", required=True)
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--metrics", required=True, help="mean and sd (JSON; what DVC shows)")
+    parser.add_argument("--details", required=True, help="every figure, per fold (JSON)")
     args = parser.parse_args()
     params = load_params()
     crossval = params["crossval"]
     if not crossval["folds"] or not crossval["repeats"]:
         # The output stays declared, and says why it holds no figures.
-        write_json(args.metrics, {"enabled": False, **crossval})
+        write_json(args.details, {"enabled": False, **crossval})
+        write_json(args.metrics, {"enabled": False})
         print("crossval: off (crossval.folds or crossval.repeats is 0)")
         return
     classes = read_classes(args.manifests)
@@ -39,7 +42,8 @@ def main() -> None:
     summary = cross_validate_head(features, labels, digests, len(classes), params["head"],
                                   folds=crossval["folds"], repeats=crossval["repeats"],
                                   seed=crossval["seed"])
-    write_json(args.metrics, summary)
+    write_json(args.details, summary)
+    write_json(args.metrics, select(summary, HEADLINE["crossval"]))
     print(f"crossval: {crossval['folds']} folds x {crossval['repeats']} repeats of "
           f"{len(labels)} train+val images: val_accuracy {summary['val_accuracy_mean']:.4f} "
           f"(sd {summary['val_accuracy_sd']:.4f} across folds), macro_f1 "

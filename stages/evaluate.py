@@ -7,6 +7,7 @@ import numpy as np
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import DataError, exits_cleanly
+from retrain.headline import HEADLINE, select
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
 
@@ -19,7 +20,10 @@ def main() -> None:
     parser.add_argument("--features", required=True)
     parser.add_argument("--head", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--metrics", required=True,
+                        help="headline figures (JSON; what DVC shows)")
+    parser.add_argument("--details", required=True,
+                        help="every figure (JSON): loss, per-class precision, recall, F1")
     parser.add_argument("--predictions", required=True, help="fine-tuned model's predictions")
     parser.add_argument("--head-predictions", required=True)
     args = parser.parse_args()
@@ -59,7 +63,8 @@ def main() -> None:
         table = predictions_table(test["path"], probabilities, labels, classes)
         with atomic_path(dest) as tmp:
             table.to_csv(tmp, index=False, lineterminator="\n")
-    write_json(args.metrics, results)
+    write_json(args.details, results)
+    write_json(args.metrics, select(results, HEADLINE["evaluate"]))
     print("\n".join(summary_lines(results, len(test))))
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import UserError, exits_cleanly
+from retrain.headline import HEADLINE, select
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
 
@@ -19,7 +20,9 @@ def main() -> None:
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--model", required=True, help="fine-tuned model (.keras)")
     parser.add_argument("--out", required=True, help="folder for the .tflite files")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--metrics", required=True,
+                        help="agreement, size and latency per format (JSON; what DVC shows)")
+    parser.add_argument("--details", required=True, help="every figure per format (JSON)")
     args = parser.parse_args()
     params = load_params()
     export, size, seed = params["export"], params["model"]["image_size"], params["seed"]
@@ -73,7 +76,8 @@ def main() -> None:
             if results[name].get("float_layers"):
                 print(f"export: {name} layers kept in float: "
                       + ", ".join(short_layer_name(n) for n in float_layer_names(path)))
-    write_json(args.metrics, results)
+    write_json(args.details, results)
+    write_json(args.metrics, select(results, HEADLINE["export"]))
 
 
 if __name__ == "__main__":

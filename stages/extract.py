@@ -15,7 +15,8 @@ def main() -> None:
     parser.add_argument("--raw", required=True, help="image folder written by fetch")
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--out", required=True, help="feature folder to write")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--details", required=True,
+                        help="JSON to write: feature shape, parameter counts, throughput")
     args = parser.parse_args()
     params = load_params()
     model_params, extract = params["model"], params["extract"]
@@ -39,7 +40,7 @@ def main() -> None:
             seconds += stats.seconds
             images += stats.images
     summary = base_summary(base)
-    write_json(args.metrics, {**summary, "engine": engine.name, "images": images,
+    write_json(args.details, {**summary, "engine": engine.name, "images": images,
                               "images_per_second": round(images / seconds, 2)})
     print(f"extract: {images} images, {summary['feature_size']} features each, "
           f"{images / seconds:.1f} images/s ({engine.name})")

@@ -16,11 +16,14 @@ def main() -> None:
     parser.add_argument("--raw", required=True)
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--head", required=True, help="trained head (.keras)")
-    parser.add_argument("--head-metrics", required=True, help="metrics of train_head")
+    parser.add_argument("--head-details", required=True,
+                        help="train_head's figures (its epochs continue the curves' axis)")
     parser.add_argument("--model", required=True, help="full model to write (.keras)")
     parser.add_argument("--serving", required=True, help="SavedModel folder to export")
     parser.add_argument("--live", required=True, help="dvclive folder for the curves")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--details", required=True,
+                        help="JSON to write: epochs, parameter counts, the path taken, "
+                             "device and throughput")
     args = parser.parse_args()
     params = load_params()
     model_params, tune = params["model"], params["finetune"]
@@ -67,7 +70,7 @@ def main() -> None:
                     epochs=tune["epochs"], batch_size=tune["batch_size"], seed=params["seed"],
                     augmentation=Augmentation.from_params(tune["augment"]),
                     class_weight=weights)
-    head_epochs = json.loads(Path(args.head_metrics).read_text())["epochs_run"]
+    head_epochs = json.loads(Path(args.head_details).read_text())["epochs_run"]
     timer = TrainingThroughput(len(data["train"].labels))
 
     # Built, compiled and fitted in the accelerator's scope: variables on every replica,
@@ -97,7 +100,7 @@ def main() -> None:
                "from_layer": tune["from_layer"],
                "from_layer_name": model.get_layer("backbone").layers[tune["from_layer"]].name,
                **accelerator.summary(), "train_images_per_second": timer.images_per_second()}
-    write_json(args.metrics, summary)
+    write_json(args.details, summary)
     print(f"finetune: val_accuracy {summary.get('val_accuracy', float('nan')):.4f}, "
           f"{summary['params']['trainable']:,} trainable params, {outcome.path} path, "
           f"{accelerator.precision} on {accelerator.description} "

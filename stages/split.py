@@ -5,6 +5,7 @@ import sys
 
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
+from retrain.headline import data_headline
 from retrain.manifests import build_manifests, data_metrics, write_manifests
 from retrain.params import load_params
 from retrain.prefilter import check_prefilter_params, make_prefilter
@@ -15,7 +16,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", required=True, help="folder written by the fetch stage")
     parser.add_argument("--out", required=True, help="manifest folder to write")
-    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--metrics", required=True,
+                        help="headline counts to write (JSON; what DVC shows)")
+    parser.add_argument("--details", required=True,
+                        help="every count to write (JSON): images per class and split, "
+                             "exclusions by reason")
     args = parser.parse_args()
     params = load_params()
     split = params["split"]
@@ -36,7 +41,8 @@ def main() -> None:
     )
     write_manifests(manifests, args.out)
     metrics = data_metrics(manifests)
-    write_json(args.metrics, metrics)
+    write_json(args.details, metrics)
+    write_json(args.metrics, data_headline(metrics))
     sizes = ", ".join(f"{name} {metrics['images'][name]['total']}" for name in manifests.splits)
     print(f"split: {len(manifests.classes)} classes; {sizes}; "
           f"excluded {metrics['excluded']['total']} (see {args.out}/excluded.csv)")

@@ -15,7 +15,8 @@ def main() -> None:
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--model", required=True, help="head model to write (.keras)")
     parser.add_argument("--live", required=True, help="dvclive folder for the curves")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--details", required=True,
+                        help="JSON to write: epochs run, the best epoch's loss and accuracy")
     args = parser.parse_args()
     params = load_params()
     head_params = params["head"]
@@ -43,7 +44,7 @@ def main() -> None:
     with atomic_path(args.model) as tmp:
         head.save(tmp)
     summary = history_summary(history)
-    write_json(args.metrics, summary)
+    write_json(args.details, summary)
     print(f"train_head: val_accuracy {summary.get('val_accuracy', float('nan')):.4f} "
           f"after {summary['epochs_run']} epochs (best epoch {summary['best_epoch']})")
 

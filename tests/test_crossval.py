@@ -102,10 +102,13 @@ def test_zero_folds_writes_a_file_saying_crossval_is_off(tmp_path):
     shutil.copytree(REPO / "stages", tmp_path / "stages")
     result = subprocess.run(
         [sys.executable, "stages/crossval.py", "--features", "absent", "--manifests", "absent",
-         "--metrics", "metrics/crossval.json"], cwd=tmp_path, capture_output=True, text=True)
+         "--metrics", "metrics/crossval.json", "--details", "details/crossval.json"],
+        cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "crossval: off" in result.stdout
-    written = json.loads((tmp_path / "metrics" / "crossval.json").read_text())
+    assert json.loads((tmp_path / "metrics" / "crossval.json").read_text()) == {
+        "enabled": False}
+    written = json.loads((tmp_path / "details" / "crossval.json").read_text())
     assert written == {"enabled": False, "folds": 0, "repeats": params["crossval"]["repeats"],
                        "seed": params["crossval"]["seed"]}
 
@@ -113,7 +116,7 @@ def test_zero_folds_writes_a_file_saying_crossval_is_off(tmp_path):
 @pytest.mark.slow
 def test_pipeline_cross_validates_train_and_val_only(pipeline_run):
     params = yaml.safe_load((pipeline_run / "params.yaml").read_text())["crossval"]
-    metrics = json.loads((pipeline_run / "metrics" / "crossval.json").read_text())
+    metrics = json.loads((pipeline_run / "reports" / "details" / "crossval.json").read_text())
     assert (metrics["folds"], metrics["repeats"]) == (params["folds"], params["repeats"])
     for name in ("val_accuracy", "macro_f1"):
         values = metrics["per_fold"][name]

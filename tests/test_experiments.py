@@ -37,8 +37,10 @@ def locked_outs(workspace: Path) -> dict[str, dict[str, str]]:
 
 
 def read_metrics(workspace: Path) -> dict[str, dict]:
-    return {path.name: json.loads(path.read_text())
-            for path in sorted((workspace / "metrics").glob("*.json"))}
+    """Every figure: the metrics files DVC shows and the stages' details files, by path."""
+    return {path.relative_to(workspace).as_posix(): json.loads(path.read_text())
+            for folder in ("metrics", "reports/details")
+            for path in sorted((workspace / folder).glob("*.json"))}
 
 
 def test_head_learning_rate_change_reruns_train_head_and_later_only(workspace):
@@ -212,13 +214,15 @@ def test_forced_repro_gives_the_same_hashes_and_metrics(workspace):
     assert stages_run(result.stdout) == UPSTREAM + FROM_TRAIN_HEAD, result.stdout
     after_outs, after_metrics = locked_outs(workspace), read_metrics(workspace)
     for stage in ("split", "extract"):
-        # The data outputs; the stage's metrics file is compared below, less its timing.
-        data = [path for path in before_outs[stage] if not path.startswith("metrics/")]
+        # The data outputs; the stage's figures are compared below, less their timings.
+        data = [path for path in before_outs[stage]
+                if not path.startswith(("metrics/", "reports/details/"))]
         assert data, stage
         assert {p: after_outs[stage][p] for p in data} == {p: before_outs[stage][p] for p in data}
     for metrics in (before_metrics, after_metrics):
-        metrics["extract.json"].pop("images_per_second")  # timings, not results
-        metrics["finetune.json"].pop("train_images_per_second")
-        for entry in metrics["export.json"].values():
-            entry.pop("latency_ms")
+        metrics["reports/details/extract.json"].pop("images_per_second")  # timings
+        metrics["reports/details/finetune.json"].pop("train_images_per_second")
+        for path in ("metrics/export.json", "reports/details/export.json"):
+            for entry in metrics[path].values():
+                entry.pop("latency_ms")
     assert after_metrics == before_metrics

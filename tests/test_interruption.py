@@ -63,7 +63,7 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
     kill_repro_when(workspace, lambda: finetune_epoch_started(log))
     assert "Running stage 'extract'" in log.read_text()
     assert not (workspace / "models" / "model.keras").exists()
-    assert not (workspace / "metrics" / "finetune.json").exists()
+    assert not (workspace / "reports" / "details" / "finetune.json").exists()
 
     # 3. A plain repro finishes the job: everything up to date, every output whole.
     result = dvc(workspace, "repro")

@@ -238,8 +238,11 @@ def test_split_stage_on_the_real_flower_sample(tmp_path):
         tar.extractall(tmp_path / "raw", filter="data")
     (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", "raw", "--out",
-                    "manifests", "--metrics", "data.json"], cwd=tmp_path, check=True)
-    metrics = yaml.safe_load((tmp_path / "data.json").read_text())
+                    "manifests", "--metrics", "data.json", "--details", "details.json"],
+                   cwd=tmp_path, check=True)
+    assert yaml.safe_load((tmp_path / "data.json").read_text()) == {
+        "classes": 5, "images": 200, "excluded": 0}
+    metrics = yaml.safe_load((tmp_path / "details.json").read_text())
     assert [metrics["images"][s]["total"] for s in ("train", "val", "test")] == [144, 40, 16]
     for label in ("daisy", "dandelion", "roses", "sunflowers", "tulips"):
         assert metrics["images"]["val"][label] == 8
@@ -343,7 +346,8 @@ def run_split_stage(workspace, raw, **split):
     params["split"].update(split)
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     return subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", raw, "--out",
-                           "manifests", "--metrics", "data.json"], cwd=workspace,
+                           "manifests", "--metrics", "data.json", "--details",
+                           "details.json"], cwd=workspace,
                           capture_output=True, text=True, env={**os.environ,
                                                               "PYTHONPATH": str(REPO / "src")})
 

@@ -113,7 +113,8 @@ def test_stage_exits_2_with_one_line_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_value("split.val_fraction", 2)))
     result = subprocess.run(
         [sys.executable, REPO / "stages" / "split.py", "--raw", "missing", "--out", "out",
-         "--metrics", "m.json"], cwd=tmp_path, capture_output=True, text=True)
+         "--metrics", "m.json", "--details", "d.json"], cwd=tmp_path, capture_output=True,
+        text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: split.val_fraction: expected a number in (0, 1), got 2"]

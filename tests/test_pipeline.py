@@ -29,10 +29,10 @@ def test_every_stage_wrote_its_outputs(pipeline_run):
         features = np.load(ws / "data" / "features" / f"{split}.npy")
         manifest = pd.read_csv(ws / "data" / "manifests" / f"{split}.csv")
         assert features.dtype == np.float32 and len(features) == len(manifest)
-    extract = read_json(ws / "metrics" / "extract.json")
+    extract = read_json(ws / "reports" / "details" / "extract.json")
     assert extract["base_params"]["trainable"] == 0
     assert extract["feature_map_shape"][-1] == extract["feature_size"]
-    finetune = read_json(ws / "metrics" / "finetune.json")
+    finetune = read_json(ws / "reports" / "details" / "finetune.json")
     assert 0 < finetune["params"]["trainable"] < finetune["params"]["total"]
     # How the model was made: auto precision on this CPU machine.
     assert (finetune["device"], finetune["precision"], finetune["replicas"]) == (
@@ -54,7 +54,7 @@ def test_the_model_learned_the_generated_classes(pipeline_run):
 @pytest.mark.parametrize("name, csv", [("finetuned", "predictions.csv"),
                                        ("head", "predictions_head.csv")])
 def test_metrics_agree_with_the_predictions_csv(pipeline_run, name, csv):
-    metrics = read_json(pipeline_run / "metrics" / "evaluate.json")[name]
+    metrics = read_json(pipeline_run / "reports" / "details" / "evaluate.json")[name]
     table = pd.read_csv(pipeline_run / "reports" / csv)
     test = pd.read_csv(pipeline_run / "data" / "manifests" / "test.csv")
     assert table["path"].tolist() == test["path"].tolist()

@@ -128,10 +128,11 @@ def test_split_stage_with_the_prefilter(classifier, red_tree):
     params["prefilter"] = prefilter_params(classifier, CARS, threshold=0.5)
     (red_tree.parent / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", "raw",
-                             "--out", "manifests", "--metrics", "data.json"],
+                             "--out", "manifests", "--metrics", "data.json",
+                             "--details", "details.json"],
                             cwd=red_tree.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    metrics = json.loads((red_tree.parent / "data.json").read_text())
+    metrics = json.loads((red_tree.parent / "details.json").read_text())
     # Only class 656 carries weight in this classifier: r=160 scores 0.749, r=130 0.401.
     assert metrics["excluded"]["prefiltered"] == 3 * 4
     assert metrics["images"]["train"]["total"] + metrics["images"]["val"]["total"] \
@@ -156,7 +157,7 @@ def test_split_stage_names_a_missing_classifier_and_writes_nothing(tmp_path):
     params["prefilter"] = prefilter_params("gone.keras")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", "raw",
-                             "--out", "out", "--metrics", "m.json"],
+                             "--out", "out", "--metrics", "m.json", "--details", "d.json"],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -91,9 +91,9 @@ def run_stages(workspace, class_tree, **env):
                    if key not in ("RETRAIN_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
     environment.update(PYTHONPATH=str(REPO / "src"), **env)
     for args in (["split.py", "--raw", str(class_tree), "--out", "manifests",
-                  "--metrics", "data.json"],
+                  "--metrics", "data.json", "--details", "data-details.json"],
                  ["extract.py", "--raw", str(class_tree), "--manifests", "manifests",
-                  "--out", "features", "--metrics", "extract.json"]):
+                  "--out", "features", "--details", "extract.json"]):
         result = subprocess.run([sys.executable, REPO / "stages" / args[0], *args[1:]],
                                 cwd=workspace, env=environment, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

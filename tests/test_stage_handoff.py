@@ -82,12 +82,12 @@ def test_finetune_starts_from_the_head_and_base_that_extract_used(mode, class_tr
     monkeypatch.chdir(ws)
 
     run_stage("split", "--raw", "data/raw", "--out", "data/manifests",
-              "--metrics", "metrics/data.json")
+              "--metrics", "metrics/data.json", "--details", "reports/details/data.json")
     run_stage("extract", "--raw", "data/raw", "--manifests", "data/manifests",
-              "--out", "data/features", "--metrics", "metrics/extract.json")
+              "--out", "data/features", "--details", "reports/details/extract.json")
     run_stage("train_head", "--features", "data/features", "--manifests", "data/manifests",
               "--model", "models/head.keras", "--live", "dvclive/head",
-              "--metrics", "metrics/head.json")
+              "--details", "reports/details/head.json")
 
     test = read_split("data/manifests", "test")
     test_images = cached_image_array([Path("data/raw") / p for p in test["path"]],
@@ -101,9 +101,9 @@ def test_finetune_starts_from_the_head_and_base_that_extract_used(mode, class_tr
     monkeypatch.setattr(retrain.finetune, "fine_tune", record_then_stop)
     with pytest.raises(StoppedBeforeTraining):
         run_stage("finetune", "--raw", "data/raw", "--manifests", "data/manifests",
-                  "--head", "models/head.keras", "--head-metrics", "metrics/head.json",
+                  "--head", "models/head.keras", "--head-details", "reports/details/head.json",
                   "--model", "models/model.keras", "--serving", "models/serving",
-                  "--live", "dvclive/finetune", "--metrics", "metrics/finetune.json")
+                  "--live", "dvclive/finetune", "--details", "reports/details/finetune.json")
 
     head = keras.models.load_model("models/head.keras")
     expected = head.predict(np.load("data/features/test.npy"), verbose=0)

@@ -100,7 +100,7 @@ def check_metrics_against_predictions(metrics: dict, table: pd.DataFrame, classe
 
 
 def check_evaluation(workspace, classes: list[str]):
-    metrics = read_json(workspace / "metrics" / "evaluate.json")
+    metrics = read_json(workspace / "reports" / "details" / "evaluate.json")
     test = pd.read_csv(workspace / "data" / "manifests" / "test.csv")
     for name, csv in (("head", "predictions_head.csv"), ("finetuned", "predictions.csv")):
         table = pd.read_csv(workspace / "reports" / csv)
@@ -127,7 +127,7 @@ def batchnorm_weights(model_path) -> dict[str, list[np.ndarray]]:
 @pytest.mark.xdist_group("binary_run")
 def test_binary_set_end_to_end(binary_run):
     classes = ["class_000", "class_001"]
-    data = read_json(binary_run / "metrics" / "data.json")
+    data = read_json(binary_run / "reports" / "details" / "data.json")
     assert data["classes"] == 2 and data["excluded"]["total"] == 0
     assert sum(data["images"][s]["total"] for s in ("train", "val", "test")) == 45
     assert data["images"]["test"] == {"class_000": 6, "class_001": 3, "total": 9}
@@ -138,7 +138,7 @@ def test_binary_set_end_to_end(binary_run):
 
 @pytest.mark.xdist_group("binary_run")
 def test_from_scratch_recipe_trains_every_layer_and_batchnorm(binary_run):
-    finetune = read_json(binary_run / "metrics" / "finetune.json")
+    finetune = read_json(binary_run / "reports" / "details" / "finetune.json")
     assert finetune["from_layer"] == 0
     assert finetune["path"] == "full" and "train_batchnorm" in finetune["reason"]
     # Only BatchNorm moving statistics stay non-trainable when every layer trains.
@@ -154,7 +154,7 @@ def test_from_scratch_recipe_trains_every_layer_and_batchnorm(binary_run):
 @pytest.mark.xdist_group("forty_class_run")
 def test_forty_classes_after_class_selection(forty_class_run):
     classes = [f"class_{i:03d}" for i in range(40)]
-    data = read_json(forty_class_run / "metrics" / "data.json")
+    data = read_json(forty_class_run / "reports" / "details" / "data.json")
     assert data["classes"] == 40
     assert data["excluded"]["unselected_class"] == 4 + 2 + 2 == data["excluded"]["total"]
     for split in ("train", "val", "test"):

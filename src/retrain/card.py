@@ -24,7 +24,8 @@ RESIZE = "bilinear with antialiasing (Pillow BILINEAR), straight to a square, no
 SERVING_DECODING = ("the training pixels for JPEG, PNG, GIF, BMP and WebP (within 1 level "
                     "after resizing) except: EXIF orientation is ignored (rotate on the "
                     "client or send pixels); 1- and 4-bit BMPs and animated WebP are refused")
-# Test metrics copied from metrics/evaluate.json's `finetuned` entry (plus any `*_ci95`).
+# Test metrics copied from evaluate's `finetuned` figures (reports/details/evaluate.json),
+# plus any `*_ci95`.
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
 FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
                   "size_bytes", "latency_ms", "float_layers")
@@ -81,7 +82,7 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
 
 
 def recommend_format(formats: dict[str, dict]) -> dict:
-    """Which exported format to ship, from metrics/export.json's entries.
+    """Which exported format to ship, from export's entries (reports/details/export.json).
 
     A format holds when it agrees with Keras on SHIP_MIN_AGREEMENT of the held-out images.
     Among those that hold, one is dominated when another is at least as accurate, no larger

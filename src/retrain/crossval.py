@@ -114,7 +114,7 @@ def score_fold(head: ReusedHead, features: np.ndarray, labels: np.ndarray, train
     head.restart(seed)
     weights = balanced_class_weights(labels[train], classes) if recipe["class_weights"] else None
     # Early stopping watches the held-out fold, as train_head watches val (so its score is
-    # as optimistic as metrics/head.json's); without it, per-epoch scores are skipped.
+    # as optimistic as train_head's); without it, per-epoch scores are skipped.
     watched = (features[val], labels[val]) if recipe["early_stopping_patience"] else None
     train_head(head.model, (features[train], labels[train]), watched,
                learning_rate=recipe["learning_rate"], epochs=recipe["epochs"],

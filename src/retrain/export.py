@@ -19,7 +19,7 @@ from scipy.stats import binomtest
 from retrain import litert
 from retrain.evaluate import classification_metrics
 
-# Format name (the `export.formats` values, the keys of metrics/export.json) -> file name.
+# Format name (the `export.formats` values, the keys of export's figures) -> file name.
 FILES = {"float32": "model.tflite", "float16": "model_fp16.tflite", "int8": "model_int8.tflite"}
 # Single-image latency: the median of LATENCY_RUNS interpreter calls after a warm-up call,
 # taken in LATENCY_ROUNDS rounds interleaved across the formats (so a busy spell on a shared
@@ -55,7 +55,7 @@ def export_formats(model, formats: list[str], representative: np.ndarray,
 def measure(path: str | Path, images: np.ndarray, labels: np.ndarray, classes: list[str],
             keras_probabilities: np.ndarray, test_rows: np.ndarray | None = None,
             batch_size: int = 32) -> dict:
-    """The metrics/export.json entry of one exported file, but its latency
+    """The reports/details/export.json entry of one exported file, but its latency
     (`latency_rounds_ms`).
 
     `images` (uint8) are the held-out images, `keras_probabilities` the Keras model's on

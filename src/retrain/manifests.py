@@ -348,7 +348,8 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
 
 
 def data_metrics(manifests: Manifests) -> dict:
-    """Images per class per split and exclusion counts, for metrics/data.json."""
+    """Images per class per split and exclusion counts, for reports/details/data.json
+    (retrain.headline.data_headline sums them up for metrics/data.json)."""
     per_split = {}
     for name, frame in manifests.splits.items():
         counts = frame["label"].value_counts()

@@ -56,6 +56,9 @@ class ReportError(UserError):
 # evaluate's outputs (dvc.yaml): the metrics file, and each model's per-image predictions by
 # its key in that file.
 EVALUATE_METRICS = "metrics/evaluate.json"
+# Every figure the stages measured, of which the metrics files hold the headline
+# (retrain.headline): a gate may name a figure DVC does not show, e.g. a class's recall.
+DETAILS = "reports/details"
 PREDICTIONS = {"finetuned": "reports/predictions.csv", "head": "reports/predictions_head.csv"}
 
 
@@ -218,16 +221,20 @@ def _matches(metrics: dict[str, dict], metric: str) -> list[tuple[str, dict]]:
     return [(path, keys[metric]) for path, keys in metrics.items() if metric in keys]
 
 
-def check_gates(metrics: dict[str, dict], gates: list[dict], base: str) -> list[GateResult]:
-    """Evaluate each gate against `dvc metrics diff --all --json` output."""
+def _present(metrics: dict[str, dict], metric: str) -> list[tuple[str, dict]]:
+    return [(path, entry) for path, entry in _matches(metrics, metric)
+            if entry.get("old") is not None or entry.get("new") is not None]
+
+
+def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
+                details: dict[str, dict] | None = None) -> list[GateResult]:
+    """Evaluate each gate against `dvc metrics diff --all --json` output: the metrics files
+    DVC shows, then, for a metric none of them holds, `details` (the same diff over the
+    stages' details files)."""
     results = []
     for gate in gates:
         name = gate["metric"]
-        found = [
-            (path, entry)
-            for path, entry in _matches(metrics, name)
-            if entry.get("old") is not None or entry.get("new") is not None
-        ]
+        found = _present(metrics, name) or _present(details or {}, name)
         if not found:
             raise ReportError(f"gated metric {name}: found neither in {base} nor in the workspace")
         for path, entry in found:
@@ -627,9 +634,13 @@ def compose_report(
         _Dvc(["params", "diff", base], repo_dir),
         _Dvc(["diff", base], repo_dir),
     ]
+    if (Path(repo_dir) / DETAILS).is_dir():
+        runs.append(_Dvc(["metrics", "diff", "--all", base, "--targets", DETAILS], repo_dir))
     try:
         (metrics, stderr), (params, _) = runs[0].result(), runs[1].result()
-        results, test_sets = add_evidence(check_gates(metrics, gates, base), base, repo_dir)
+        details = runs[3].result()[0] if len(runs) > 3 else {}
+        results, test_sets = add_evidence(check_gates(metrics, gates, base, details), base,
+                                          repo_dir)
         figure_lines = _figures_or_why_not(runs[2], base, repo_dir, figures_dir, link_prefix)
     finally:
         for run in runs:

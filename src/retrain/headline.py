@@ -1,0 +1,55 @@
+"""What `dvc metrics show` and `dvc exp show` display: the few figures people compare.
+
+A stage measures far more than anyone compares at a glance: per-class precision and recall,
+images per class and split, exclusions by reason, parameter counts, timings. Shown as DVC
+metrics, they made about 150 columns, and the figures that decide between two runs were lost
+among them. So every stage writes every figure it measured to its details file,
+`reports/details/<stage>.json` (a git-tracked output: the model card, `report`'s gates and
+people read it), and the stages whose figures are compared also write the headline below to
+`metrics/<stage>.json` (what DVC shows): the same keys and values, fewer of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+# Dotted key patterns of each stage's headline; `*` is any one key (a model, a format).
+# Only numbers show in DVC's tables: the `*_ci95` [low, high] lists ride along for whoever
+# reads the file, their bounds are columns only for test accuracy.
+HEADLINE = {
+    "crossval": ("val_accuracy_mean", "val_accuracy_sd"),
+    "evaluate": ("*.test_accuracy", "*.test_accuracy_ci95", "*.test_accuracy_ci95_low",
+                 "*.test_accuracy_ci95_high", "*.macro_f1", "*.macro_f1_ci95",
+                 "*.balanced_accuracy", "*.balanced_accuracy_ci95"),
+    "export": ("*.agreement", "*.agreement_ci95", "*.size_bytes", "*.latency_ms"),
+}
+
+
+def select(figures: dict, patterns: Iterable[str]) -> dict:
+    """The entries of the nested dict `figures` whose dotted key matches a pattern, nested
+    as they were (`*.macro_f1` keeps `{"head": {"macro_f1": ...}, "finetuned": {...}}`)."""
+    patterns = [pattern.split(".") for pattern in patterns]
+
+    def matches(path: list[str]) -> bool:
+        return any(len(pattern) == len(path) and all(map(fnmatchcase, path, pattern))
+                   for pattern in patterns)
+
+    def keep(node: dict, path: list[str]) -> dict:
+        kept = {}
+        for key, value in node.items():
+            if matches([*path, key]):
+                kept[key] = value
+            elif isinstance(value, dict) and (inner := keep(value, [*path, key])):
+                kept[key] = inner
+        return kept
+
+    return keep(figures, [])
+
+
+def data_headline(figures: dict) -> dict:
+    """`split`'s headline: how many classes and images made it in, and how many files not."""
+    return {"classes": figures["classes"],
+            "images": sum(split["total"] for split in figures["images"].values()),
+            "excluded": figures["excluded"]["total"]}
+
