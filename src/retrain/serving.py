@@ -172,12 +172,10 @@ def _bmp_rgb(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def _webp_rgb(encoded: tf.Tensor) -> tf.Tensor:
-    """A still WebP as RGB, alpha composited onto white. TensorFlow needs the file's own
-    channel count (3 or 4) and crashes the process on an animated file with channels=0, so
+    """A still WebP as RGB, alpha composited onto white. TensorFlow wants the file's own
+    channel count (3 or 4), and without one it crashes the process on an animated file, so
     the count is read from the header: VP8L keeps its alpha bit in byte 24, VP8X in its
     flags (byte 20, which also flags an animation: refused)."""
-    if not hasattr(tf.io, "decode_webp"):  # TensorFlow before 2.18
-        return tf.io.decode_image(encoded, channels=3, expand_animations=False)
     data = _Bytes(encoded)
     chunk = data.text(12, 4)
     flags = tf.where(tf.equal(chunk, b"VP8X"), data(20), 0)
@@ -186,9 +184,14 @@ def _webp_rgb(encoded: tf.Tensor) -> tf.Tensor:
     animated = tf.bitwise.bitwise_and(flags, 0x02) > 0
     checked = tf.debugging.Assert(tf.logical_not(animated),
                                   ["an animated WebP file is not decoded in the graph"])
+
+    # DecodeImage rather than DecodeWebP (TensorFlow 2.18+): a SavedModel that holds an op
+    # the server lacks does not load at all, even for JPEG requests.
+    def decode(channels: int) -> tf.Tensor:
+        return tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+
     with tf.control_dependencies([checked]):
-        return tf.cond(has_alpha, lambda: _on_white(tf.io.decode_webp(encoded, channels=4)[0]),
-                       lambda: tf.io.decode_webp(encoded, channels=3)[0])
+        return tf.cond(has_alpha, lambda: _on_white(decode(4)), lambda: decode(3))
 
 
 def export_serving(model: keras.Model, dest: str | Path) -> None:
