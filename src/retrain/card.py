@@ -22,8 +22,9 @@ CARD_NAME = "model_card.json"
 RESIZE = "bilinear with antialiasing (Pillow BILINEAR), straight to a square, no crop"
 # Where the signature's pixels differ from training's (tests/test_serving_decode.py).
 SERVING_DECODING = ("the training pixels for JPEG, PNG, GIF, BMP and WebP (within 1 level "
-                    "after resizing) except: EXIF orientation is ignored (rotate on the "
-                    "client or send pixels); 1- and 4-bit BMPs and animated WebP are refused")
+                    "after resizing; a JPEG turned by its EXIF orientation) except: the EXIF "
+                    "orientation of PNG and WebP files is ignored (turn them on the client or "
+                    "send pixels); 1- and 4-bit BMPs and animated WebP are refused")
 # Test metrics copied from evaluate's `finetuned` figures (reports/details/evaluate.json),
 # plus any `*_ci95`.
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")

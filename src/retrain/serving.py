@@ -6,11 +6,11 @@
 Both return the softmax probabilities (N, classes). A TF Serving REST client sends the
 file's bytes base64-encoded (`{"b64": "..."}`), which TF Serving decodes into the string
 tensor. The bytes are decoded and resized inside the graph to the pixels
-`retrain.images.load_image` gives in training: 8-bit RGB (16-bit PNG channels by their high
-byte, every kind of transparency composited onto white, a BMP's palette applied), bilinear
-resize with antialiasing, rounded to whole pixel values. What cannot match: TensorFlow's
-decoders ignore EXIF orientation, so a rotated phone photo reaches the model sideways; 1- and
-4-bit BMPs and animated WebP files are refused (TensorFlow does not decode them).
+`retrain.images.load_image` gives in training: 8-bit RGB (a JPEG turned upright by its EXIF
+orientation, 16-bit PNG channels by their high byte, every kind of transparency composited
+onto white, a BMP's palette applied), bilinear resize with antialiasing, rounded to whole
+pixel values. What does not match: the EXIF orientation of a PNG or WebP file is ignored;
+1- and 4-bit BMPs and animated WebP files are refused (TensorFlow does not decode them).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
 
     image = tf.case([
         # ISLOW, libjpeg's default and so Pillow's; TensorFlow's default is the faster IFAST.
-        (tf.io.is_jpeg(encoded),
-         lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")),
+        (tf.io.is_jpeg(encoded), lambda: _upright(
+            tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+            _jpeg_orientation(encoded))),
         (starts_with(PNG_SIGNATURE), lambda: _png_rgb(encoded)),
         (starts_with(b"GIF8"), lambda: _gif_first_frame(encoded)),
         (starts_with(b"BM"), lambda: _bmp_rgb(encoded)),
@@ -94,6 +95,62 @@ def _replace(encoded: tf.Tensor, at: tf.Tensor, new: bytes) -> tf.Tensor:
     start, to_the_end = tf.constant(0, tf.int64), tf.constant(-1, tf.int64)
     return tf.strings.join([tf.strings.substr(encoded, start, at), new,
                             tf.strings.substr(encoded, at + len(new), to_the_end)])
+
+
+def _jpeg_orientation(encoded: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (1 to 8; 1 when there is none) of a JPEG, read in the graph.
+
+    The marker segments before the scan are walked to the first APP1 holding "Exif"; its
+    TIFF header says the byte order, and the first IFD's entries are searched for tag 0x0112.
+    """
+    data = _Bytes(encoded)
+
+    def is_exif(at):
+        return (data(at + 1) == 0xE1) & tf.equal(data.text(at + 4, 6), b"Exif\x00\x00")
+
+    def before_exif(at):  # a segment: 0xFF, its marker, its length (2 bytes, big-endian)
+        return (at + 4 <= data.length) & (data(at) == 0xFF) & (data(at + 1) != 0xDA) & \
+            tf.logical_not(is_exif(at))
+
+    start_of_segments = tf.constant(2, tf.int64)
+    segment = tf.while_loop(before_exif, lambda at: [at + 2 + data.big_endian(at + 2, 2)],
+                            [start_of_segments])[0]
+    tiff = segment + 10
+    big_endian = tf.equal(data.text(tiff, 2), b"MM")
+
+    def number(at, width):
+        return tf.where(big_endian, data.big_endian(at, width), data.little_endian(at, width))
+
+    directory = tiff + number(tiff + 4, 4)
+    entries = number(directory, 2)
+
+    def next_entry(index, orientation):  # entries: tag, type, count, value; 12 bytes each
+        entry = directory + 2 + 12 * index
+        return index + 1, tf.where(number(entry, 2) == 0x0112, number(entry + 8, 2), orientation)
+
+    _, orientation = tf.while_loop(
+        lambda index, orientation: (index < entries) & (orientation == 0) &
+        (directory + 2 + 12 * index < data.length),
+        next_entry, [tf.constant(0, tf.int64), tf.constant(0, tf.int64)])
+    valid = is_exif(segment) & (orientation >= 1) & (orientation <= 8)
+    return tf.where(valid, orientation, 1)
+
+
+def _upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """`image` turned as its EXIF orientation says, as `ImageOps.exif_transpose` does."""
+    def transposed():
+        return tf.transpose(image, (1, 0, 2))
+
+    return tf.switch_case(tf.cast(orientation - 1, tf.int32), [
+        lambda: image,
+        lambda: tf.reverse(image, [1]),  # 2: mirrored
+        lambda: tf.reverse(image, [0, 1]),  # 3: upside down
+        lambda: tf.reverse(image, [0]),  # 4: mirrored upside down
+        transposed,  # 5
+        lambda: tf.image.rot90(image, 3),  # 6: stored turned a quarter anticlockwise
+        lambda: tf.reverse(transposed(), [0, 1]),  # 7
+        lambda: tf.image.rot90(image, 1),  # 8: stored turned a quarter clockwise
+    ])
 
 
 def _png_rgb(encoded: tf.Tensor) -> tf.Tensor:
