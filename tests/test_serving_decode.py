@@ -61,6 +61,8 @@ FILES = {
     "progressive.jpg": lambda p: Image.fromarray(RGB).save(p, quality=90, progressive=True),
     "grey.jpg": lambda p: Image.fromarray(GREY).save(p, quality=90),
     "cmyk.jpg": lambda p: Image.fromarray(RGB).convert("CMYK").save(p, quality=90),
+    "multi_picture.jpg": lambda p: Image.fromarray(RGB).save(  # MPO: a depth map attached
+        p, format="MPO", save_all=True, append_images=[Image.fromarray(GREY)], quality=90),
     "rgb.png": lambda p: Image.fromarray(RGB).save(p),
     "rgba.png": lambda p: Image.fromarray(np.dstack([RGB, ALPHA])).save(p),
     "grey.png": lambda p: Image.fromarray(GREY).save(p),

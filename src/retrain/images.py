@@ -27,6 +27,9 @@ from retrain.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# Pillow names a JPEG that carries further images (a camera's depth map or stereo pair, in
+# an MPF segment) MPO; its first image is an ordinary JPEG, the one every viewer shows.
+FORMAT_ALIASES = {"MPO": "JPEG"}
 # Bump on any change here that alters decoded pixels (orientation, colour conversion,
 # resizing): decoded-image caches are keyed on it, with Pillow's version and the filter.
 LOADER_VERSION = 2
@@ -70,7 +73,7 @@ def read_rgb(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if img.format not in SUPPORTED_FORMATS:
+                if FORMAT_ALIASES.get(img.format, img.format) not in SUPPORTED_FORMATS:
                     raise DataError(f"{path}: {unsupported_format(img.format)}")
                 width, height = img.size
                 if width * height > MAX_PIXELS:
