@@ -22,7 +22,11 @@ def main() -> None:
     model_params, extract = params["model"], params["extract"]
     manifests = {split: read_split(args.manifests, split) for split in SPLITS}
 
+    import numpy as np
+
     from retrain.features import base_summary, build_extractor, extract_to_file, make_engine
+    from retrain.images import load_image
+    from retrain.litert import PROBE_IMAGES
     from retrain.reproducibility import make_deterministic
 
     # Only `model.weights: none` draws anything here: the random base, whose features are
@@ -30,7 +34,11 @@ def main() -> None:
     # over the training `seed` reuses the features.
     make_deterministic(params["split"]["seed"])
     base, extractor = build_extractor(model_params, params["split"]["seed"])
-    engine = make_engine(extract["engine"], extractor, model_params)
+    # A LiteRT conversion is checked on a few of the images it will see, besides noise.
+    probes = [load_image(Path(args.raw) / p, model_params["image_size"])
+              for p in manifests["train"]["path"][:PROBE_IMAGES]]
+    engine = make_engine(extract["engine"], extractor, model_params,
+                         probe_images=np.stack(probes) if probes else None)
     seconds = images = 0
     with atomic_path(args.out, directory=True) as tmp:
         for split, frame in manifests.items():

@@ -256,6 +256,8 @@ def test_card_holds_the_contract_metrics_and_digests(shipped):
     assert "0. class_000" in markdown and "| int8 | 0.9 |" in markdown
     assert "test_accuracy_ci95: [0.8, 0.97]" in markdown
     assert "95% bootstrap interval over the test images" in markdown
+    assert "model.keras needs the retrain package" in card["loading"]
+    assert "`import retrain.base` before keras.models.load_model" in markdown
 
 
 def predict_json(args: list[str], capsys) -> list[dict]:

@@ -107,6 +107,45 @@ def test_other_image_size_or_weights_get_their_own_file(small, cache_root):
     assert other(pixels(2, 48)).shape == (2, 1280)
 
 
+def test_another_litert_runtime_gets_another_key(small, monkeypatch):
+    extractor, _ = small
+    key = litert.model_fingerprint(extractor)
+    assert litert.litert_version() != "none"  # the installed runtime is part of the key
+    monkeypatch.setattr(litert, "litert_version", lambda: "0.0.1")
+    assert litert.model_fingerprint(extractor) != key
+
+
+def brightness_detector(threshold: float) -> keras.Model:
+    """Output relu(mean pixel - threshold): zero on noise (mean ~127) for a threshold above it,
+    positive on a bright image."""
+    pixels_in = keras.Input((8, 8, 3))
+    mean = keras.layers.GlobalAveragePooling2D()(pixels_in)
+    out = keras.layers.Dense(1, activation="relu", kernel_initializer=keras.initializers.Constant(
+        1 / 3), bias_initializer=keras.initializers.Constant(-threshold))(mean)
+    return keras.Model(pixels_in, out)
+
+
+def test_conversion_check_catches_on_real_images_what_noise_does_not():
+    right, wrong = brightness_detector(200.0), brightness_detector(300.0)
+    flatbuffer = litert._convert_concrete_function(wrong)  # zero on every image
+    litert._check_against_keras(flatbuffer, right)  # noise alone: both give 0, accepted
+    bright = np.full((1, 8, 8, 3), 250, np.uint8)  # like a photo of snow: right gives 50
+    with pytest.raises(litert.ConversionError, match="1 real image"):
+        litert._check_against_keras(flatbuffer, right, images=bright)
+    litert._check_against_keras(litert._convert_concrete_function(right), right, images=bright)
+
+
+def test_engine_passes_its_real_images_to_the_conversion_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRAIN_CACHE", str(tmp_path))
+    checked = []
+    check = litert._check_against_keras
+    monkeypatch.setattr(litert, "_check_against_keras", lambda *args: checked.append(args[3])
+                        or check(*args))
+    images = pixels(3, 32, seed=4)
+    make_engine("litert", small_extractor(seed=2), SMALL, probe_images=images)
+    assert len(checked) == 1 and checked[0] is images
+
+
 def test_wrong_conversion_is_refused_and_not_cached(small, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRAIN_CACHE", str(tmp_path))
     # A valid flatbuffer, but of a network with other weights than the one converted.

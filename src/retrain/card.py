@@ -25,6 +25,10 @@ SERVING_DECODING = ("the training pixels for JPEG, PNG, GIF, BMP and WebP (withi
                     "after resizing; a JPEG turned by its EXIF orientation) except: the EXIF "
                     "orientation of PNG and WebP files is ignored (turn them on the client or "
                     "send pixels); 1- and 4-bit BMPs and animated WebP are refused")
+# What each file needs to load: the Keras file holds a layer of this package.
+LOADING = ("model.keras needs the retrain package: its preprocessing is a retrain layer "
+           "(retrain.base.Preprocess); `import retrain.base` before keras.models.load_model. "
+           "serving/ (TensorFlow) and the .tflite files (LiteRT) need no retrain")
 # Test metrics copied from evaluate's `finetuned` figures (reports/details/evaluate.json),
 # plus any `*_ci95`.
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
@@ -78,6 +82,7 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
         "formats": {name: {key: entry[key] for key in FORMAT_COLUMNS if key in entry}
                     for name, entry in export.items()},
         "files": {name: file_sha256(path) for name, path in files.items()},
+        "loading": LOADING,
         "recommendation": recommend_format(export),
     }
 
@@ -175,6 +180,8 @@ def card_markdown(card: dict) -> str:
         "## Files (sha256)",
         "",
         *[f"- `{name}` {digest}" for name, digest in card["files"].items()],
+        "",
+        f"Loading: {card.get('loading', LOADING)}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -46,7 +46,9 @@ def export_formats(model, formats: list[str], representative: np.ndarray,
     for name in formats:
         options = ({"representative": representative, "float_layers": int8_float_layers}
                    if name == "int8" else {})
-        flatbuffer = litert.convert(model, name, **options)
+        # The calibration images are real photos: the conversion is checked on a few.
+        flatbuffer = litert.convert(model, name, probe_images=representative[:litert.PROBE_IMAGES],
+                                    **options)
         paths[name] = out_dir / FILES[name]
         paths[name].write_bytes(flatbuffer)
     return paths

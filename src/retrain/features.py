@@ -53,15 +53,17 @@ class KerasEngine:
         return self._call(tf.constant(batch)).numpy()
 
 
-def make_engine(name: str, extractor: keras.Model, model_params: dict):
-    """`auto` prefers LiteRT on a CPU-only machine and Keras when a GPU is present."""
+def make_engine(name: str, extractor: keras.Model, model_params: dict,
+                probe_images: np.ndarray | None = None):
+    """`auto` prefers LiteRT on a CPU-only machine and Keras when a GPU is present.
+    `probe_images`: a few real images (uint8 pixels) a LiteRT conversion is checked on."""
     if name == "auto":
         name = "keras" if tf.config.list_physical_devices("GPU") else "litert"
     if name == "litert":
         from retrain.litert import LiteRTEngine, litert_available
 
         if litert_available():
-            return LiteRTEngine(extractor, model_params)
+            return LiteRTEngine(extractor, model_params, probe_images=probe_images)
         print("extract: ai-edge-litert is not installed here; using the keras engine",
               file=sys.stderr)
     return KerasEngine(extractor)

@@ -14,6 +14,9 @@ fast (~2 s for MobileNetV2); Keras' own route (keras-team/keras#19108, and
 (~9 s). The first is tried first, the second if it fails, and whichever is used is checked
 against Keras on a probe batch before it is cached: a wrong conversion (we saw NaNs when
 `from_concrete_functions` is given the model as `trackable_obj`) never reaches the cache.
+The probe batch is two noise images plus, where the caller has them, a few real ones
+(`probe_images`: extract passes manifest images, export its calibration images): a graph
+that is only wrong on natural images' statistics is caught too.
 
 The `export` stage converts the fine-tuned classifier through the same recipes, also with
 float16 weights or int8 quantisation (every layer int8, or the first layers from the input
@@ -23,6 +26,7 @@ kept in float32), and runs the result with `LiteRTClassifier`.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -72,12 +76,13 @@ class LiteRTEngine:
     name = "litert"
 
     def __init__(self, extractor: keras.Model, model_params: dict,
-                 num_threads: int | None = None, chunk_size: int = CHUNK_SIZE):
+                 num_threads: int | None = None, chunk_size: int = CHUNK_SIZE,
+                 probe_images: np.ndarray | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         self.feature_size = int(extractor.output.shape[-1])
         self.input_shape = tuple(int(d) for d in extractor.input.shape[1:])
-        self.model_path = converted_model(extractor, model_params)
+        self.model_path = converted_model(extractor, model_params, probe_images)
         self._interpreter = Interpreter(model_path=str(self.model_path),
                                         num_threads=num_threads or os.cpu_count())
         self._input = self._interpreter.get_input_details()[0]["index"]
@@ -110,15 +115,17 @@ class LiteRTEngine:
         return self._interpreter.get_tensor(self._output)  # a copy, safe to keep
 
 
-def converted_model(extractor: keras.Model, model_params: dict) -> Path:
-    """Path of the cached .tflite conversion of `extractor`, converting it on a cache miss."""
+def converted_model(extractor: keras.Model, model_params: dict,
+                    probe_images: np.ndarray | None = None) -> Path:
+    """Path of the cached .tflite conversion of `extractor`, converting it on a cache miss
+    (checked on `probe_images`, real pixels, besides the noise probe)."""
     key = model_fingerprint(extractor)
     size = int(extractor.input.shape[1])
     name = f"{model_params.get('backbone', extractor.name)}-{size}px-{key[:32]}.tflite"
     dest = user_cache_dir("litert") / name
     if not dest.is_file():
         try:
-            flatbuffer = convert(extractor)
+            flatbuffer = convert(extractor, probe_images=probe_images)
         except ConversionError as exc:
             raise ConversionError(f"{exc}; set extract.engine: keras") from None
         with atomic_path(dest) as tmp:
@@ -127,7 +134,9 @@ def converted_model(extractor: keras.Model, model_params: dict) -> Path:
 
 
 def model_fingerprint(model: keras.Model) -> str:
-    """sha256 of everything the converted graph depends on: weights, architecture, versions.
+    """sha256 of everything the converted graph depends on: weights, architecture, and the
+    versions of the converter (TensorFlow) and of the runtime that will run it (LiteRT: a new
+    runtime may read an old flatbuffer differently, or run it with other kernels).
 
     Layer names are replaced by their order of appearance, because Keras numbers unnamed
     layers per process (`input_layer`, then `input_layer_1`): the same model built twice
@@ -135,7 +144,8 @@ def model_fingerprint(model: keras.Model) -> str:
     """
     import tensorflow as tf
 
-    digest = hashlib.sha256(f"retrain-litert:{FORMAT_VERSION}:tf{tf.__version__}:".encode())
+    digest = hashlib.sha256(f"retrain-litert:{FORMAT_VERSION}:tf{tf.__version__}:"
+                            f"litert{litert_version()}:".encode())
     config = json.dumps(model.get_config(), sort_keys=True, default=str)
     for index, name in enumerate(_layer_names(model)):
         config = config.replace(json.dumps(name), f'"<layer {index}>"')
@@ -147,6 +157,14 @@ def model_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+def litert_version() -> str:
+    """Version of the installed LiteRT runtime (`ai-edge-litert`), "none" without one."""
+    try:
+        return importlib.metadata.version("ai-edge-litert")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
 def _layer_names(model: keras.Model) -> list[str]:
     names = [model.name]
     for layer in model.layers:
@@ -155,8 +173,10 @@ def _layer_names(model: keras.Model) -> list[str]:
 
 
 def convert(model: keras.Model, quantization: str = "float32",
-            representative: np.ndarray | None = None, float_layers: int = 0) -> bytes:
-    """TFLite flatbuffer of `model` (raw pixels in), checked against Keras on a probe batch.
+            representative: np.ndarray | None = None, float_layers: int = 0,
+            probe_images: np.ndarray | None = None) -> bytes:
+    """TFLite flatbuffer of `model` (raw pixels in), checked against Keras on a probe batch:
+    two noise images, and `probe_images` (real pixels, (N, S, S, 3)) when the caller has some.
 
     float32 must match Keras within PROBE_TOLERANCE; quantised models only need finite
     outputs of the right shape here (their parity is measured on real images by `export`).
@@ -178,7 +198,8 @@ def convert(model: keras.Model, quantization: str = "float32",
             with native_chatter_hidden():  # the quantizer prints its options
                 flatbuffer = recipe(model, **options)
                 _check_against_keras(flatbuffer, model,
-                                     PROBE_TOLERANCE if quantization == "float32" else None)
+                                     PROBE_TOLERANCE if quantization == "float32" else None,
+                                     probe_images)
             return flatbuffer
         except Exception as exc:  # noqa: BLE001 - try the next recipe, report all
             failures.append(f"{recipe.__name__}: {first_line(exc, 300)}")
@@ -333,11 +354,12 @@ def _convert_saved_model(extractor: keras.Model, **quantization) -> bytes:
 
 
 def _check_against_keras(flatbuffer: bytes, extractor: keras.Model,
-                         tolerance: float | None = PROBE_TOLERANCE) -> None:
-    """Raise ConversionError unless the flatbuffer reproduces Keras on a probe batch
-    (within `tolerance` of the largest output; None: shape and finiteness only)."""
-    shape = tuple(int(d) for d in extractor.input.shape[1:])
-    probe = np.random.default_rng(0).integers(0, 256, size=(2, *shape)).astype(np.float32)
+                         tolerance: float | None = PROBE_TOLERANCE,
+                         images: np.ndarray | None = None) -> None:
+    """Raise ConversionError unless the flatbuffer reproduces Keras on a probe batch: two
+    noise images and the real `images` if any (within `tolerance` of the largest output;
+    None: shape and finiteness only)."""
+    probe = probe_batch(tuple(int(d) for d in extractor.input.shape[1:]), images)
     expected = keras.ops.convert_to_numpy(extractor(probe.copy(), training=False))
     actual = LiteRTClassifier(flatbuffer, num_threads=1)(probe)
     if actual.shape != expected.shape:
@@ -351,7 +373,28 @@ def _check_against_keras(flatbuffer: bytes, extractor: keras.Model,
     # where any absolute tolerance would accept a wrong graph.
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     if error > tolerance * (scale or 1.0):
-        raise ConversionError(f"features differ from Keras by {error:.3g} on a probe batch")
+        raise ConversionError(f"features differ from Keras by {error:.3g} on a probe batch "
+                              f"({len(probe) - NOISE_PROBES} real image(s), "
+                              f"{NOISE_PROBES} noise)")
+
+
+# Noise images in every probe batch: they need no data, and exercise the full pixel range.
+NOISE_PROBES = 2
+# Real images a caller adds to the probe batch where it has some (extract: training images;
+# export: calibration images).
+PROBE_IMAGES = 4
+
+
+def probe_batch(shape: tuple[int, ...], images: np.ndarray | None = None) -> np.ndarray:
+    """Float32 pixels the conversion is checked on: NOISE_PROBES noise images of `shape`,
+    then the real `images` (any number, the same shape)."""
+    noise = np.random.default_rng(0).integers(0, 256, size=(NOISE_PROBES, *shape))
+    if images is None or not len(images):
+        return noise.astype(np.float32)
+    images = np.asarray(images)
+    if images.shape[1:] != shape:
+        raise ValueError(f"probe images of shape {images.shape[1:]}, the model takes {shape}")
+    return np.concatenate([noise, images]).astype(np.float32)
 
 
 class LiteRTClassifier:
