@@ -24,6 +24,7 @@ PIXELS_SIGNATURE = "serve"  # also exported as `serving_default`, TF Serving's d
 BYTES_SIGNATURE = "serve_image_bytes"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WHITE = b"\xff\xff\xff"
+EXIF_SEARCHED_BYTES = 256 * 1024
 
 
 def decode_image_bytes(encoded: tf.Tensor, size: int) -> tf.Tensor:
@@ -66,9 +67,12 @@ def _on_white(image: tf.Tensor) -> tf.Tensor:
 
 
 class _Bytes:
-    """Reads a file's header fields in the graph; 0 past the end of the file."""
+    """Reads a file's header fields in the graph; 0 past the end of the file (or of its
+    first `prefix` bytes, all that is read when the fields sit at the start)."""
 
-    def __init__(self, encoded: tf.Tensor):
+    def __init__(self, encoded: tf.Tensor, prefix: int | None = None):
+        if prefix is not None:
+            encoded = tf.strings.substr(encoded, 0, prefix)
         self.encoded = encoded
         self.values = tf.io.decode_raw(encoded, tf.uint8)
         self.length = tf.size(self.values, out_type=tf.int64)
@@ -102,8 +106,10 @@ def _jpeg_orientation(encoded: tf.Tensor) -> tf.Tensor:
 
     The marker segments before the scan are walked to the first APP1 holding "Exif"; its
     TIFF header says the byte order, and the first IFD's entries are searched for tag 0x0112.
+    Only the first 256 KiB are read: the Exif segment (64 KiB at most) follows the start of
+    the file, at most behind a JFIF segment or another application's.
     """
-    data = _Bytes(encoded)
+    data = _Bytes(encoded, prefix=EXIF_SEARCHED_BYTES)
 
     def is_exif(at):
         return (data(at + 1) == 0xE1) & tf.equal(data.text(at + 4, 6), b"Exif\x00\x00")
@@ -115,7 +121,14 @@ def _jpeg_orientation(encoded: tf.Tensor) -> tf.Tensor:
     start_of_segments = tf.constant(2, tf.int64)
     segment = tf.while_loop(before_exif, lambda at: [at + 2 + data.big_endian(at + 2, 2)],
                             [start_of_segments])[0]
-    tiff = segment + 10
+    no_orientation = tf.constant(0, tf.int64)
+    orientation = tf.cond(is_exif(segment), lambda: _tiff_orientation(data, segment + 10),
+                          lambda: no_orientation)
+    return tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
+
+
+def _tiff_orientation(data: _Bytes, tiff) -> tf.Tensor:
+    """Tag 0x0112 of the first IFD of the TIFF structure at `tiff` (EXIF's), or 0."""
     big_endian = tf.equal(data.text(tiff, 2), b"MM")
 
     def number(at, width):
@@ -128,12 +141,10 @@ def _jpeg_orientation(encoded: tf.Tensor) -> tf.Tensor:
         entry = directory + 2 + 12 * index
         return index + 1, tf.where(number(entry, 2) == 0x0112, number(entry + 8, 2), orientation)
 
-    _, orientation = tf.while_loop(
+    return tf.while_loop(
         lambda index, orientation: (index < entries) & (orientation == 0) &
         (directory + 2 + 12 * index < data.length),
-        next_entry, [tf.constant(0, tf.int64), tf.constant(0, tf.int64)])
-    valid = is_exif(segment) & (orientation >= 1) & (orientation <= 8)
-    return tf.where(valid, orientation, 1)
+        next_entry, [tf.constant(0, tf.int64), tf.constant(0, tf.int64)])[1]
 
 
 def _upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
