@@ -1,5 +1,7 @@
 """A stage killed mid-write (SIGKILL: no cleanup code runs) leaves nothing that looks valid,
-and the next `dvc repro` finishes with every output whole."""
+and the next `dvc repro` finishes with every output whole. A stage sent Ctrl-C (SIGINT to
+its process group, as a terminal sends it) stops with exit status 130 and no output, even
+when the KeyboardInterrupt the signal raised was swallowed on its way up."""
 
 import json
 import os
@@ -13,10 +15,63 @@ import numpy as np
 import pytest
 from conftest import dvc, set_param, stages_run
 
-from retrain.atomic import STAGING
+from retrain.atomic import STAGING, write_json
+from retrain.errors import exits_cleanly
 from retrain.workspace import pipeline_env
 
-pytestmark = pytest.mark.slow
+
+class SignalledWhenCollected:
+    """Sends this process SIGINT from its finalizer, as Ctrl-C lands in TensorFlow's
+    `AtomicFunction.__del__` during tracing: Python prints "Exception ignored" and goes on."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_command(tmp_path, capsys,
+                                                                 monkeypatch):
+    dropped = []  # what Python drops, printing "Exception ignored in ... __del__"
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(
+        unraisable.exc_type))
+
+    @exits_cleanly
+    def command():
+        SignalledWhenCollected()  # collected at once; its KeyboardInterrupt is dropped
+        write_json(tmp_path / "out.json", {"whole": True})
+
+    with pytest.raises(SystemExit) as stopped:
+        command()
+    assert stopped.value.code == 130
+    assert not (tmp_path / "out.json").exists()
+    assert not list(tmp_path.iterdir())  # no temporary file either
+    assert dropped == [KeyboardInterrupt]
+    assert "error: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_ctrl_c_turned_into_another_error_still_exits_130(capsys):
+    @exits_cleanly
+    def command():
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt as exc:  # what a C extension module does while importing
+            raise ImportError("initialization failed") from exc
+
+    with pytest.raises(SystemExit) as stopped:
+        command()
+    assert stopped.value.code == 130
+    assert "error: interrupted" in capsys.readouterr().err
+
+
+def test_a_command_after_an_interrupted_one_runs(tmp_path):
+    @exits_cleanly
+    def interrupted():
+        SignalledWhenCollected()
+
+    with pytest.raises(SystemExit):
+        interrupted()
+    exits_cleanly(lambda: write_json(tmp_path / "out.json", {}))()  # the flag is per command
+    assert (tmp_path / "out.json").exists()
 
 
 def kill_repro_when(workspace, ready, timeout=240):
@@ -46,6 +101,7 @@ def finetune_epoch_started(log) -> bool:
     return "Epoch 1/" in text.partition("Running stage 'finetune'")[2]
 
 
+@pytest.mark.slow
 def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
     # Both stages stale: extract (and all after it) through its batch size, finetune again
     # through its learning rate.
@@ -80,6 +136,7 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
     keras.models.load_model(workspace / "models" / "model.keras")  # whole and loadable
 
 
+@pytest.mark.slow
 def test_leftover_of_a_killed_fetch_never_sits_beside_restored_outputs(workspace):
     """The issue's case: SIGKILL during `dvc repro -f fetch`, then `dvc repro fetch` restores
     data/raw from the run-cache without running the stage: no stage code runs to clean up, so

@@ -14,7 +14,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from retrain.errors import UserError
+from retrain.errors import UserError, stop_if_interrupted
 
 
 def remove(path: Path) -> None:
@@ -48,6 +48,7 @@ def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
     with _owned_temporary(area, prefix) as tmp:
         target = tmp if directory else tmp / dest.name
         yield target
+        stop_if_interrupted()  # after Ctrl-C, nothing takes the output's name
         if dest.exists() or dest.is_symlink():
             remove(dest)
         os.replace(target, dest)

@@ -1,9 +1,12 @@
-"""User-facing errors: each becomes a one-line message and a non-zero exit, never a traceback."""
+"""User-facing errors: each becomes a one-line message and a non-zero exit, never a traceback.
+Ctrl-C too: a command stops with `error: interrupted` and exit status 130."""
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -33,18 +36,65 @@ def first_line(error: BaseException | str, limit: int = 200) -> str:
     return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
+# Set by the SIGINT handler a command runs under (`exits_cleanly`), and never cleared
+# while it runs: a Ctrl-C is remembered even where the KeyboardInterrupt it raised was lost.
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came while this command ran, even when the
+    KeyboardInterrupt the signal raised was swallowed on its way up.
+
+    Python drops an exception raised inside a finalizer (it prints "Exception ignored in
+    ... __del__"), and TensorFlow runs Python finalizers all through tracing and conversion
+    (`AtomicFunction.__del__`); a C extension module that is being imported turns it into an
+    ImportError, which an optional import catches. A stage calls this where stopping is
+    cheap and safe: between batches and training steps, between conversions, and before an
+    output is renamed into place (`retrain.atomic.atomic_path`), so a swallowed Ctrl-C costs
+    at most one batch, never a valid-looking output.
+    """
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+def _exit_interrupted():
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
 def exits_cleanly(main):
-    """Decorate a command's entry point: a UserError prints `error: ...` and exits."""
+    """Decorate a command's entry point: a UserError prints `error: ...` and exits; Ctrl-C
+    (SIGINT) prints `error: interrupted` and exits with status 130, whatever the command was
+    doing (see `stop_if_interrupted`)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:  # only the main thread may install a signal handler
+            _interrupted.clear()
+            previous = signal.signal(signal.SIGINT, _on_sigint)
         try:
-            return main(*args, **kwargs)
-        except UserError as exc:
+            result = main(*args, **kwargs)
+            stop_if_interrupted()  # a swallowed Ctrl-C still fails the command
+            return result
+        except KeyboardInterrupt:
+            _exit_interrupted()
+        except Exception as exc:
+            # A KeyboardInterrupt that came back as another error (an ImportError from a
+            # module it stopped, a library's wrapper of it) is still a Ctrl-C.
+            if _interrupted.is_set():
+                _exit_interrupted()
+            if not isinstance(exc, UserError):
+                raise
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            sys.exit(130)
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
 
     return wrapper

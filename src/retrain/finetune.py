@@ -39,7 +39,7 @@ from retrain.base import BACKBONE, set_inference_mode
 from retrain.cache import user_cache_dir
 from retrain.errors import ParamsError, first_line
 from retrain.frozen_part import FrozenCut, cut_frozen_part
-from retrain.head import CLASSIFIER, compile_classifier
+from retrain.head import CLASSIFIER, StopOnInterrupt, compile_classifier
 
 
 def assemble_model(base: keras.Model, head: keras.Model) -> keras.Model:
@@ -146,7 +146,8 @@ def _fit(model: keras.Model, batches: tuple, recipe: Recipe,
     # One dataset runs through every epoch (its order and views are drawn per epoch), so
     # fit takes `steps` batches from it per epoch.
     return model.fit(train, validation_data=val, epochs=recipe.epochs, steps_per_epoch=steps,
-                     class_weight=recipe.class_weight, callbacks=callbacks or [],
+                     class_weight=recipe.class_weight,
+                     callbacks=[*(callbacks or []), StopOnInterrupt()],
                      shuffle=False, verbose=2)  # the order is drawn per epoch
 
 

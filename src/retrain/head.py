@@ -5,7 +5,20 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from retrain.errors import stop_if_interrupted
+
 CLASSIFIER = "classifier"
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Stop `fit` at the next step after Ctrl-C, even one whose KeyboardInterrupt TensorFlow
+    swallowed (`retrain.errors.stop_if_interrupted`). Every fit of the project runs with it."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        stop_if_interrupted()
+
+    def on_test_batch_end(self, batch, logs=None):
+        stop_if_interrupted()
 
 
 def build_head(feature_size: int, classes: int, dropout: float, seed: int) -> keras.Model:
@@ -36,7 +49,7 @@ def train_head(head: keras.Model, train: tuple[np.ndarray, np.ndarray],
     """
     if compile:
         compile_classifier(head, learning_rate)
-    callbacks = list(callbacks or [])
+    callbacks = [*(callbacks or []), StopOnInterrupt()]
     if patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True))

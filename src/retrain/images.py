@@ -23,7 +23,7 @@ import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrain.atomic import atomic_path
-from retrain.errors import DataError
+from retrain.errors import DataError, stop_if_interrupted
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
@@ -153,6 +153,7 @@ def iter_image_batches(
             if len(pending) >= 2 * workers:
                 break
         while pending:
+            stop_if_interrupted()
             batch = pending.popleft().result()
             next_start = next(starts, None)
             if next_start is not None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from retrain.atomic import atomic_path
 from retrain.cache import user_cache_dir
-from retrain.errors import first_line
+from retrain.errors import first_line, stop_if_interrupted
 from retrain.quiet import native_chatter_hidden
 
 # Bump when the conversion recipe changes, so old cache entries are not reused.
@@ -202,6 +202,8 @@ def convert(model: keras.Model, quantization: str = "float32",
                                      probe_images)
             return flatbuffer
         except Exception as exc:  # noqa: BLE001 - try the next recipe, report all
+            # A Ctrl-C TensorFlow turned into another error is not a failed recipe.
+            stop_if_interrupted()
             failures.append(f"{recipe.__name__}: {first_line(exc, 300)}")
     raise ConversionError(f"cannot convert {model.name} to LiteRT {quantization} ("
                           + "; ".join(failures) + ")")
