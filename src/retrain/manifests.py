@@ -189,8 +189,10 @@ def assign_splits(rows, val_fraction: float, test_fraction: float, seed: int,
 
     `stratified`: scikit-learn's seeded stratified split (exact class proportions).
     `hash`: each image by a seeded hash of its content, so adding images never moves an
-    earlier one (see `hash_split`). Either way, a class whose draw leaves a split empty gets
-    one image moved there (`top_up`): every class is in every split.
+    earlier one (see `hash_split`) other than the few the top-up moves, and never takes an
+    image out of test that its own hash put there (see `top_up`). Either way, a class whose
+    draw leaves a split empty gets one image moved there (`top_up`): every class is in every
+    split.
     """
     groups = sorted({(row["sha256"], row["label"]) for row in rows})
     per_class = Counter(label for _, label in groups)
@@ -202,9 +204,10 @@ def assign_splits(rows, val_fraction: float, test_fraction: float, seed: int,
     check_split_sizes(len(groups), len(per_class), val_fraction, test_fraction)
     if method == "hash":
         split_of = hash_split(groups, val_fraction, test_fraction, seed)
-        notes = []
-    else:
-        split_of, notes = stratified_split(groups, val_fraction, test_fraction, seed)
+        # Test gives images away only when val and train cannot: see `top_up`.
+        return split_of, top_up(groups, split_of, dict.fromkeys(SPLITS, 1), seed,
+                                protected=("test",))
+    split_of, notes = stratified_split(groups, val_fraction, test_fraction, seed)
     notes += top_up(groups, split_of, dict.fromkeys(SPLITS, 1), seed)
     return split_of, notes
 
@@ -281,10 +284,31 @@ def stratified_split(groups, val_fraction: float, test_fraction: float, seed: in
     return {**split_of, **dict.fromkeys(train, "train"), **dict.fromkeys(test, "test")}, notes
 
 
-def top_up(groups, split_of: dict, minimum: dict[str, int], seed: int) -> list[str]:
+def top_up(groups, split_of: dict, minimum: dict[str, int], seed: int,
+           protected: tuple[str, ...] = ()) -> list[str]:
     """Per class, move images into every split holding fewer than its `minimum`, each from
-    the split with the most to spare (the lowest-scoring image first). Returns one note per
-    move. A class of MIN_IMAGES_TO_SPLIT or more images always has enough to spare."""
+    the split with the most to spare (the lowest-scoring image first); a `protected` split
+    gives only when no other split can spare. Returns one note per move. A class of
+    MIN_IMAGES_TO_SPLIT or more images always has enough to spare.
+
+    With `protected=("test",)` on a hash split this is the best guarantee growth allows.
+    Call V, T, R a class's images that their own scores put in val, test and train; adding
+    images to the class only adds to V, T and R.
+    1. An image changes split between two versions only if the top-up moved it in one of
+       them: every other image sits where its own score puts it, in both.
+    2. An earlier image that its score put in test stays in test. Test gives only when val
+       and train together hold too few images to fill their own gaps: k = max(0, 2 - |V|-|R|)
+       images, the k lowest-scoring of T. Adding images only lowers k and only adds to T,
+       so an earlier image among the k lowest of the grown T was among the k lowest of the
+       earlier T: it gave before too, and was not in test then.
+    What no rule that sees only the current images can promise (so none is attempted): that
+    an image moved *into* a split stays there, or that the moved image never changes. Take a
+    class with val {a, d}, train {b, c}, test empty. Some image must move to test, yet each
+    is the only one of its split in a three-image subset ({a, b, c} for a, {a, b, d} for b,
+    ...), where it could not have moved: whichever moves, it did not move in some earlier
+    version of the class. Likewise the image moved into test must return to its own split
+    once images of the class land in test by their scores, or every earlier version's
+    top-up would have to stay in test."""
     by_class = defaultdict(list)
     for digest, label in groups:
         by_class[label].append(digest)
@@ -295,7 +319,8 @@ def top_up(groups, split_of: dict, minimum: dict[str, int], seed: int) -> list[s
             while (held := sum(split_of[d] == split for d in digests)) < need:
                 spare = {name: sum(split_of[d] == name for d in digests) - low
                          for name, low in minimum.items()}
-                donor = max(minimum, key=lambda name: spare[name])
+                donor = max(minimum, key=lambda name: (
+                    spare[name] > 0 and name not in protected, spare[name]))
                 if spare[donor] <= 0:  # unreachable past the MIN_IMAGES_TO_SPLIT check
                     raise DataError(f"class '{label}' has {len(digests)} distinct images, "
                                     f"too few for one in each split")
