@@ -13,7 +13,14 @@ import pytest
 import yaml
 from conftest import REPO
 
-from retrain.crossval import ReusedHead, cross_validate_head, fold_indices, fold_scores, score_fold
+from retrain.crossval import (
+    ReusedHead,
+    cross_validate_head,
+    early_stopping_split,
+    fold_indices,
+    fold_scores,
+    score_fold,
+)
 
 HEAD = {"dropout": 0.2, "learning_rate": 0.05, "epochs": 3, "batch_size": 16,
         "class_weights": False, "early_stopping_patience": 0}
@@ -43,6 +50,27 @@ def test_folds_cover_every_row_once_per_repeat_and_keep_copies_together():
     assert [v.tolist() for _, v in folds[:5]] != [v.tolist() for _, v in folds[5:]]
 
 
+def test_early_stopping_watches_part_of_the_training_rows_never_the_scored_fold():
+    labels = np.repeat([0, 1, 2], 20)
+    digests = np.array([f"img{i}" for i in range(60)])
+    digests[1] = digests[0]  # a byte-identical pair within class 0
+    for index, (train, val) in enumerate(fold_indices(labels, digests, 3, 1, seed=0)):
+        fit, watched = early_stopping_split(train, labels, digests, seed=index)
+        assert sorted(np.concatenate([fit, watched])) == sorted(train)
+        assert not set(fit) & set(watched) and not set(watched) & set(val)
+        assert set(labels[watched]) == {0, 1, 2}  # stratified: every class watched
+        assert 0.15 <= len(watched) / len(train) <= 0.25
+        assert not ({0, 1} & set(watched) and {0, 1} & set(fit))  # the pair stays together
+
+
+def test_early_stopping_on_too_few_images_names_the_param():
+    from retrain.errors import DataError
+
+    labels, digests = np.repeat([0, 1], 3), np.array([f"img{i}" for i in range(6)])
+    with pytest.raises(DataError, match="head.early_stopping_patience"):
+        early_stopping_split(np.arange(6), labels, digests, seed=0)
+
+
 @pytest.mark.slow
 def test_cross_validation_is_deterministic_for_a_seed():
     features, labels = separable_features()
@@ -64,7 +92,8 @@ def test_cross_validation_is_deterministic_for_a_seed():
 @pytest.mark.slow
 def test_a_fold_scores_as_a_fresh_head_whatever_folds_ran_before_it():
     """The reused head restarts each fold as the train_head stage's fresh head: weights,
-    dropout seed, optimizer state, early stopping and class weights included."""
+    dropout seed, optimizer state, early stopping (on its inner split) and class weights
+    included."""
     import keras
 
     from retrain.head import build_head, train_head
@@ -77,17 +106,19 @@ def test_a_fold_scores_as_a_fresh_head_whatever_folds_ran_before_it():
     digests = np.array([f"img{i}" for i in range(len(labels))])
     splits = fold_indices(labels, digests, folds=3, repeats=1, seed=7)
     reused = ReusedHead(features.shape[1], 3, recipe)
-    in_order = [score_fold(reused, features, labels, train, val, seed=7 + index)
-                for index, (train, val) in enumerate(splits)]
+    inner = [early_stopping_split(train, labels, digests, 7 + index)
+             for index, (train, _) in enumerate(splits)]
+    in_order = [score_fold(reused, features, labels, fit, val, 7 + index, watched)
+                for index, ((fit, watched), (_, val)) in enumerate(zip(inner, splits))]
 
-    train, val = splits[2]
+    (fit, watched), (_, val) = inner[2], splits[2]
     keras.backend.clear_session()
     make_deterministic(9)
     fresh = build_head(features.shape[1], 3, recipe["dropout"], 9)
-    train_head(fresh, (features[train], labels[train]), (features[val], labels[val]),
+    train_head(fresh, (features[fit], labels[fit]), (features[watched], labels[watched]),
                learning_rate=recipe["learning_rate"], epochs=recipe["epochs"],
                batch_size=recipe["batch_size"], patience=1, verbose=0,
-               class_weight=balanced_class_weights(labels[train], 3))
+               class_weight=balanced_class_weights(labels[fit], 3))
     predicted = keras.ops.convert_to_numpy(fresh(features[val], training=False)).argmax(1)
     assert in_order[2] == pytest.approx(fold_scores(labels[val], predicted), abs=1e-6)
     for trained, expected in zip(reused.model.get_weights(), fresh.get_weights(), strict=True):

@@ -3,7 +3,9 @@ moves with the images it happens to be trained and checked on.
 
 The `head.*` recipe (the same `build_head` and `train_head` as the `train_head` stage) is
 trained on stratified folds of train+val, repeated with reshuffled folds; the test split is
-never read. Byte-identical images share a fold, as they share a split.
+never read. Byte-identical images share a fold, as they share a split. With early stopping
+(`head.early_stopping_patience`), a fold's head stops on a stratified fifth of its own
+training rows, never on the rows it is scored on: its score is not chosen on them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 from retrain.errors import DataError
 
 SCORES = ("val_accuracy", "macro_f1")
+# With early stopping, one part in EARLY_STOPPING_PARTS of a fold's training rows is held
+# out for it to watch (a fifth, as the val split is a fifth of the data for train_head).
+EARLY_STOPPING_PARTS = 5
 # Batches per call of the traced train step: a whole epoch of a fold in one call rather than
 # one Python round trip per batch (the same batches, in the same order, the same updates).
 STEPS_PER_EXECUTION = 10_000
@@ -61,9 +66,27 @@ def cross_validate_head(features: np.ndarray, labels: np.ndarray, digests: np.nd
     """Train the head recipe on every fold; the mean and sample sd of its fold scores."""
     splits = fold_indices(labels, digests, folds, repeats, seed)
     reused = ReusedHead(features.shape[1], classes, head)
-    per_fold = [score_fold(reused, features, labels, train, val, seed + index)
-                for index, (train, val) in enumerate(splits)]
+    per_fold = []
+    for index, (train, val) in enumerate(splits):
+        fit, watched = (early_stopping_split(train, labels, digests, seed + index)
+                        if head["early_stopping_patience"] else (train, None))
+        per_fold.append(score_fold(reused, features, labels, fit, val, seed + index, watched))
     return summarise(per_fold, folds, repeats, seed)
+
+
+def early_stopping_split(train: np.ndarray, labels: np.ndarray, digests: np.ndarray,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to fit, rows early stopping watches): a fold's training rows split in
+    EARLY_STOPPING_PARTS stratified parts over distinct images, one part watched."""
+    try:
+        fit, watched = fold_indices(labels[train], digests[train], EARLY_STOPPING_PARTS, 1,
+                                    seed)[0]
+    except DataError:
+        raise DataError(f"head.early_stopping_patience: crossval's training folds have fewer "
+                        f"than {EARLY_STOPPING_PARTS} distinct images in every class, too few "
+                        "to hold some out for early stopping; lower crossval.folds or set "
+                        "the patience to 0") from None
+    return train[fit], train[watched]
 
 
 class ReusedHead:
@@ -102,9 +125,11 @@ class ReusedHead:
 
 
 def score_fold(head: ReusedHead, features: np.ndarray, labels: np.ndarray, train: np.ndarray,
-               val: np.ndarray, seed: int) -> dict[str, float]:
+               val: np.ndarray, seed: int, watched: np.ndarray | None = None
+               ) -> dict[str, float]:
     """The head restarted as a fresh head seeded on its own (so each fold reproduces alone),
-    trained on `train` rows as the train_head stage trains, scored on `val` rows."""
+    trained on `train` rows as the train_head stage trains, scored on `val` rows. Early
+    stopping (the recipe's patience) watches the `watched` rows (`early_stopping_split`)."""
     import keras
 
     from retrain.head import train_head
@@ -113,10 +138,12 @@ def score_fold(head: ReusedHead, features: np.ndarray, labels: np.ndarray, train
     recipe, classes = head.recipe, head.shape[1]
     head.restart(seed)
     weights = balanced_class_weights(labels[train], classes) if recipe["class_weights"] else None
-    # Early stopping watches the held-out fold, as train_head watches val (so its score is
-    # as optimistic as train_head's); without it, per-epoch scores are skipped.
-    watched = (features[val], labels[val]) if recipe["early_stopping_patience"] else None
-    train_head(head.model, (features[train], labels[train]), watched,
+    patience = recipe["early_stopping_patience"]
+    if patience and watched is None:
+        raise ValueError("early stopping needs the rows it watches")
+    # Without early stopping, per-epoch validation scores are skipped.
+    watched_data = (features[watched], labels[watched]) if patience else None
+    train_head(head.model, (features[train], labels[train]), watched_data,
                learning_rate=recipe["learning_rate"], epochs=recipe["epochs"],
                batch_size=recipe["batch_size"], class_weight=weights,
                patience=recipe["early_stopping_patience"], verbose=0, compile=False)
