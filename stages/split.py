@@ -6,7 +6,7 @@ import sys
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
 from retrain.headline import data_headline
-from retrain.manifests import build_manifests, data_metrics, write_manifests
+from retrain.manifests import build_manifests, data_metrics, read_user_edits, write_manifests
 from retrain.params import load_params
 from retrain.prefilter import check_prefilter_params, make_prefilter
 
@@ -21,10 +21,13 @@ def main() -> None:
     parser.add_argument("--details", required=True,
                         help="every count to write (JSON): images per class and split, "
                              "exclusions by reason")
+    parser.add_argument("--exclude", help="images to leave out: a path or sha256 per line")
+    parser.add_argument("--relabel", help="labels to replace: 'sha256,class' per line")
     args = parser.parse_args()
     params = load_params()
     split = params["split"]
     check_prefilter_params(params["prefilter"])
+    user_edits = read_user_edits(args.exclude, args.relabel)  # a bad line stops us here
     if params["prefilter"]["enabled"]:
         from retrain.reproducibility import make_deterministic
 
@@ -38,6 +41,9 @@ def main() -> None:
         min_images_per_class=split["min_images_per_class"],
         top_classes=split["top_classes"],
         prefilter=make_prefilter(params["prefilter"]),
+        user_edits=user_edits,
+        group_near_duplicates=split["group_near_duplicates"],
+        near_duplicate_bits=split["near_duplicate_bits"],
     )
     write_manifests(manifests, args.out)
     metrics = data_metrics(manifests)

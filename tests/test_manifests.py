@@ -92,7 +92,8 @@ def test_bad_files_are_excluded_with_a_reason(class_tree):
     assert metrics["excluded"] == {"total": 4, "cross_class_duplicates": 0,
                                    "prefiltered": 0, "unselected_class": 0, "not_image_files": 1,
                                    "unsupported_formats": 0, "bad_file_names": 0,
-                                   "unlabeled_images": 0, "unreadable_images": 3}
+                                   "unlabeled_images": 0, "user_excluded": 0,
+                                   "unreadable_images": 3}
     assert metrics["empty_class_folders"] == 0
 
 

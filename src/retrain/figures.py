@@ -386,3 +386,42 @@ def predictions_figure(images: np.ndarray, actual: Sequence[str], predicted: Seq
         ax.imshow(image)
         ax.set_title(text, fontsize=font, color=CORRECT if true == pred else WRONG)
     return _save(fig, dest)
+
+
+def label_issues_figure(images: np.ndarray, given: Sequence[str], suggested: Sequence[str],
+                        quality: Sequence[float], dest: str | Path, *,
+                        title: str = "Label issue candidates (lowest label quality first)"
+                        ) -> Path:
+    """Images titled 'given -> suggested' and their label quality (cleanlab's score)."""
+    if len(images) == 0:
+        return _message_figure("No labeled images to show", dest, title)
+    titles = [f"{_short(old)} -> {_short(new)}\nquality {score:.3f}"
+              for old, new, score in zip(given, suggested, quality, strict=True)]
+    font = _title_font(titles, 10)
+    fig, axes = _image_grid(len(images), GRID_COLUMNS, 2, title)
+    for ax, image, text, old, new in zip(axes.flat, images, titles, given, suggested,
+                                         strict=False):
+        ax.imshow(image)
+        ax.set_title(text, fontsize=font, color=WRONG if old != new else "#222222")
+    return _save(fig, dest)
+
+
+def near_duplicates_figure(groups: Sequence[tuple[np.ndarray, Sequence[str]]],
+                           dest: str | Path, *,
+                           title: str = "Near-duplicate groups across splits") -> Path:
+    """One row per group, its images side by side, each titled with its split and name."""
+    if not groups:
+        return _message_figure("No near-duplicate group crosses splits", dest, title)
+    columns = max(len(images) for images, _ in groups)
+    fig = Figure(figsize=(max(columns * CELL_INCHES, 4.0),
+                          len(groups) * (CELL_INCHES + 0.5) + 0.5), layout="constrained")
+    fig.suptitle(title, fontsize=13)
+    axes = fig.subplots(len(groups), columns, squeeze=False)
+    for row, (images, captions) in zip(axes, groups, strict=True):
+        font = _title_font(captions, 10)
+        for ax in row:
+            ax.set_axis_off()
+        for ax, image, caption in zip(row, images, captions, strict=False):
+            ax.imshow(image)
+            ax.set_title(caption, fontsize=font)
+    return _save(fig, dest)

@@ -4,9 +4,11 @@ A stage measures far more than anyone compares at a glance: per-class precision 
 images per class and split, exclusions by reason, parameter counts, timings. Shown as DVC
 metrics, they made about 150 columns, and the figures that decide between two runs were lost
 among them. So every stage writes every figure it measured to its details file,
-`reports/details/<stage>.json` (a git-tracked output: the model card, `report`'s gates and
-people read it), and the stages whose figures are compared also write the headline below to
-`metrics/<stage>.json` (what DVC shows): the same keys and values, fewer of them.
+`reports/details/<stage>.json` (a DVC-cached output, so that the run-cache keeps every
+stage: DVC leaves a stage with an uncached output that is neither metrics nor plots out of
+it; the model card, `report`'s gates and people read it), and the stages whose figures
+are compared also write the headline below to `metrics/<stage>.json` (what DVC shows): the
+same keys and values, fewer of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ HEADLINE = {
                  "*.test_accuracy_ci95_high", "*.macro_f1", "*.macro_f1_ci95",
                  "*.balanced_accuracy", "*.balanced_accuracy_ci95"),
     "export": ("*.agreement", "*.agreement_ci95", "*.size_bytes", "*.latency_ms"),
+    "audit": ("label_issues", "near_duplicate_groups", "cross_split_groups", "outliers",
+              "leak_free_test_accuracy"),
 }
 
 

@@ -40,6 +40,7 @@ EXCLUSION_KINDS = {
     "unsupported image format": "unsupported_formats",
     "file name is not UTF-8": "bad_file_names",
     "unlabeled image": "unlabeled_images",
+    "excluded by user": "user_excluded",
     "": "unreadable_images",
 }
 
@@ -111,10 +112,21 @@ def _utf8_shown(name: str) -> str:
 
 
 def inspect_image(path: Path) -> dict:
-    """Decode once (to prove the file is usable) and hash the bytes."""
+    """Decode once (to prove the file is usable) and hash the bytes and the picture."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    width, height = read_rgb(path).size
-    return {"sha256": digest, "width": width, "height": height}
+    img = read_rgb(path)
+    width, height = img.size
+    return {"sha256": digest, "width": width, "height": height,
+            "dhash": difference_hash(img)}
+
+
+def difference_hash(img) -> int:
+    """64-bit difference hash: whether each pixel of a 9x8 grey thumbnail is brighter than
+    its left neighbour. Re-encoding, resizing or a small colour shift flips few bits."""
+    from PIL import Image
+
+    grey = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BILINEAR), np.int16)
+    return int.from_bytes(np.packbits(grey[:, 1:] > grey[:, :-1]).tobytes(), "big")
 
 
 def scan_images(root: Path, base: Path, workers: int | None = None):
@@ -334,9 +346,15 @@ def top_up(groups, split_of: dict, minimum: dict[str, int], seed: int,
 def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: float,
                     seed: int, method: str = "stratified", min_images_per_class: int = 0,
                     top_classes: int = 0,
-                    prefilter: Callable[[Path, list, list], list] | None = None) -> Manifests:
+                    prefilter: Callable[[Path, list, list], list] | None = None,
+                    user_edits: UserEdits | None = None, group_near_duplicates: bool = False,
+                    near_duplicate_bits: int = 4) -> Manifests:
     """`prefilter(raw_dir, rows, excluded)` returns the rows to keep and adds the rest to
-    `excluded`; it runs before class selection, so top_classes counts only kept images."""
+    `excluded`; it runs before class selection, so top_classes counts only kept images.
+    `user_edits` (the user's exclusion list and relabelling) apply first of all, so a
+    relabelled copy can settle an identical file filed under two classes.
+    `group_near_duplicates` keeps images whose difference hashes differ in at most
+    `near_duplicate_bits` bits in one split (see `near_duplicate_keys`)."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir}: dataset folder not found (run the fetch stage first)")
@@ -344,6 +362,8 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
     rows, excluded = scan_images(root, raw_dir)
     excluded += unlabeled_images(root, raw_dir)
     empty_classes = sorted({p.name for p in class_dirs(root)} - {row["label"] for row in rows})
+    if user_edits is not None:
+        rows = user_edits.apply(rows, excluded, {p.name for p in class_dirs(root)})
     rows = drop_cross_class_duplicates(rows, excluded)
     if prefilter is not None:
         rows = prefilter(raw_dir, rows, excluded)
@@ -357,11 +377,14 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
                      f"split.top_classes={top_classes}" if len(selected) < len(rows) else "")
         raise DataError(f"{raw_dir}: {found}{selection}; at least two are needed")
     rows = selected
-    split_of, top_ups = assign_splits(rows, val_fraction, test_fraction, seed, method)
+    # Near-duplicate groups split as one image (their first sha256), so they share a split.
+    key_of = near_duplicate_keys(rows, near_duplicate_bits) if group_near_duplicates else {}
+    keyed = [{**row, "sha256": key_of.get(row["sha256"], row["sha256"])} for row in rows]
+    split_of, top_ups = assign_splits(keyed, val_fraction, test_fraction, seed, method)
     index = {label: i for i, label in enumerate(classes)}
     frame = pd.DataFrame(rows)
     frame["label_index"] = frame["label"].map(index)
-    frame["split"] = frame["sha256"].map(split_of)
+    frame["split"] = [split_of[key_of.get(d, d)] for d in frame["sha256"]]
     splits = {
         name: frame[frame["split"] == name][MANIFEST_COLUMNS].sort_values("path")
         .reset_index(drop=True)
@@ -370,6 +393,106 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
     excluded_frame = pd.DataFrame(excluded, columns=["path", "reason"]).sort_values("path")
     return Manifests(splits, classes, excluded_frame.reset_index(drop=True), empty_classes,
                      top_ups)
+
+
+USER_EXCLUDED = "excluded by user"
+RELABEL_HEADER = ("sha256", "class")
+
+
+@dataclass
+class UserEdits:
+    """The user's decisions after an audit: images to leave out (by path under the raw
+    folder, or sha256) and labels to replace (sha256 -> class), each with where it was
+    written (`file:line`) so an exclusion reason and every error can point at it."""
+    exclude: dict[str, str] = field(default_factory=dict)  # path or sha256 -> file:line
+    relabel: dict[str, tuple[str, str]] = field(default_factory=dict)  # sha256 -> class, file:line
+
+    def apply(self, rows: list[dict], excluded: list[dict], class_names: set[str]
+              ) -> list[dict]:
+        for digest, (label, where) in self.relabel.items():
+            if label not in class_names:
+                raise DataError(f"{where}: relabel {digest[:12]}... to '{label}', which is "
+                                f"not a class folder (one of {', '.join(sorted(class_names))})")
+        kept = []
+        for row in rows:
+            where = self.exclude.get(row["path"]) or self.exclude.get(row["sha256"])
+            if where:
+                excluded.append({"path": row["path"], "reason": f"{USER_EXCLUDED} ({where})"})
+                continue
+            if row["sha256"] in self.relabel:
+                row = {**row, "label": self.relabel[row["sha256"]][0]}
+            kept.append(row)
+        return kept
+
+
+def _content_lines(path: Path):
+    """(line number, text) of each line that is not blank or a `#` comment."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or 'not UTF-8'})"
+                        ) from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield number, line
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def read_user_edits(exclude: str | Path | None, relabel: str | Path | None) -> UserEdits:
+    """Read data/exclude.txt (a path under the raw folder or a sha256 per line) and
+    data/relabel.csv (`sha256,class` per line; a `sha256,class` header is allowed); `#`
+    starts a comment line in both. A missing file means no edits of that kind."""
+    edits = UserEdits()
+    if exclude is not None:
+        for number, line in _content_lines(Path(exclude)):
+            edits.exclude[line.lower() if _is_sha256(line.lower()) else line] = \
+                f"{exclude}:{number}"
+    if relabel is not None:
+        for number, line in _content_lines(Path(relabel)):
+            where = f"{relabel}:{number}"
+            cells = [cell.strip() for cell in line.split(",")]
+            if tuple(cells) == RELABEL_HEADER:
+                continue
+            if len(cells) != 2 or not _is_sha256(cells[0].lower()) or not cells[1]:
+                raise DataError(f"{where}: expected 'sha256,class' (64 hexadecimal digits, a "
+                                f"comma, a class folder name), got {line!r}")
+            digest = cells[0].lower()
+            if digest in edits.relabel and edits.relabel[digest][0] != cells[1]:
+                raise DataError(f"{where}: {digest[:12]}... is relabelled twice "
+                                f"({edits.relabel[digest][1]} says '{edits.relabel[digest][0]}')")
+            edits.relabel[digest] = (cells[1], where)
+    return edits
+
+
+def near_duplicate_keys(rows: list[dict], max_bits: int) -> dict[str, str]:
+    """{sha256: the first sha256 of its group} for images linked by difference hashes at most
+    `max_bits` bits apart (chains join: connected components). Unlike `audit`'s groups, from
+    the backbone's features, these see only the coarse picture (a 9x8 thumbnail): re-encoded,
+    resized or recoloured copies, not a different shot of the same scene."""
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.neighbors import NearestNeighbors
+
+    hashes = dict(sorted({row["sha256"]: row["dhash"] for row in rows}.items()))
+    if len(hashes) < 2:
+        return {}
+    digests = list(hashes)
+    words = np.array(list(hashes.values()), dtype=">u8").view(np.uint8).reshape(-1, 8)
+    bits = np.unpackbits(words, axis=1).astype(bool)
+    # sklearn's hamming distance is the fraction of differing bits.
+    radius = (max_bits + 0.5) / bits.shape[1]
+    graph = NearestNeighbors(radius=radius, metric="hamming").fit(bits) \
+        .radius_neighbors_graph(mode="connectivity")
+    _, component = connected_components(graph, directed=False)
+    first = {}
+    for digest, group in zip(digests, component, strict=True):
+        first.setdefault(group, digest)  # digests are sorted: the smallest of its group
+    return {digest: first[group] for digest, group in zip(digests, component, strict=True)}
 
 
 def data_metrics(manifests: Manifests) -> dict:

@@ -130,6 +130,8 @@ SCHEMA: dict[str, Any] = {
         "top_classes": _number(0, INF, integer=True),
         "seed": _number(0, 2**31 - 1, integer=True),
         "method": _choice("stratified", "hash"),
+        "group_near_duplicates": Field(bool, expect="true or false"),
+        "near_duplicate_bits": _number(0, 64, integer=True),
     },
     "model": {
         "backbone": _choice(*REGISTRY),
@@ -192,6 +194,13 @@ SCHEMA: dict[str, Any] = {
     },
     "report": {
         "gates": _gates(),
+    },
+    "audit": {
+        "enabled": Field(bool, expect="true or false"),
+        "duplicate_similarity": _number(0, 1, lo_open=True),
+        "outlier_fraction": _number(0, 1),
+        "outlier_neighbours": _number(1, 1000, integer=True),
+        "gallery_size": _number(1, 200, integer=True),
     },
 }
 

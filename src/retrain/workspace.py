@@ -22,7 +22,8 @@ from retrain.params import load_params, parse_yaml, read_yaml, validate
 from retrain.synthetic import write_dataset
 
 # What a workspace needs: the pipeline, its params and the code its stages depend on.
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "stages", "profiles", "src")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "stages", "profiles", "src",
+                  "data/exclude.txt", "data/relabel.csv")
 
 
 def sha256_of(path: Path) -> str:
@@ -129,9 +130,11 @@ def create_workspace(dest: str | Path, source: str | Path = ".", profile: str | 
             shutil.copytree(src, dest / name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     (dest / ".gitignore").write_text(
-        f"/data/\n/models/\n/dvclive/\n/reports/figures/\n/{SCRATCH_MARKER}\n")
+        "/data/*\n!/data/exclude.txt\n!/data/relabel.csv\n"  # the user's edits stay in git
+        f"/models/\n/dvclive/\n/reports/figures/\n/{SCRATCH_MARKER}\n")
     git = ["git", "-c", "user.name=retrain", "-c", "user.email=retrain@localhost"]
     run(["git", "init", "-q", "-b", "main"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)

@@ -1,0 +1,112 @@
+"""Stage `audit`: label issues, near-duplicates (leaks across splits) and outliers, found on
+the cached features, with galleries to look at."""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from retrain.atomic import atomic_path, write_json
+from retrain.errors import exits_cleanly
+from retrain.headline import HEADLINE, select
+from retrain.manifests import SPLITS, load_split_arrays, read_classes, read_split
+from retrain.params import load_params
+
+TABLES = ("label_issues", "near_duplicates", "outliers")
+COLUMNS = {
+    "label_issues": ["path", "sha256", "split", "label", "suggested_label", "label_quality",
+                     "flagged"],
+    "near_duplicates": ["group", "path", "sha256", "split"],
+    "outliers": ["path", "sha256", "split", "label", "ood_score", "flagged"],
+}
+GALLERY_PIXELS = 160
+# crossval.folds: 0 turns cross-validation off, not the audit, which then uses this many.
+DEFAULT_FOLDS = 5
+
+
+def read_inputs(features_dir: str, manifests_dir: str):
+    from retrain.audit import AuditInputs
+
+    tables, features = [], []
+    for split in SPLITS:
+        split_features, _ = load_split_arrays(features_dir, manifests_dir, split)
+        tables.append(read_split(manifests_dir, split).assign(split=split))
+        features.append(split_features)
+    return AuditInputs(pd.concat(tables, ignore_index=True), np.concatenate(features),
+                       read_classes(manifests_dir))
+
+
+def write_table(frame: pd.DataFrame, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def load_images(raw: str, paths) -> np.ndarray:
+    from retrain.images import load_image
+
+    return np.stack([load_image(Path(raw) / p, GALLERY_PIXELS) for p in paths]) \
+        if len(paths) else np.zeros((0, GALLERY_PIXELS, GALLERY_PIXELS, 3), np.uint8)
+
+
+def draw_galleries(raw: str, results: dict, gallery_size: int, out: Path) -> None:
+    from retrain.figures import label_issues_figure, near_duplicates_figure
+
+    top = results["label_issues"].head(gallery_size)
+    label_issues_figure(load_images(raw, top["path"]), top["label"], top["suggested_label"],
+                        top["label_quality"], out / "label_issues.png")
+    groups = results["near_duplicates"]
+    crossing = groups.groupby("group")["split"].transform("nunique") > 1
+    shown = [(load_images(raw, members["path"]),
+              [f"{split}: {Path(path).name}" for split, path in
+               zip(members["split"], members["path"], strict=True)])
+             for _, members in groups[crossing].groupby("group")][:gallery_size]
+    near_duplicates_figure(shown, out / "near_duplicates.png")
+
+
+@exits_cleanly
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--raw", required=True, help="images, for the galleries")
+    parser.add_argument("--features", required=True)
+    parser.add_argument("--manifests", required=True)
+    parser.add_argument("--out", required=True, help="folder for the CSVs and galleries")
+    parser.add_argument("--metrics", required=True, help="headline counts (JSON; what DVC "
+                        "shows)")
+    parser.add_argument("--details", required=True, help="every count (JSON)")
+    args = parser.parse_args()
+    params = load_params()
+    settings, out = params["audit"], Path(args.out)
+    if not settings["enabled"]:
+        # Declared outputs still exist: empty tables and galleries saying there is nothing.
+        empty = {name: pd.DataFrame(columns=COLUMNS[name]) for name in TABLES}
+        for name, frame in empty.items():
+            write_table(frame, out / f"{name}.csv")
+        draw_galleries(args.raw, empty, settings["gallery_size"], out)
+        write_json(args.details, {"enabled": False})
+        write_json(args.metrics, {"enabled": False})
+        print("audit: off (audit.enabled is false)")
+        return
+
+    from retrain.audit import audit
+
+    start = time.perf_counter()
+    inputs = read_inputs(args.features, args.manifests)
+    folds = params["crossval"]["folds"] or DEFAULT_FOLDS
+    results = audit(inputs, settings, folds=folds, seed=params["crossval"]["seed"])
+    for name in TABLES:
+        write_table(results[name], out / f"{name}.csv")
+    draw_galleries(args.raw, results, settings["gallery_size"], out)
+    counts = results["metrics"]
+    write_json(args.details, counts)
+    write_json(args.metrics, select(counts, HEADLINE["audit"]))
+    print(f"audit: {counts['images']} images: {counts['label_issues']} label issues, "
+          f"{counts['near_duplicate_groups']} near-duplicate groups "
+          f"({counts['cross_split_groups']} across splits, {counts['leaked_test_images']} "
+          f"test images leaked), {counts['outliers']} outliers; "
+          f"{time.perf_counter() - start:.1f} s (see {out}/)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""The data audit: planted label errors are flagged, planted re-encoded copies are grouped and
+counted as leaks (and kept in one split on request), and the user's exclusion list and
+relabelling reach `split` through DVC."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, dvc, set_param, stages_run
+from PIL import Image
+
+from retrain.errors import DataError, ParamsError
+
+SPLIT = {"val_fraction": 0.25, "test_fraction": 0.34, "seed": 3}
+PLANTED_MOVES = 4  # images of class_000 filed under class_001
+PLANTED_COPIES = 8  # images given a re-encoded copy in their own class folder
+
+
+# ---------------------------------------------------------------- planted data
+
+def reencode(path: Path, dest: Path) -> None:
+    """The same picture, other bytes: what a re-upload or a format conversion makes. (At
+    lower JPEG qualities the noisy background of generated images flips several bits of
+    the difference hash; photos hold more structure.)"""
+    with Image.open(path) as img:
+        img.convert("RGB").save(dest, format="JPEG", quality=95, subsampling=0)
+
+
+def planted_tree(tmp_path: Path, per_class: int = 30, size: int = 64) -> dict:
+    """raw/synthetic_photos/<4 classes>/ with PLANTED_MOVES images of class_000 moved into
+    class_001 and PLANTED_COPIES re-encoded copies (`*_copy.jpg`) beside their originals."""
+    from retrain.synthetic import write_dataset
+
+    tarball = write_dataset(tmp_path / "set.tgz", classes=4, per_class=per_class, size=size,
+                            seed=5)
+    raw = tmp_path / "raw"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(raw, filter="data")
+    root = raw / "synthetic_photos"
+    moved = []
+    for source in sorted((root / "class_000").glob("*.jpg"))[:PLANTED_MOVES]:
+        dest = root / "class_001" / f"moved_{source.name}"
+        source.rename(dest)
+        moved.append(dest.relative_to(raw).as_posix())
+    copies = []
+    originals = [sorted((root / f"class_{c:03d}").glob("class_*.jpg"))[-2:] for c in range(4)]
+    for original in [p for pair in originals for p in pair][:PLANTED_COPIES]:
+        copy = original.with_name(original.stem + "_copy.jpg")
+        reencode(original, copy)
+        copies.append((original.relative_to(raw).as_posix(), copy.relative_to(raw).as_posix()))
+    return {"raw": raw, "moved": moved, "copies": copies}
+
+
+def split_of(manifests) -> dict[str, str]:
+    return {path: name for name, frame in manifests.splits.items() for path in frame["path"]}
+
+
+# ---------------------------------------------------------------- label issues (features)
+
+def clustered_inputs(moved: int, seed: int = 0):
+    """5 classes of 60 feature rows around their own centre, in train/val/test; `moved` rows
+    of class 0 given label 1. Returns (inputs, indices of the moved rows)."""
+    from retrain.audit import AuditInputs
+
+    rng = np.random.default_rng(seed)
+    classes, per_class, size = 5, 60, 16
+    truth = np.repeat(np.arange(classes), per_class)
+    centres = rng.normal(size=(classes, size)) * 2
+    features = np.maximum(centres[truth] + rng.normal(size=(len(truth), size)), 0)
+    given = truth.copy()
+    planted = np.flatnonzero(truth == 0)[:moved]
+    given[planted] = 1
+    split = rng.choice(["train", "val", "test"], size=len(truth), p=[0.6, 0.2, 0.2])
+    names = [f"class_{c}" for c in range(classes)]
+    table = pd.DataFrame({"path": [f"img_{i:04d}.jpg" for i in range(len(truth))],
+                          "label": [names[c] for c in given], "label_index": given,
+                          "sha256": [f"{i:064x}" for i in range(len(truth))], "split": split})
+    return AuditInputs(table, features.astype(np.float32), names), planted
+
+
+AUDIT_PARAMS = {"duplicate_similarity": 0.98, "outlier_fraction": 0.02,
+                "outlier_neighbours": 10, "gallery_size": 8}
+
+
+def test_planted_label_errors_are_flagged_and_few_clean_images_are():
+    from retrain.audit import audit
+
+    inputs, planted = clustered_inputs(moved=12)
+    issues = audit(inputs, AUDIT_PARAMS, folds=5, seed=42)["label_issues"]
+    flagged = set(issues.loc[issues["flagged"] == "yes", "path"])
+    planted_paths = set(inputs.table["path"].iloc[planted])
+    # Confident learning is conservative: a fifth of one class moved into another pulls
+    # the classifier towards them, and it flags about two thirds.
+    assert len(flagged & planted_paths) >= 0.6 * len(planted_paths), issues.head(20)
+    assert len(flagged - planted_paths) <= 0.03 * (len(inputs.table) - len(planted)), \
+        issues.head(20)
+    # the ranking puts the planted rows first and suggests their true class
+    top = set(issues.head(len(planted))["path"])
+    assert len(top & planted_paths) >= 0.75 * len(planted_paths)
+    assert (issues[issues["path"].isin(planted_paths)]["suggested_label"] == "class_0").mean() \
+        >= 0.8
+
+
+def test_no_row_is_scored_by_a_classifier_that_saw_it(monkeypatch):
+    """Each fit sees none of the rows it scores, and test rows are never fitted on."""
+    import retrain.audit as audit_module
+
+    inputs, _ = clustered_inputs(moved=0)
+    calls = []
+    real = audit_module._predict
+
+    def spy(features, labels, train, held, classes, seed):
+        calls.append((set(train.tolist()), set(held.tolist())))
+        return real(features, labels, train, held, classes, seed)
+
+    monkeypatch.setattr(audit_module, "_predict", spy)
+    audit_module.out_of_fold_probabilities(inputs, folds=4, seed=1)
+    test_rows = set(np.flatnonzero(inputs.table["split"] == "test").tolist())
+    assert len(calls) == 5  # 4 folds of train+val, then the test split
+    assert all(not (train & held) and not (train & test_rows) for train, held in calls)
+    assert set().union(*(held for _, held in calls)) == set(range(len(inputs.table)))
+
+
+# ---------------------------------------------------------------- near-duplicates
+
+def test_near_duplicates_are_grouped_and_a_group_across_train_and_test_is_a_leak():
+    from retrain.audit import audit
+
+    inputs, _ = clustered_inputs(moved=0)
+    table, features = inputs.table, inputs.features
+    # row 0 (copied into test) and row 1 (copied into val, as row 0's twin in its own split)
+    twin = features[[0, 1]] * 1.01 + 0.001
+    table = pd.concat([table, pd.DataFrame({
+        "path": ["copy_0.jpg", "copy_1.jpg"], "label": table["label"].iloc[[0, 1]].tolist(),
+        "label_index": table["label_index"].iloc[[0, 1]].tolist(),
+        "sha256": ["e" * 64, "f" * 64], "split": ["test", table["split"].iloc[1]]})],
+        ignore_index=True)
+    table.loc[0, "split"] = "train"
+    inputs = type(inputs)(table, np.concatenate([features, twin]), inputs.classes)
+    # Distinct rows of these 16-dimensional clusters reach 0.98; the copies are above 0.9999.
+    results = audit(inputs, {**AUDIT_PARAMS, "duplicate_similarity": 0.9999}, folds=5, seed=42)
+    groups = results["near_duplicates"]
+    members = groups.groupby("group")["path"].apply(set).tolist()
+    assert {"img_0000.jpg", "copy_0.jpg"} in members
+    assert {"img_0001.jpg", "copy_1.jpg"} in members
+    metrics = results["metrics"]
+    assert metrics["near_duplicate_groups"] == 2
+    assert metrics["cross_split_groups"] == 1 and metrics["leaked_test_images"] == 1
+    assert metrics["leak_free_test_images"] == (table["split"] == "test").sum() - 1
+
+
+def test_planted_reencoded_copies_share_a_split_under_group_near_duplicates(tmp_path):
+    from retrain.manifests import build_manifests
+
+    planted = planted_tree(tmp_path)
+    for method in ("stratified", "hash"):
+        apart = split_of(build_manifests(planted["raw"], method=method, **SPLIT))
+        assert any(apart[a] != apart[b] for a, b in planted["copies"]), method  # precondition
+        together = split_of(build_manifests(planted["raw"], method=method,
+                                            group_near_duplicates=True, **SPLIT))
+        assert all(together[a] == together[b] for a, b in planted["copies"]), method
+        # distinct images are not merged into one big group: the splits keep their sizes
+        sizes = pd.Series(together).value_counts()
+        assert sizes["test"] >= 0.15 * len(together) and sizes["train"] >= 0.3 * len(together)
+
+
+# ---------------------------------------------------------------- the user's edits
+
+def test_excluded_and_relabelled_images_reach_the_manifests(class_tree, tmp_path):
+    from retrain.manifests import build_manifests, data_metrics, read_user_edits
+
+    first = build_manifests(class_tree, **SPLIT)
+    rows = pd.concat(first.splits.values())
+    by_path, by_digest, relabelled = rows.iloc[0], rows.iloc[1], rows.iloc[2]
+    new_class = next(c for c in first.classes if c != relabelled["label"])
+    exclude, relabel = tmp_path / "exclude.txt", tmp_path / "relabel.csv"
+    exclude.write_text(f"# comment\n{by_path['path']}\n\n{by_digest['sha256'].upper()}\n")
+    relabel.write_text(f"sha256,class\n# comment\n{relabelled['sha256']},{new_class}\n")
+
+    edited = build_manifests(class_tree, user_edits=read_user_edits(exclude, relabel), **SPLIT)
+    kept = pd.concat(edited.splits.values()).set_index("path")
+    assert by_path["path"] not in kept.index and by_digest["path"] not in kept.index
+    assert kept.loc[relabelled["path"], "label"] == new_class
+    reasons = dict(zip(edited.excluded["path"], edited.excluded["reason"], strict=True))
+    assert reasons[by_path["path"]] == f"excluded by user ({exclude}:2)"
+    assert reasons[by_digest["path"]] == f"excluded by user ({exclude}:4)"
+    assert data_metrics(edited)["excluded"]["user_excluded"] == 2
+
+
+@pytest.mark.parametrize("line, message", [
+    ("abc,class_000", "expected 'sha256,class'"),
+    (f"{'a' * 64}", "expected 'sha256,class'"),
+    (f"{'a' * 64},class_000,extra", "expected 'sha256,class'"),
+    (f"{'a' * 64},no_such_class", "not a class folder"),
+])
+def test_a_bad_relabel_line_is_one_error_naming_the_file_and_line(class_tree, tmp_path, line,
+                                                                  message):
+    from retrain.manifests import build_manifests, read_user_edits
+
+    relabel = tmp_path / "relabel.csv"
+    relabel.write_text(f"# header\n{line}\n")
+    with pytest.raises(DataError) as error:
+        build_manifests(class_tree, user_edits=read_user_edits(None, relabel), **SPLIT)
+    assert str(error.value).startswith(f"{relabel}:2: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_audit_params_are_validated():
+    import yaml
+
+    from retrain.params import validate
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    validate(params)
+    for key, bad in [("duplicate_similarity", 1.5), ("enabled", "yes"),
+                     ("outlier_fraction", -0.1), ("colour", 1)]:
+        broken = {**params, "audit": {**params["audit"], key: bad}}
+        with pytest.raises(ParamsError, match=f"audit.{key}"):
+            validate(broken)
+
+
+# ---------------------------------------------------------------- the stage, through DVC
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory) -> dict:
+    """A small-profile workspace on the planted images, after `dvc repro audit`."""
+    import hashlib
+
+    from retrain.workspace import create_workspace
+
+    tmp = tmp_path_factory.mktemp("audit")
+    planted = planted_tree(tmp)
+    tarball = tmp / "planted.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(planted["raw"] / "synthetic_photos", arcname="synthetic_photos")
+    workspace = create_workspace(tmp / "ws", source=REPO, profile="small")
+    for key, value in {"data.url": str(tarball),
+                       "data.sha256": hashlib.sha256(tarball.read_bytes()).hexdigest(),
+                       **{f"split.{k}": v for k, v in SPLIT.items()}}.items():
+        set_param(workspace, key, value)
+    dvc(workspace, "repro", "audit")
+    return {**planted, "workspace": workspace}
+
+
+def read_csv(workspace: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(workspace / "reports" / "audit" / name, keep_default_na=False)
+
+
+def test_stage_flags_images_moved_into_another_class(audited):
+    issues = read_csv(audited["workspace"], "label_issues.csv")
+    assert list(issues.columns) == ["path", "sha256", "split", "label", "suggested_label",
+                                    "label_quality", "flagged"]
+    flagged = set(issues.loc[issues["flagged"] == "yes", "path"])
+    moved = set(audited["moved"])
+    assert len(flagged & moved) >= 0.75 * len(moved), issues.head(15)
+    assert len(flagged - moved) <= 0.1 * (len(issues) - len(moved)), issues.head(15)
+    details = json.loads((audited["workspace"] / "reports/details/audit.json").read_text())
+    assert details["label_issues"] == len(flagged)
+    assert (audited["workspace"] / "reports/audit/label_issues.png").stat().st_size > 0
+
+
+def test_stage_groups_planted_copies_and_counts_the_leaks(audited):
+    ws = audited["workspace"]
+    groups = read_csv(ws, "near_duplicates.csv")
+    group_of = dict(zip(groups["path"], groups["group"], strict=True))
+    for original, copy in audited["copies"]:
+        assert original in group_of and group_of[original] == group_of.get(copy)
+    split = dict(zip(groups["path"], groups["split"], strict=True))
+    crossing = {group_of[a] for a, b in audited["copies"] if split[a] != split[b]}
+    leaked = {path for a, b in audited["copies"] for path, other in ((a, b), (b, a))
+              if split[path] == "test" and split[other] != "test"}
+    assert crossing  # precondition: the default split put some copies on both sides
+    details = json.loads((ws / "reports/details/audit.json").read_text())
+    assert details["cross_split_groups"] >= len(crossing)
+    assert details["leaked_test_images"] >= len(leaked) > 0
+    assert details["leak_free_test_images"] == details["images"] - len(
+        pd.concat([pd.read_csv(ws / f"data/manifests/{s}.csv") for s in ("train", "val")])
+    ) - details["leaked_test_images"]
+    headline = json.loads((ws / "metrics/audit.json").read_text())
+    assert headline["cross_split_groups"] == details["cross_split_groups"]
+
+
+def test_excluding_a_flagged_image_reruns_split_and_what_depends_on_it(audited, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(audited["workspace"], ws, symlinks=True)
+    issues = read_csv(ws, "label_issues.csv")
+    target = issues.loc[issues["flagged"] == "yes", "path"].iloc[0]
+    with open(ws / "data" / "exclude.txt", "a") as f:
+        f.write(f"{target}\n")
+
+    status = dvc(ws, "status", "split").stdout
+    assert "data/exclude.txt" in status and "modified" in status
+    result = dvc(ws, "repro", "audit")
+    assert stages_run(result.stdout) == ["split", "extract", "audit"], result.stdout
+    assert "Stage 'fetch' didn't change, skipping" in result.stdout
+    manifests = pd.concat([pd.read_csv(ws / f"data/manifests/{s}.csv")
+                           for s in ("train", "val", "test")])
+    assert target not in set(manifests["path"])
+    excluded = pd.read_csv(ws / "data/manifests/excluded.csv")
+    reason = excluded.set_index("path").loc[target, "reason"]
+    assert reason.startswith("excluded by user (data/exclude.txt:")
+    assert target not in set(read_csv(ws, "label_issues.csv")["path"])
+
+
+def test_audit_off_writes_enabled_false(audited, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(audited["workspace"], ws, symlinks=True)
+    set_param(ws, "audit.enabled", False)
+    result = dvc(ws, "repro", "audit")
+    assert stages_run(result.stdout) == ["audit"]
+    assert json.loads((ws / "metrics/audit.json").read_text()) == {"enabled": False}
+    assert read_csv(ws, "label_issues.csv").empty
+
+
+def test_reencoded_copy_has_near_identical_difference_hash(tmp_path):
+    from retrain.manifests import difference_hash
+    from retrain.synthetic import draw_image
+
+    original = draw_image(2, 96, np.random.default_rng(0))
+    buffer = io.BytesIO()
+    original.save(buffer, format="JPEG", quality=95, subsampling=0)
+    copy = Image.open(io.BytesIO(buffer.getvalue()))
+    other = draw_image(2, 96, np.random.default_rng(1))
+    assert bin(difference_hash(original) ^ difference_hash(copy)).count("1") <= 4
+    assert bin(difference_hash(original) ^ difference_hash(other)).count("1") > 10
