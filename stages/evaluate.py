@@ -60,7 +60,7 @@ def main() -> None:
         ("finetuned", model_probabilities, args.predictions),
     ):
         results[name] = classification_metrics(probabilities, labels, classes)
-        table = predictions_table(test["path"], probabilities, labels, classes)
+        table = predictions_table(test["path"], test["sha256"], probabilities, labels, classes)
         with atomic_path(dest) as tmp:
             table.to_csv(tmp, index=False, lineterminator="\n")
     write_json(args.details, results)

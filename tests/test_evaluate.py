@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from retrain.evaluate import classification_metrics, summary_lines
+from retrain.evaluate import classification_metrics, predictions_table, summary_lines
 
 
 def one_hot(predicted, n_classes):
@@ -74,3 +74,13 @@ def test_a_zero_width_interval_is_explained_in_the_printout():
     predicted[:3] = 1 - predicted[:3]
     imperfect = classification_metrics(one_hot(predicted, 2), labels, ["a", "b"])
     assert len(summary_lines({"head": imperfect}, 10)) == 2   # no note without the need
+
+
+def test_predictions_table_carries_each_images_sha256_beside_its_path():
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    table = predictions_table(["a/1.jpg", "b/2.jpg", "b/3.jpg"], ["d1", "d2", "d3"],
+                              probabilities, np.array([0, 1, 1]), ["a", "b"])
+
+    assert list(table.columns) == ["path", "sha256", "actual", "predicted", "prob_a", "prob_b"]
+    assert list(table["sha256"]) == ["d1", "d2", "d3"]
+    assert list(table["predicted"]) == ["a", "b", "a"]

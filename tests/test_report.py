@@ -30,6 +30,7 @@ from retrain.report import (
     changed_figures,
     check_gates,
     compose_report,
+    load_test_sets,
     main,
 )
 
@@ -339,6 +340,90 @@ def test_gated_metric_that_is_not_a_number_is_an_error():
         check_gates(diff_of(0.9, "high"), [gate(ACCURACY)], "base")
 
 
+# --- pairing test images by content ------------------------------------------------------
+
+CLASSES = ["cats", "dogs"]
+TEST_PATHS = [f"{CLASSES[i % 2]}/{i:02d}.jpg" for i in range(10)]
+TEST_DIGESTS = [f"{i:064x}" for i in range(10)]
+
+
+def predictions_csv(repo: Path, paths, digests, with_sha256: bool = True) -> None:
+    """reports/predictions.csv as evaluate writes it, for a model right on every image."""
+    from retrain.evaluate import predictions_table
+
+    labels = np.array([CLASSES.index(path.split("/")[0]) for path in paths])
+    table = predictions_table(list(paths), list(digests), np.eye(2)[labels], labels, CLASSES)
+    if not with_sha256:   # as evaluate wrote it before it recorded each image's sha256
+        table = table.drop(columns="sha256")
+    (repo / "reports" / "predictions.csv").write_text(table.to_csv(index=False))
+
+
+def base_predictions(repo: Path, with_sha256: bool = True) -> None:
+    """Commit the base's predictions and move the `base` tag onto that commit."""
+    predictions_csv(repo, TEST_PATHS, TEST_DIGESTS, with_sha256)
+    _run(["git", "add", "reports/predictions.csv"], repo)
+    _run(["git", "commit", "-q", "-m", "base predictions"], repo)
+    _run(["git", "tag", "-f", "base"], repo)
+
+
+PAIRED_GATE = [{**gate(ACCURACY), "significance": 0.05}]
+
+
+def test_a_file_re_encoded_under_the_same_name_is_not_paired(repo):
+    base_predictions(repo)
+    digests = ["f" * 64, *TEST_DIGESTS[1:]]   # cats/00.jpg: other bytes, same name
+    predictions_csv(repo, TEST_PATHS, digests)
+
+    report = compose_report("base", PAIRED_GATE, repo)
+
+    assert ("`finetuned`: **unpaired**, the test sets differ: 9 images paired by content "
+            "(sha256) with the same label, 1 only at the base and 1 only in the workspace"
+            ) in report.markdown
+    assert "Paired by file name" not in report.markdown
+    assert "| +0 | — | ✅ |" in report.markdown   # no paired interval, no McNemar test
+
+
+def test_a_renamed_identical_file_is_paired(repo):
+    base_predictions(repo)
+    paths = ["cats/renamed.jpg", *TEST_PATHS[1:]]   # cats/00.jpg, same bytes, new name
+    predictions_csv(repo, paths, TEST_DIGESTS)
+
+    report = compose_report("base", PAIRED_GATE, repo)
+
+    assert ("`finetuned`: both revisions predicted the same 10 test images "
+            "(`reports/predictions.csv`), matched by content (sha256): changes are paired."
+            ) in report.markdown
+    assert "| +0 [0, 0] | 1 (0 vs 0) | ✅ |" in report.markdown   # a paired test ran
+
+
+def test_identical_copies_pair_one_to_one_whatever_their_names(repo):
+    digests = [TEST_DIGESTS[0], *TEST_DIGESTS[:-1]]   # two copies of one cat image
+    predictions_csv(repo, TEST_PATHS, digests)
+    _run(["git", "add", "reports/predictions.csv"], repo)
+    _run(["git", "commit", "-q", "-m", "base predictions"], repo)
+    _run(["git", "tag", "-f", "base"], repo)
+    paths = ["cats/copy.jpg", *TEST_PATHS[1:]]
+    predictions_csv(repo, paths, digests)
+
+    sets = load_test_sets("finetuned", "base", repo)
+
+    assert sets.paired and sets.shared == 10
+
+
+def test_a_base_without_sha256_pairs_by_file_name_and_says_so(repo):
+    base_predictions(repo, with_sha256=False)
+    digests = ["f" * 64, *TEST_DIGESTS[1:]]
+    predictions_csv(repo, TEST_PATHS, digests)
+
+    report = compose_report("base", PAIRED_GATE, repo)
+
+    assert ("both revisions predicted the same 10 test images (`reports/predictions.csv`), "
+            "matched by file name: changes are paired.") in report.markdown
+    assert ("Paired by file name: no sha256 column in `reports/predictions.csv` at `base` "
+            "(written before evaluate recorded it), so a file replaced under the same name "
+            "counts as the same image.") in report.markdown
+
+
 # --- paired comparisons on the pipeline's own outputs ---------------------------------------
 #
 # A copy of the session's pipeline run. Its committed base is rewritten so that the fine-tuned
@@ -350,7 +435,7 @@ SIGNIFICANT_GATES = [dict(gate(ACCURACY), significance=0.05),
                      dict(gate("finetuned.macro_f1"), significance=0.05)]
 
 
-def write_finetuned_predictions(ws: Path, paths, actual, predicted) -> None:
+def write_finetuned_predictions(ws: Path, paths, digests, actual, predicted) -> None:
     """reports/predictions.csv and the `finetuned` metrics of evaluate.json, as the evaluate
     stage writes them, for a model that predicts `predicted` with certainty."""
     from retrain.evaluate import classification_metrics, predictions_table
@@ -359,7 +444,7 @@ def write_finetuned_predictions(ws: Path, paths, actual, predicted) -> None:
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[name] for name in actual])
     probabilities = np.eye(len(classes))[[index[name] for name in predicted]]
-    table = predictions_table(list(paths), probabilities, labels, classes)
+    table = predictions_table(list(paths), list(digests), probabilities, labels, classes)
     table.to_csv(ws / "reports" / "predictions.csv", index=False, lineterminator="\n")
     metrics_path = ws / "metrics" / "evaluate.json"
     metrics = json.loads(metrics_path.read_text())
@@ -370,7 +455,8 @@ def write_finetuned_predictions(ws: Path, paths, actual, predicted) -> None:
 def perfect_base(ws: Path) -> pd.DataFrame:
     """Commit, tagged `base`, a fine-tuned model right on every test file; its table."""
     table = pd.read_csv(ws / "reports" / "predictions.csv", dtype=str, keep_default_na=False)
-    write_finetuned_predictions(ws, table["path"], table["actual"], table["actual"])
+    write_finetuned_predictions(ws, table["path"], table["sha256"], table["actual"],
+                                table["actual"])
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
     _run([*git, "commit", "-qam", "perfect base"], ws)
     _run(["git", "tag", "base"], ws)
@@ -384,7 +470,7 @@ def wrong_class(ws: Path, name: str) -> str:
 
 def flip_to_wrong(ws: Path, table: pd.DataFrame, count: int) -> None:
     predicted = [wrong_class(ws, a) if i < count else a for i, a in enumerate(table["actual"])]
-    write_finetuned_predictions(ws, table["path"], table["actual"], predicted)
+    write_finetuned_predictions(ws, table["path"], table["sha256"], table["actual"], predicted)
 
 
 @pytest.mark.slow
@@ -398,7 +484,7 @@ def test_two_changed_test_files_pass_as_not_significant(workspace):
     drop = -2 / len(base)
     assert drop < -0.01   # beyond the tolerance: the tolerance alone would fail it
     assert "not significant" in report.verdict and ACCURACY in report.verdict
-    assert f"same {len(base)} test files" in report.markdown
+    assert f"same {len(base)} test images" in report.markdown
     assert "McNemar p = 0.5" in report.verdict   # 2 discordant files, both against: p = 0.5
     assert "| 0.5 (2 vs 0) | ✅ not significant |" in report.markdown
     assert "Compared on: the small profile" in report.markdown
@@ -425,17 +511,20 @@ def test_many_files_flipped_to_wrong_fail_naming_metric_change_interval_and_p(wo
 @pytest.mark.slow
 def test_different_test_sets_are_reported_unpaired_and_judged_by_the_tolerance(workspace):
     base = perfect_base(workspace)
-    kept = base.iloc[2:].copy()      # two files fewer, one renamed
+    kept = base.iloc[2:].copy()      # two files fewer, one renamed, one re-encoded
     kept.iloc[0, kept.columns.get_loc("path")] = "elsewhere/renamed.png"
+    kept.iloc[1, kept.columns.get_loc("sha256")] = "0" * 64
     predicted = [wrong_class(workspace, a) for a in kept["actual"][:2]] + list(kept["actual"][2:])
-    write_finetuned_predictions(workspace, kept["path"], kept["actual"], predicted)
+    write_finetuned_predictions(workspace, kept["path"], kept["sha256"], kept["actual"],
+                                predicted)
 
     report = compose_report("base", SIGNIFICANT_GATES, workspace)
 
     assert not report.passed   # two wrong of n - 2: worse than the tolerance allows
-    shared = len(base) - 3
-    assert (f"**unpaired**, the test sets differ: {shared} files shared (same path and label) "
-            f"of {len(base)} at the base and {len(base) - 2} in the workspace") in report.markdown
+    shared = len(base) - 3   # the renamed file is the same image, the re-encoded one is not
+    assert (f"**unpaired**, the test sets differ: {shared} images paired by content (sha256) "
+            "with the same label, 3 only at the base and 1 only in the workspace"
+            ) in report.markdown
     assert "test sets differ: tolerance only" in report.verdict
     row = next(line for line in report.markdown.splitlines() if f"`{ACCURACY}`" in line
                and line.startswith("| `finetuned"))

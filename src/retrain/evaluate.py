@@ -92,11 +92,12 @@ def _intervals(metrics: dict):
     return [value for key, value in metrics.items() if key.endswith("_ci95")]
 
 
-def predictions_table(paths, probabilities: np.ndarray, labels: np.ndarray,
+def predictions_table(paths, digests, probabilities: np.ndarray, labels: np.ndarray,
                       classes: list[str]) -> pd.DataFrame:
-    """One row per image: path, actual, predicted and every class's probability."""
+    """One row per image: path, sha256 (the manifests' content hash, by which `report`
+    pairs two revisions' test images), actual, predicted and every class's probability."""
     names = np.asarray(classes)
-    table = pd.DataFrame({"path": list(paths), "actual": names[labels],
+    table = pd.DataFrame({"path": list(paths), "sha256": list(digests), "actual": names[labels],
                           "predicted": names[probabilities.argmax(axis=1)]})
     for index, name in enumerate(classes):
         table[f"prob_{name}"] = np.round(probabilities[:, index], 6)

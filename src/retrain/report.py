@@ -7,7 +7,8 @@ absolute tolerance, and the command exits 1 when a gated metric gets worse by mo
 The Markdown it writes is meant for a pull-request comment (`cml comment create`).
 
 A test metric is noisy (retrain.uncertainty), so a fixed tolerance alone fails on noise and
-misses real drops hidden in it. When both revisions predicted the same test files, each gated
+misses real drops hidden in it. When both revisions predicted the same test images (matched by
+content: the sha256 evaluate writes beside each path), each gated
 metric of metrics/evaluate.json also gets a paired comparison on those files: the difference
 with its paired bootstrap interval and, for accuracy, McNemar's exact test. A gate with a
 `significance` level then fails only when the drop exceeds its tolerance *and* the paired
@@ -255,13 +256,22 @@ def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
 # --- paired comparisons ------------------------------------------------------------------
 
 
+# How two revisions' test images are matched. By content: a file re-encoded or replaced under
+# the same name is another image, a renamed one the same; identical copies (one class may hold
+# the same bytes twice) match in path order. By file name only when a table lacks the sha256
+# column (written before evaluate recorded it).
+BY_CONTENT = ("sha256", "copy")
+BY_NAME = ("path",)
+
+
 @dataclass(frozen=True)
 class TestSets:
-    """One model's predictions at the base and in the workspace, aligned by test file.
+    """One model's predictions at the base and in the workspace, aligned by test image.
 
-    `base` and `new` are None, and `note` says why, when a table cannot be read. The sets are
-    paired when both predicted exactly the same files with the same labels; `shared` counts
-    the files (same path and label) they have in common.
+    `base` and `new` are None, and `note` says why, when a table cannot be read; otherwise
+    `note` says why images were matched by file name, if they were. The sets are paired when
+    both predicted exactly the same images with the same labels; `shared` counts the images
+    (same `key` and label) they have in common.
     """
 
     model: str
@@ -269,6 +279,7 @@ class TestSets:
     new: pd.DataFrame | None = None
     shared: int = 0
     note: str = ""
+    key: tuple[str, ...] = BY_CONTENT
 
     @property
     def paired(self) -> bool:
@@ -277,7 +288,8 @@ class TestSets:
 
 
 def _read_predictions(text: str, where: str) -> pd.DataFrame | str:
-    """The path, actual and predicted columns of an evaluate predictions CSV, or why not."""
+    """The path, actual and predicted columns of an evaluate predictions CSV, with sha256 and
+    each sha256's copy number where it has them; or why not."""
     try:
         table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
@@ -286,7 +298,10 @@ def _read_predictions(text: str, where: str) -> pd.DataFrame | str:
         return f"{where} lacks the path, actual and predicted columns"
     if table["path"].duplicated().any():
         return f"{where} names a test file twice"
-    return table[["path", "actual", "predicted"]]
+    if "sha256" not in table.columns:
+        return table[["path", "actual", "predicted"]]
+    table = table[["path", "sha256", "actual", "predicted"]]
+    return table.assign(copy=table.sort_values("path").groupby("sha256").cumcount())
 
 
 def _base_text(base: str, path: str, repo_dir: Path) -> str | None:
@@ -311,8 +326,16 @@ def load_test_sets(model: str, base: str, repo_dir: str | Path) -> TestSets:
     for table in (old, new):
         if isinstance(table, str):
             return TestSets(model, note=table)
-    shared = len(old.merge(new[["path", "actual"]], on=["path", "actual"]))
-    return TestSets(model, old, new, shared)
+    lacking = [where for table, where in ((old, f"`{path}` at `{base}`"),
+                                          (new, f"`{path}` in the workspace"))
+               if "sha256" not in table.columns]
+    key = BY_NAME if lacking else BY_CONTENT
+    note = (f"no sha256 column in {' or '.join(lacking)} (written before evaluate recorded "
+            "it), so a file replaced under the same name counts as the same image"
+            if lacking else "")
+    matched = [*key, "actual"]
+    shared = len(old.merge(new[matched], on=matched))
+    return TestSets(model, old, new, shared, note, key)
 
 
 def _class_indices(*columns: pd.Series) -> list[np.ndarray]:
@@ -334,7 +357,7 @@ def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:
                         uncertainty.metric_interval(metric, new_labels, new_predicted))
     if not test_sets.paired:
         return evidence
-    aligned = old[["path"]].merge(new, on="path", how="left")
+    aligned = old[list(test_sets.key)].merge(new, on=list(test_sets.key), how="left")
     labels, base_predicted, new_predicted = _class_indices(
         old["actual"], old["predicted"], aligned["predicted"])
     difference = uncertainty.paired_difference(metric, labels, base_predicted, new_predicted,
@@ -580,13 +603,21 @@ def _test_sets_section(test_sets: dict[str, TestSets]) -> list[str]:
                          "tolerance alone.")
         elif sets.paired:
             lines.append(f"- `{model}`: both revisions predicted the same {sets.shared} test "
-                         f"files (`{path}`): changes are paired.")
+                         f"images (`{path}`), matched {_matched_by(sets)}: changes are paired.")
         else:
             lines.append(f"- `{model}`: **unpaired**, the test sets differ: {sets.shared} "
-                         f"files shared (same path and label) of {len(sets.base)} at the base "
-                         f"and {len(sets.new)} in the workspace; gates use their tolerance "
-                         "alone, each revision's own interval is shown.")
+                         f"images paired {_matched_by(sets)} with the same label, "
+                         f"{len(sets.base) - sets.shared} only at the base and "
+                         f"{len(sets.new) - sets.shared} only in the workspace; the paired "
+                         "tests need the same images on both sides, so gates use their "
+                         "tolerance alone, each revision's own interval is shown.")
+        if sets.base is not None and sets.key == BY_NAME:
+            lines.append(f"  Paired by file name: {sets.note}.")
     return ["## Test sets", ""] + lines if lines else []
+
+
+def _matched_by(sets: TestSets) -> str:
+    return "by content (sha256)" if sets.key == BY_CONTENT else "by file name"
 
 
 def _figures_section(figures: list[str], link_prefix: str) -> list[str]:
