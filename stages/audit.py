@@ -22,6 +22,7 @@ COLUMNS = {
     "outliers": ["path", "sha256", "split", "label", "ood_score", "flagged"],
 }
 GALLERY_PIXELS = 160
+GROUP_IMAGES = 6  # members of a near-duplicate group shown side by side
 # crossval.folds: 0 turns cross-validation off, not the audit, which then uses this many.
 DEFAULT_FOLDS = 5
 
@@ -61,7 +62,8 @@ def draw_galleries(raw: str, results: dict, gallery_size: int, out: Path) -> Non
     shown = [(load_images(raw, members["path"]),
               [f"{split}: {Path(path).name}" for split, path in
                zip(members["split"], members["path"], strict=True)])
-             for _, members in groups[crossing].groupby("group")][:gallery_size]
+             for _, members in groups[crossing].groupby("group").head(GROUP_IMAGES)
+             .groupby("group")][:gallery_size]
     near_duplicates_figure(shown, out / "near_duplicates.png")
 
 

@@ -243,6 +243,9 @@ def audited(tmp_path_factory) -> dict:
     workspace = create_workspace(tmp / "ws", source=REPO, profile="small")
     for key, value in {"data.url": str(tarball),
                        "data.sha256": hashlib.sha256(tarball.read_bytes()).hexdigest(),
+                       # Random-weight features are not semantic: distinct generated images
+                       # of a class reach 0.997, re-encoded copies 0.9997.
+                       "audit.duplicate_similarity": 0.999,
                        **{f"split.{k}": v for k, v in SPLIT.items()}}.items():
         set_param(workspace, key, value)
     dvc(workspace, "repro", "audit")
@@ -270,16 +273,16 @@ def test_stage_groups_planted_copies_and_counts_the_leaks(audited):
     ws = audited["workspace"]
     groups = read_csv(ws, "near_duplicates.csv")
     group_of = dict(zip(groups["path"], groups["group"], strict=True))
-    for original, copy in audited["copies"]:
-        assert original in group_of and group_of[original] == group_of.get(copy)
+    assert sorted(groups.groupby("group")["path"].apply(sorted).tolist()) == sorted(
+        sorted(pair) for pair in audited["copies"])
     split = dict(zip(groups["path"], groups["split"], strict=True))
     crossing = {group_of[a] for a, b in audited["copies"] if split[a] != split[b]}
     leaked = {path for a, b in audited["copies"] for path, other in ((a, b), (b, a))
               if split[path] == "test" and split[other] != "test"}
-    assert crossing  # precondition: the default split put some copies on both sides
+    assert crossing and group_of  # precondition: the split put some copies on both sides
     details = json.loads((ws / "reports/details/audit.json").read_text())
-    assert details["cross_split_groups"] >= len(crossing)
-    assert details["leaked_test_images"] >= len(leaked) > 0
+    assert details["cross_split_groups"] == len(crossing)
+    assert details["leaked_test_images"] == len(leaked) > 0
     assert details["leak_free_test_images"] == details["images"] - len(
         pd.concat([pd.read_csv(ws / f"data/manifests/{s}.csv") for s in ("train", "val")])
     ) - details["leaked_test_images"]

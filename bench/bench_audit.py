@@ -1,0 +1,91 @@
+"""Wall time and peak memory of the audit on generated features (no images, no TensorFlow).
+
+Features are class clusters after a ReLU (non-negative, as pooled backbone features are),
+with 1% of the labels moved to another class and 0.5% of the rows given a near-copy, so
+every part of the audit has something to find. Each size runs in its own process, so its
+peak RSS is its own.
+
+    .venv/bin/python bench/bench_audit.py                    # 3,670 x 1,280 and 100,000 x 1,280
+    .venv/bin/python bench/bench_audit.py --rows 3670 --dims 1280
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+SIZES = [(3670, 1280), (100_000, 1280)]  # the flower set's size; a large web-scraped set
+CLASSES = 5
+PARAMS = {"duplicate_similarity": 0.98, "outlier_fraction": 0.01, "outlier_neighbours": 10,
+          "gallery_size": 24}
+
+
+def generated_inputs(rows: int, dims: int, seed: int = 0):
+    from retrain.audit import AuditInputs
+
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, CLASSES, rows)
+    centres = rng.normal(size=(CLASSES, dims)).astype(np.float32)
+    features = centres[truth] + rng.normal(size=(rows, dims)).astype(np.float32) * 2
+    copies = rng.choice(rows, size=rows // 200, replace=False)
+    features[copies[: len(copies) // 2]] = features[copies[len(copies) // 2:][: len(copies) // 2]]
+    np.maximum(features, 0, out=features)
+    labels = truth.copy()
+    moved = rng.choice(rows, size=rows // 100, replace=False)
+    labels[moved] = (labels[moved] + 1) % CLASSES
+    names = [f"class_{c}" for c in range(CLASSES)]
+    table = pd.DataFrame({"path": [f"{i:07d}.jpg" for i in range(rows)],
+                          "label": np.asarray(names)[labels], "label_index": labels,
+                          "sha256": [f"{i:064x}" for i in range(rows)],
+                          "split": rng.choice(["train", "val", "test"], rows, p=[0.72, 0.2, 0.08])})
+    return AuditInputs(table, features, names)
+
+
+def measure(rows: int, dims: int) -> dict:
+    from retrain import audit
+
+    inputs = generated_inputs(rows, dims)
+    parts = {}
+
+    def timed(name, function, *args):
+        start = time.perf_counter()
+        result = function(*args)
+        parts[name] = round(time.perf_counter() - start, 1)
+        return result
+
+    probabilities = timed("out_of_fold_fits", audit.out_of_fold_probabilities, inputs, 5, 42)
+    issues = timed("cleanlab_label_issues", audit.label_issues, inputs, probabilities)
+    groups = timed("near_duplicates", audit.near_duplicate_groups, inputs,
+                   PARAMS["duplicate_similarity"])
+    timed("outliers", audit.outliers, inputs, PARAMS["outlier_fraction"],
+          PARAMS["outlier_neighbours"])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"rows": rows, "dims": dims, "seconds": round(sum(parts.values()), 1),
+            "parts_s": parts, "peak_rss_mb": round(peak_mb),
+            "tensorflow_imported": "tensorflow" in sys.modules,
+            "label_issues": int((issues["flagged"] == "yes").sum()),
+            "near_duplicate_groups": int(groups["group"].nunique())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int)
+    parser.add_argument("--dims", type=int, default=1280)
+    args = parser.parse_args()
+    if args.rows:
+        print(json.dumps(measure(args.rows, args.dims)))
+        return
+    for rows, dims in SIZES:
+        subprocess.run([sys.executable, __file__, "--rows", str(rows), "--dims", str(dims)],
+                       check=True)
+
+
+if __name__ == "__main__":
+    main()
