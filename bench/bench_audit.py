@@ -5,7 +5,7 @@ with 1% of the labels moved to another class and 0.5% of the rows given a near-c
 every part of the audit has something to find. Each size runs in its own process, so its
 peak RSS is its own.
 
-    .venv/bin/python bench/bench_audit.py                    # 3,670 x 1,280 and 100,000 x 1,280
+    .venv/bin/python bench/bench_audit.py          # 3,670 x 1,280, then 100,000 x 1,280
     .venv/bin/python bench/bench_audit.py --rows 3670 --dims 1280
 """
 
@@ -58,6 +58,7 @@ def measure(rows: int, dims: int) -> dict:
         start = time.perf_counter()
         result = function(*args)
         parts[name] = round(time.perf_counter() - start, 1)
+        print(f"{rows} x {dims}: {name} {parts[name]} s", file=sys.stderr, flush=True)
         return result
 
     probabilities = timed("out_of_fold_fits", audit.out_of_fold_probabilities, inputs, 5, 42)
