@@ -24,6 +24,11 @@ CHATTER_LINES = [
     "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
     "fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, "
     "output_inference_type: FLOAT32",
+    "E0000 00:00:1796284744.861970   20593 node_def_util.cc:682] NodeDef mentions attribute "
+    "use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset; "
+    "signature=input_dataset:variant, other_arguments: -> handle:variant; attr=f:func> This "
+    "may be expected if your graph generating binary is newer  than this binary. Unknown "
+    "attributes will be ignored. NodeDef: {{node ParallelMapDatasetV2/_15}}",
 ]
 CUINIT = ("E0000 00:00:1796281173.066794   11997 cuda_platform.cc:52] failed call to cuInit: "
           "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)")
@@ -46,6 +51,8 @@ def test_a_failed_cuda_probe_is_chatter_only_without_an_nvidia_device():
 @pytest.mark.parametrize("line", [
     "W0000 00:00:1796281171.084789   11997 some_op.cc:12] a real warning",
     "E0000 00:00:1796281171.084789   11997 kernel.cc:40] OOM when allocating tensor",
+    "E0000 00:00:1796284744.861970   20593 node_def_util.cc:682] NodeDef mentions attribute "
+    "padding_mode which is not in the op definition: Op<name=Conv2D; signature=input:T>",
     "/x/convert.py:846: UserWarning: something the converter means",
     "Traceback (most recent call last):",
 ])

@@ -40,6 +40,7 @@ from retrain.cache import user_cache_dir
 from retrain.errors import ParamsError, first_line
 from retrain.frozen_part import FrozenCut, cut_frozen_part
 from retrain.head import CLASSIFIER, StopOnInterrupt, compile_classifier
+from retrain.quiet import native_chatter_hidden
 
 
 def assemble_model(base: keras.Model, head: keras.Model) -> keras.Model:
@@ -145,10 +146,11 @@ def _fit(model: keras.Model, batches: tuple, recipe: Recipe,
     compile_classifier(model, recipe.learning_rate)
     # One dataset runs through every epoch (its order and views are drawn per epoch), so
     # fit takes `steps` batches from it per epoch.
-    return model.fit(train, validation_data=val, epochs=recipe.epochs, steps_per_epoch=steps,
-                     class_weight=recipe.class_weight,
-                     callbacks=[*(callbacks or []), StopOnInterrupt()],
-                     shuffle=False, verbose=2)  # the order is drawn per epoch
+    with native_chatter_hidden():  # tf.data's determinism rewrite prints an `E` line
+        return model.fit(train, validation_data=val, epochs=recipe.epochs,
+                         steps_per_epoch=steps, class_weight=recipe.class_weight,
+                         callbacks=[*(callbacks or []), StopOnInterrupt()],
+                         shuffle=False, verbose=2)  # the order is drawn per epoch
 
 
 def training_batches(split: Split, recipe: Recipe, inputs: Callable) -> Iterator:

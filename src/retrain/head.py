@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from retrain.errors import stop_if_interrupted
+from retrain.quiet import native_chatter_hidden
 
 CLASSIFIER = "classifier"
 
@@ -54,5 +55,7 @@ def train_head(head: keras.Model, train: tuple[np.ndarray, np.ndarray],
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True))
     # fit shuffles each epoch from the global seed set by make_deterministic.
-    return head.fit(*train, validation_data=val, epochs=epochs, batch_size=batch_size,
-                    class_weight=class_weight, callbacks=callbacks, shuffle=True, verbose=verbose)
+    with native_chatter_hidden():  # tf.data's determinism rewrite prints an `E` line
+        return head.fit(*train, validation_data=val, epochs=epochs, batch_size=batch_size,
+                        class_weight=class_weight, callbacks=callbacks, shuffle=True,
+                        verbose=verbose)

@@ -4,9 +4,11 @@ TensorFlow 2.21 logs through absl before absl is initialised, so `TF_CPP_MIN_LOG
 not reach its import-time lines (oneDNN, cudart), and on a machine without a GPU its CUDA
 probe prints `E0000 ... failed call to cuInit: ... CUDA error`, which a user reads as a
 failure. LiteRT prints `INFO: Created TensorFlow Lite XNNPACK delegate for CPU.` and the
-int8 quantizer its options. None of it can be turned off from Python, so the native output
-(file descriptor 2) of those calls is captured, the known chatter dropped, and every other
-line written back: a real warning or error still reaches the terminal.
+int8 quantizer its options; under op determinism, the first `fit` on a tf.data pipeline
+prints an `E0000 ... NodeDef mentions attribute use_unbounded_threadpool` line that changes
+nothing. None of it can be turned off from Python, so the native output (file descriptor 2)
+of those calls is captured, the known chatter dropped, and every other line written back
+when the call ends: a real warning or error still reaches the terminal.
 
 `install()` runs when the `retrain` package is imported, before any stage imports
 TensorFlow: it sets `TF_CPP_MIN_LOG_LEVEL=2` (TensorFlow's C++ INFO and WARNING lines after
@@ -41,6 +43,10 @@ CHATTER = re.compile(
     r"|To enable the following instructions: "  # the second line of cpu_feature_guard's
     r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
     r"|fully_quantize: \d+, inference_type: "  # the int8 quantizer's options
+    # Under op determinism tf.data runs a parallel map sequentially, and the rewrite copies an
+    # attribute the sequential op lacks: an `E` line at the first fit that changes nothing.
+    r"|E\d{4} [\d:.]+ +\d+ node_def_util\.cc:\d+\] NodeDef mentions attribute "
+    r"use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset;"
 )
 # On a machine without an NVIDIA device, TensorFlow's CUDA probe fails as expected.
 CUDA_PROBE = re.compile(r"E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] failed call to cuInit")
