@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import DataError, exits_cleanly
@@ -26,6 +27,9 @@ def main() -> None:
                         help="every figure (JSON): loss, per-class precision, recall, F1")
     parser.add_argument("--predictions", required=True, help="fine-tuned model's predictions")
     parser.add_argument("--head-predictions", required=True)
+    parser.add_argument("--near-duplicates", required=True,
+                        help="the audit's near-duplicate groups (CSV: group, path, sha256, "
+                             "split): test images with a twin in train or val")
     args = parser.parse_args()
     params = load_params()
     classes = read_classes(args.manifests)
@@ -41,6 +45,8 @@ def main() -> None:
     from retrain.cache import user_cache_dir
     from retrain.evaluate import (
         classification_metrics,
+        leak_free_accuracy,
+        leaked_test_images,
         predict_images,
         predictions_table,
         summary_lines,
@@ -54,18 +60,25 @@ def main() -> None:
                                 params["model"]["image_size"], user_cache_dir("images"))
     model_probabilities = predict_images(model, images)
 
+    leaked = leaked_test_images(pd.read_csv(args.near_duplicates, dtype=str))
     results = {}
     for name, probabilities, dest in (
         ("head", head_probabilities, args.head_predictions),
         ("finetuned", model_probabilities, args.predictions),
     ):
         results[name] = classification_metrics(probabilities, labels, classes)
+        results[name] |= leak_free_accuracy(probabilities, labels, test["path"], leaked)
         table = predictions_table(test["path"], test["sha256"], probabilities, labels, classes)
         with atomic_path(dest) as tmp:
             table.to_csv(tmp, index=False, lineterminator="\n")
     write_json(args.details, results)
     write_json(args.metrics, select(results, HEADLINE["evaluate"]))
     print("\n".join(summary_lines(results, len(test))))
+    if leaked:
+        print(f"evaluate: without the {len(leaked)} test images that have a near-duplicate in "
+              f"train or val ({args.near_duplicates}): test accuracy head "
+              f"{results['head']['leak_free_test_accuracy']}, fine-tuned "
+              f"{results['finetuned']['leak_free_test_accuracy']}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Test metrics: scikit-learn's figures under any class names, intervals next to them."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
@@ -84,3 +85,31 @@ def test_predictions_table_carries_each_images_sha256_beside_its_path():
     assert list(table.columns) == ["path", "sha256", "actual", "predicted", "prob_a", "prob_b"]
     assert list(table["sha256"]) == ["d1", "d2", "d3"]
     assert list(table["predicted"]) == ["a", "b", "a"]
+
+
+def test_leaked_test_images_are_those_grouped_with_train_or_val():
+    from retrain.evaluate import leaked_test_images
+
+    groups = pd.DataFrame({
+        "group": [1, 1, 2, 2, 3, 3, 4, 4],
+        "path": ["a_train", "a_test", "b_val", "b_test", "c_test", "c_test2", "d_train",
+                 "d_val"],
+        "split": ["train", "test", "val", "test", "test", "test", "train", "val"]})
+    # a group within test alone, or within train and val, leaks nothing into test
+    assert leaked_test_images(groups) == {"a_test", "b_test"}
+    assert leaked_test_images(groups.iloc[:0]) == set()
+
+
+def test_leak_free_accuracy_leaves_the_leaked_images_out():
+    from retrain.evaluate import leak_free_accuracy
+
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    probabilities = np.eye(2)[[0, 1, 1, 1, 0, 0]]  # rows 2 and 5 wrong
+    paths = pd.Series([f"{i}.jpg" for i in range(6)])
+    clean = leak_free_accuracy(probabilities, labels, paths, {"0.jpg", "1.jpg"})
+    assert clean["leak_free_test_accuracy"] == 0.5  # rows 2-5: two of four right
+    assert clean["leak_free_test_images"] == 4
+    low, high = clean["leak_free_test_accuracy_ci95"]
+    assert 0 <= low <= 0.5 <= high <= 1
+    every = leak_free_accuracy(probabilities, labels, paths, set(paths))
+    assert every["leak_free_test_accuracy"] is None and every["leak_free_test_images"] == 0

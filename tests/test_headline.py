@@ -4,10 +4,11 @@ measured is in its details file, where the model card and report gates still fin
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import dvc
 
-from retrain.evaluate import classification_metrics
+from retrain.evaluate import classification_metrics, leak_free_accuracy
 from retrain.headline import HEADLINE, data_headline, select
 from retrain.report import check_gates
 
@@ -17,7 +18,7 @@ SMALL_PROFILE_COLUMNS = {
     "metrics/crossval.json": {"val_accuracy_mean", "val_accuracy_sd"},
     "metrics/evaluate.json": {f"{model}.{key}" for model in ("head", "finetuned") for key in (
         "test_accuracy", "test_accuracy_ci95_low", "test_accuracy_ci95_high", "macro_f1",
-        "balanced_accuracy")},
+        "balanced_accuracy", "leak_free_test_accuracy")},
     "metrics/export.json": {"int8.agreement", "int8.size_bytes", "int8.latency_ms"},
 }
 # Added by the data audit (counts); whatever it holds must stay a handful of columns.
@@ -48,7 +49,9 @@ def test_the_evaluate_headline_does_not_grow_with_the_classes(classes):
     labels = np.arange(200) % classes
     probabilities = rng.dirichlet(np.ones(classes), size=200)
     names = [f"class_{i}" for i in range(classes)]
+    paths = pd.Series([f"{i}.jpg" for i in range(200)])
     figures = {model: classification_metrics(probabilities, labels, names)
+               | leak_free_accuracy(probabilities, labels, paths, {"3.jpg"})
                for model in ("head", "finetuned")}
     headline = select(figures, HEADLINE["evaluate"])
     assert set(shown_columns(headline)) == SMALL_PROFILE_COLUMNS["metrics/evaluate.json"]

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score
 
-from retrain.uncertainty import format_interval, metric_intervals
+from retrain.uncertainty import format_interval, metric_interval, metric_intervals
+
+FIT_SPLITS = ("train", "val")
 
 # Keras clips probabilities to [eps, 1 - eps] in its cross-entropy; do the same so the
 # loss here matches `model.evaluate`.
@@ -54,6 +56,28 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
             for i, name in enumerate(classes)
         },
     }
+
+
+def leaked_test_images(near_duplicates: pd.DataFrame) -> set[str]:
+    """Test images with a near-duplicate in train or val (the audit's groups: columns group,
+    path, split): a model can score them by having seen their twin."""
+    fit_side = near_duplicates.loc[near_duplicates["split"].isin(FIT_SPLITS), "group"]
+    test = near_duplicates[near_duplicates["split"] == "test"]
+    return set(test.loc[test["group"].isin(set(fit_side)), "path"])
+
+
+def leak_free_accuracy(probabilities: np.ndarray, labels: np.ndarray, paths: pd.Series,
+                       leaked: set[str]) -> dict:
+    """Test accuracy without the leaked test images, with its 95% bootstrap interval, and
+    how many images it is taken over (None where every test image leaked)."""
+    clean = ~paths.isin(leaked).to_numpy()
+    predicted = probabilities.argmax(axis=1)[clean]
+    kept = labels[clean]
+    accuracy = float(accuracy_score(kept, predicted)) if clean.any() else None
+    interval = metric_interval("test_accuracy", kept, predicted) if clean.any() else None
+    return {"leak_free_test_accuracy": accuracy,
+            "leak_free_test_accuracy_ci95": interval,
+            "leak_free_test_images": int(clean.sum())}
 
 
 def interval_bounds(intervals: dict[str, list[float] | None]) -> dict[str, float]:
