@@ -91,10 +91,12 @@ def main() -> None:
                                 callbacks=[CurveLogger(live, first_step=head_epochs), timer])
     if accelerator.mixed:
         model = float32_copy(model)  # evaluate, export and predict run it, often on a CPU
-    with atomic_path(args.model) as tmp:
-        model.save(tmp)
-    with atomic_path(args.serving, directory=True) as tmp:
-        export_serving(model, tmp)  # pixel and encoded-image signatures
+    # Both models are renamed into place together, after the slow SavedModel export: a
+    # Ctrl-C during it leaves no model.keras behind.
+    with atomic_path(args.model) as model_tmp, \
+            atomic_path(args.serving, directory=True) as serving_tmp:
+        model.save(model_tmp)
+        export_serving(model, serving_tmp)  # pixel and encoded-image signatures
     summary = {**history_summary(outcome.history), "path": outcome.path, **outcome.details,
                "params": count_params(model),
                "from_layer": tune["from_layer"],
