@@ -3,7 +3,7 @@
 Features are class clusters after a ReLU (non-negative, as pooled backbone features are),
 with 1% of the labels moved to another class and 0.5% of the rows given a near-copy, so
 every part of the audit has something to find. Each size runs in its own process, so its
-peak RSS is its own.
+peak RSS is its own; the load average before and after each says how busy the machine was.
 
     .venv/bin/python bench/bench_audit.py          # 3,670 x 1,280, then 100,000 x 1,280
     .venv/bin/python bench/bench_audit.py --rows 3670 --dims 1280
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -63,12 +64,14 @@ def measure(rows: int, dims: int) -> dict:
 
     probabilities = timed("out_of_fold_fits", audit.out_of_fold_probabilities, inputs, 5, 42)
     issues = timed("cleanlab_label_issues", audit.label_issues, inputs, probabilities)
+    space = timed("projection", audit.neighbour_space, inputs.features, 42)
     groups = timed("near_duplicates", audit.near_duplicate_groups, inputs,
-                   PARAMS["duplicate_similarity"])
+                   PARAMS["duplicate_similarity"], space)
     timed("outliers", audit.outliers, inputs, PARAMS["outlier_fraction"],
-          PARAMS["outlier_neighbours"])
+          PARAMS["outlier_neighbours"], space)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"rows": rows, "dims": dims, "seconds": round(sum(parts.values()), 1),
+    return {"rows": rows, "dims": dims, "neighbour_dims": space.reduced.shape[1],
+            "seconds": round(sum(parts.values()), 1),
             "parts_s": parts, "peak_rss_mb": round(peak_mb),
             "tensorflow_imported": "tensorflow" in sys.modules,
             "label_issues": int((issues["flagged"] == "yes").sum()),
@@ -84,8 +87,11 @@ def main() -> None:
         print(json.dumps(measure(args.rows, args.dims)))
         return
     for rows, dims in SIZES:
+        # Other work on the machine slows every part: the load says how much there was.
+        print(f"load average before: {os.getloadavg()}", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, __file__, "--rows", str(rows), "--dims", str(dims)],
                        check=True)
+        print(f"load average after: {os.getloadavg()}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

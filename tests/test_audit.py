@@ -156,6 +156,92 @@ def test_near_duplicates_are_grouped_and_a_group_across_train_and_test_is_a_leak
     assert metrics["leak_free_test_images"] == (table["split"] == "test").sum() - 1
 
 
+def wide_inputs(rows: int = 400, dims: int = 512, seed: int = 0):
+    """Feature rows wider than the neighbour searches' projection: 4 non-negative clusters,
+    so the projection keeps their structure and drops most of each row's own noise."""
+    from retrain.audit import AuditInputs
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, dims))
+    features = np.maximum(centres[rng.integers(0, 4, rows)] + rng.normal(size=(rows, dims)), 0)
+    table = pd.DataFrame({"path": [f"img_{i:04d}.jpg" for i in range(rows)], "label": "a",
+                          "label_index": 0, "sha256": [f"{i:064x}" for i in range(rows)],
+                          "split": "train"})
+    return AuditInputs(table, features.astype(np.float32), ["a"])
+
+
+def with_twins(inputs, cosines: np.ndarray, seed: int = 1):
+    """One twin per cosine: row i's unit features turned by that cosine towards a random
+    direction (mostly outside the projection), so the twin sits exactly that far from it."""
+    from sklearn.preprocessing import normalize
+
+    rng = np.random.default_rng(seed)
+    unit = normalize(inputs.features[: len(cosines)].astype(np.float64))
+    away = rng.normal(size=unit.shape)
+    away = normalize(away - (away * unit).sum(axis=1, keepdims=True) * unit)
+    twins = cosines[:, None] * unit + np.sqrt(1 - cosines[:, None] ** 2) * away
+    extra = pd.DataFrame({"path": [f"twin_{i:04d}.jpg" for i in range(len(cosines))],
+                          "label": "a", "label_index": 0,
+                          "sha256": ["e" * 60 + f"{i:04d}" for i in range(len(cosines))],
+                          "split": "test"})
+    return type(inputs)(pd.concat([inputs.table, extra], ignore_index=True),
+                        np.concatenate([inputs.features, twins.astype(np.float32)]),
+                        inputs.classes)
+
+
+def test_near_duplicates_on_the_projection_are_those_of_the_full_features():
+    """Twins just above and just below the threshold, apart mostly in directions the
+    projection drops: exactly the pairs whose full features reach the threshold are grouped,
+    as a search on the full features finds them."""
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    from retrain.audit import NEIGHBOUR_DIMENSIONS, near_duplicate_groups, neighbour_space
+
+    cosines = np.linspace(0.97, 0.99, 20)  # around the threshold 0.98, none on it
+    inputs = with_twins(wide_inputs(), cosines)
+    space = neighbour_space(inputs.features, exact_rows=0)
+    assert space.reduced.shape[1] == NEIGHBOUR_DIMENSIONS < 512
+    groups = near_duplicate_groups(inputs, 0.98, space)
+
+    exact = cosine_similarity(inputs.features.astype(np.float64)) >= 0.98
+    np.fill_diagonal(exact, False)
+    _, component = connected_components(exact, directed=False)
+    expected = inputs.table.assign(component=component).groupby("component")["path"].apply(set)
+    assert sorted(map(sorted, expected[expected.map(len) > 1])) == sorted(
+        map(sorted, groups.groupby("group")["path"].apply(set)))
+    twins_grouped = {f"twin_{i:04d}.jpg" for i in np.flatnonzero(cosines >= 0.98)}
+    assert twins_grouped and twins_grouped <= set(groups["path"])
+    assert not set(groups["path"]) & {f"twin_{i:04d}.jpg" for i in
+                                        np.flatnonzero(cosines < 0.98)}
+
+
+def test_outlier_scores_on_the_projection_follow_cleanlabs_on_the_full_features():
+    """Strays far from every cluster score lowest, and every score is close to cleanlab's
+    own on the full features."""
+    from cleanlab.outlier import OutOfDistribution
+    from scipy.stats import spearmanr
+
+    from retrain.audit import AuditInputs, neighbour_space, outliers
+
+    inputs = wide_inputs()
+    rng = np.random.default_rng(2)
+    strays = np.abs(rng.normal(size=(4, inputs.features.shape[1]))).astype(np.float32) * 3
+    table = pd.concat([inputs.table, inputs.table.iloc[:4].assign(
+        path=[f"stray_{i}.jpg" for i in range(4)], sha256=["d" * 63 + str(i) for i in range(4)])],
+        ignore_index=True)
+    inputs = AuditInputs(table, np.concatenate([inputs.features, strays]), inputs.classes)
+    ranked = outliers(inputs, fraction=0.01, neighbours=10,
+                      space=neighbour_space(inputs.features, exact_rows=0))
+    assert set(ranked["path"].head(4)) == {f"stray_{i}.jpg" for i in range(4)}
+    assert (ranked["flagged"] == "yes").sum() == 4
+    full = OutOfDistribution(params={"k": 10}).fit_score(features=inputs.features,
+                                                         verbose=False)
+    ours = ranked.set_index("path")["ood_score"].loc[table["path"]].to_numpy()
+    assert spearmanr(full, ours).statistic > 0.95
+    assert np.abs(full - ours).max() < 0.02
+
+
 def test_planted_reencoded_copies_share_a_split_under_group_near_duplicates(tmp_path):
     from retrain.manifests import build_manifests
 
