@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from retrain import archive
-from retrain.archive import archive_stem, class_folders, extract_dataset
+from retrain.archive import archive_stem, extract_dataset
 from retrain.errors import DataError
 from retrain.synthetic import write_dataset
 
@@ -278,9 +278,10 @@ def test_format_comes_from_content_not_name(tmp_path):
 def test_synthetic_tarball_and_given_name(tmp_path):
     archive = write_dataset(tmp_path / "download", classes=3, per_class=2, size=32,
                             top_folder=None)
-    dataset, _ = extract_dataset(archive, tmp_path / "raw", name="shapes", label="http://x/y")
+    dataset, reading = extract_dataset(archive, tmp_path / "raw", name="shapes",
+                                       label="http://x/y")
     assert dataset == tmp_path / "raw" / "shapes"
-    assert [p.name for p in class_folders(dataset)] == ["class_000", "class_001", "class_002"]
+    assert list(reading.classes) == ["class_000", "class_001", "class_002"]
 
 
 def test_previous_dest_replaced_only_on_success(place, tmp_path):
@@ -292,13 +293,6 @@ def test_previous_dest_replaced_only_on_success(place, tmp_path):
     assert old.read_text() == "previous run"
     place(tar_bytes(GOOD))
     assert tree(tmp_path / "raw") == {"pack/good/a.jpg", "pack/good/b.jpg", "pack/other/c.jpg"}
-
-
-def test_class_folders_need_images(tmp_path):
-    for name in ("roses/a.jpg", "notes/readme.txt", "empty/.keep", "deep/x/y.png"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(JPEG)
-    assert [p.name for p in class_folders(tmp_path)] == ["deep", "roses"]
 
 
 @pytest.mark.parametrize("file_name, stem", [
@@ -317,5 +311,5 @@ def test_real_flower_photos_sample(tmp_path):
     assert reading.layout == "classes" and not reading.unlabeled
     assert dataset.name == "flower_photos"
     assert (dataset / "LICENSE.txt").is_file()
-    counts = {p.name: len(list(p.iterdir())) for p in class_folders(dataset)}
+    counts = {p.name: len(list(p.iterdir())) for p in dataset.iterdir() if p.is_dir()}
     assert counts == dict.fromkeys(["daisy", "dandelion", "roses", "sunflowers", "tulips"], 40)

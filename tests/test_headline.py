@@ -17,8 +17,8 @@ SMALL_PROFILE_COLUMNS = {
     "metrics/data.json": {"classes", "images", "excluded"},
     "metrics/crossval.json": {"val_accuracy_mean", "val_accuracy_sd"},
     "metrics/evaluate.json": {f"{model}.{key}" for model in ("head", "finetuned") for key in (
-        "test_accuracy", "test_accuracy_ci95_low", "test_accuracy_ci95_high", "macro_f1",
-        "balanced_accuracy", "leak_free_test_accuracy")},
+        "test_loss", "test_accuracy", "test_accuracy_ci95_low", "test_accuracy_ci95_high",
+        "macro_f1", "balanced_accuracy", "leak_free_test_accuracy")},
     "metrics/export.json": {"int8.agreement", "int8.size_bytes", "int8.latency_ms"},
 }
 # Added by the data audit (counts); whatever it holds must stay a handful of columns.

@@ -388,3 +388,40 @@ def test_a_seed_keeps_its_stratified_split_when_no_class_needs_a_top_up():
     assert notes == []
     assert split_of == {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"),
                         **dict.fromkeys(test, "test")}
+
+
+@pytest.mark.parametrize("file_name, text, message", [
+    ("exclude.txt", "data/raw/{path}\n", r"exclude.txt:1: data/raw/.* matches no image"),
+    ("exclude.txt", "# removed since\n{digest_typo}\n", r"exclude.txt:2: 0+ matches no image"),
+    ("relabel.csv", "sha256,class\n{digest_typo},class_001\n",
+     r"relabel.csv:2: 0+ is the sha256 of no image"),
+])
+def test_a_user_edit_that_matches_no_image_stops_split(class_tree, tmp_path, file_name, text,
+                                                        message):
+    """A line that names no image would look like a decision taken and do nothing."""
+    from retrain.manifests import read_user_edits
+
+    first = build_manifests(class_tree, **SPLIT).splits["train"].iloc[0]
+    edits = {"exclude.txt": "", "relabel.csv": "sha256,class\n"}
+    edits[file_name] = text.format(path=first["path"], digest_typo="0" * 64)
+    for name, content in edits.items():
+        (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        build_manifests(class_tree, **SPLIT, user_edits=read_user_edits(
+            tmp_path / "exclude.txt", tmp_path / "relabel.csv"))
+
+
+def test_a_near_duplicate_group_across_two_classes_splits_per_class(class_tree):
+    """A re-encoded copy filed under another class: grouping keeps each class's share of
+    the group together, and every class still gets an image in every split."""
+    from PIL import Image
+
+    dataset = next(class_tree.iterdir())
+    source = sorted((dataset / "class_000").glob("*.jpg"))[0]
+    with Image.open(source) as image:
+        image.save(dataset / "class_001" / "copy_of_class_000.jpg", quality=70)
+    for method in ("stratified", "hash"):
+        manifests = build_manifests(class_tree, **{**SPLIT, "method": method},
+                                    group_near_duplicates=True)
+        for frame in manifests.splits.values():
+            assert set(frame["label"]) == set(manifests.classes)

@@ -36,10 +36,10 @@ from pathlib import Path, PurePosixPath
 
 from retrain.atomic import atomic_path, remove
 from retrain.errors import DataError, first_line
-from retrain.images import is_image_name
+from retrain.images import is_utf8, utf8_shown
 from retrain.layout import UNLABELED, Reading, arrange, read_layout
 
-__all__ = ["UNLABELED", "class_folders", "extract_dataset", "unpack"]
+__all__ = ["UNLABELED", "extract_dataset", "unpack"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 LITTER = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
@@ -142,11 +142,6 @@ def archive_stem(file_name: str) -> str:
     return name if name and not name.startswith(".") else "dataset"
 
 
-def class_folders(dataset: str | Path) -> list[Path]:
-    """Subfolders of `dataset` holding at least one image file, at any depth, sorted."""
-    return [d for d in _subfolders(Path(dataset)) if _holds_images(d, deep=True)]
-
-
 # ---------------------------------------------------------------------------- member checks
 
 
@@ -179,8 +174,8 @@ def _safe_parts(name: str, label: str, role: str = "member") -> tuple[str, ...]:
     if unified.startswith("/") or re.match(r"[A-Za-z]:", unified):
         raise DataError(f"{label}: {role} {name!r} is an absolute path")
     parts = tuple(part for part in unified.split("/") if part not in ("", "."))
-    if not _is_utf8(name):
-        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if not is_utf8(name):
+        shown = utf8_shown(name)
         raise DataError(f"{label}: {role} {shown!r} has a name that is not UTF-8 (an archive "
                         "made where names are Latin-1 or another encoding), which DVC cannot "
                         "record; re-create the archive with UTF-8 names, e.g. convert them "
@@ -188,14 +183,6 @@ def _safe_parts(name: str, label: str, role: str = "member") -> tuple[str, ...]:
     if ".." in parts:
         raise DataError(f"{label}: {role} {name!r} points outside the archive folder ('..')")
     return parts
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")  # bytes that are not UTF-8 arrive from tarfile as surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_litter(parts: tuple[str, ...]) -> bool:
@@ -353,15 +340,3 @@ def _extract_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path
         while chunk := src.read(CHUNK_BYTES):
             budget.add_bytes(len(chunk))
             out.write(chunk)
-
-
-# ---------------------------------------------------------------------------- layout
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_litter((p.name,)))
-
-
-def _holds_images(folder: Path, *, deep: bool) -> bool:
-    candidates = folder.rglob("*") if deep else folder.iterdir()
-    return any(is_image_name(p) and p.is_file() for p in candidates)

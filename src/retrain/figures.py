@@ -59,7 +59,8 @@ def read_curves(live_dir: str | Path) -> pd.DataFrame:
 
 
 def read_predictions(path: str | Path, classes: Sequence[str]) -> pd.DataFrame:
-    """The evaluate stage's per-image table (path, actual, predicted, prob_<class>...)."""
+    """The evaluate stage's per-image table (path, sha256, actual, predicted,
+    prob_<class>...)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: predictions not found (run the evaluate stage first)")

@@ -21,8 +21,9 @@ from fnmatch import fnmatchcase
 # reads the file, their bounds are columns only for test accuracy.
 HEADLINE = {
     "crossval": ("val_accuracy_mean", "val_accuracy_sd"),
-    "evaluate": ("*.test_accuracy", "*.test_accuracy_ci95", "*.test_accuracy_ci95_low",
-                 "*.test_accuracy_ci95_high", "*.macro_f1", "*.macro_f1_ci95",
+    "evaluate": ("*.test_loss", "*.test_accuracy", "*.test_accuracy_ci95",
+                 "*.test_accuracy_ci95_low", "*.test_accuracy_ci95_high", "*.macro_f1",
+                 "*.macro_f1_ci95",
                  "*.balanced_accuracy", "*.balanced_accuracy_ci95",
                  "*.leak_free_test_accuracy", "*.leak_free_test_accuracy_ci95"),
     "export": ("*.agreement", "*.agreement_ci95", "*.size_bytes", "*.latency_ms"),

@@ -224,3 +224,18 @@ class ImageRows:
 def image_rows(array: np.memmap) -> ImageRows | np.memmap:
     """`ImageRows` over a cached image array where the OS has `pread` (not Windows)."""
     return ImageRows(array) if hasattr(os, "pread") else array
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a file name can be written as UTF-8 (a manifest cell, a DVC record): bytes
+    that are not UTF-8 arrive from the file system and from tarfile as surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_shown(name: str) -> str:
+    """`name` with bytes that are not UTF-8 shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -197,7 +197,8 @@ def read_layout(unpacked: Path, fallback_name: str, label: str, *, layout: str =
         _read_sets(reading, _expand_sets_of_sets(folders), root, unpacked, label,
                    forced=layout == "sets")
     else:
-        _read_classes(reading, folders, root, unpacked, label, forced=layout == "classes")
+        _read_class_folders(reading, folders, root, unpacked, label,
+                            forced=layout == "classes", within="")
     loose = _images(root, deep=False)
     if loose:
         _set_aside_files(reading, root, loose, "", "loose beside the class folders")
@@ -313,11 +314,6 @@ def _read_sets(reading: Reading, folders: list[_Folder], root: Path, unpacked: P
                              "loose in a set, beside its class folders")
 
 
-def _read_classes(reading: Reading, folders: list[_Folder], root: Path, unpacked: Path,
-                  label: str, *, forced: bool) -> None:
-    _read_class_folders(reading, folders, root, unpacked, label, forced=forced, within="")
-
-
 def _read_class_folders(reading: Reading, folders: list[_Folder], root: Path, unpacked: Path,
                         label: str, *, forced: bool, within: str) -> None:
     """Folders read as classes (of the root, or of one set): a folder named as unlabeled is
@@ -410,7 +406,6 @@ def arrange(reading: Reading, staging: Path, label: str) -> Path:
         target = dataset / UNLABELED / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
-    sets = {root / s["folder"].rstrip("/") for s in reading.sets}
     for name, sources in reading.sources.items():
         if len(sources) == 1 and not reading.sets:
             os.replace(sources[0], dataset / name)
@@ -418,8 +413,7 @@ def arrange(reading: Reading, staging: Path, label: str) -> Path:
             for source in sources:
                 _merge_class(source, dataset / name, root, label)
     for entry in sorted(root.iterdir()):  # LICENSE.txt, README and the like
-        if entry.exists() and entry not in sets and entry.name != UNLABELED and \
-                not entry.is_dir() and not is_image_name(entry):
+        if entry.is_file() and not is_image_name(entry):
             os.replace(entry, dataset / entry.name)
     return dataset
 

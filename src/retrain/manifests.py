@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 
 from retrain.atomic import atomic_path
 from retrain.errors import DataError, ParamsError, first_line
-from retrain.images import image_name_problem, is_image_name, read_rgb
+from retrain.images import image_name_problem, is_image_name, is_utf8, read_rgb, utf8_shown
 from retrain.layout import UNLABELED
 
 SPLITS = ("train", "val", "test")
@@ -92,23 +92,10 @@ def _check_class_name(class_dir: Path) -> None:
     """A class label is a line of classes.txt and a CSV cell: no control characters or line
     breaks (U+2028 included: `splitlines` splits there), UTF-8."""
     name = class_dir.name
-    if not _is_utf8(name) or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
-        raise DataError(f"{class_dir.parent}: class folder {ascii(_utf8_shown(name))} cannot "
+    if not is_utf8(name) or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        raise DataError(f"{class_dir.parent}: class folder {ascii(utf8_shown(name))} cannot "
                         "be a class label (control character, line break or not UTF-8); "
                         "rename it")
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")  # undecodable bytes from the file system arrive as surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _utf8_shown(name: str) -> str:
-    """`name` with bytes that are not UTF-8 shown as U+FFFD."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def inspect_image(path: Path) -> dict:
@@ -137,8 +124,8 @@ def scan_images(root: Path, base: Path, workers: int | None = None):
     def check(candidate):
         path, label = candidate
         rel = path.relative_to(base).as_posix()
-        if not _is_utf8(rel):  # could not be written to a UTF-8 manifest
-            return None, {"path": _utf8_shown(rel), "reason": "file name is not UTF-8"}
+        if not is_utf8(rel):  # could not be written to a UTF-8 manifest
+            return None, {"path": utf8_shown(rel), "reason": "file name is not UTF-8"}
         if problem := image_name_problem(path):
             return None, {"path": rel, "reason": problem}
         try:
@@ -160,7 +147,7 @@ def unlabeled_images(root: Path, base: Path) -> list[dict]:
     aside by `fetch` (a publisher's unlabeled test set, say) in its UNLABELED folder."""
     loose = [p for p in root.iterdir() if p.is_file()]
     aside = sorted((root / UNLABELED).rglob("*"))
-    return [{"path": _utf8_shown(p.relative_to(base).as_posix()),
+    return [{"path": utf8_shown(p.relative_to(base).as_posix()),
              "reason": "unlabeled image (not inside a class folder)"}
             for p in loose + aside if is_image_name(p) and p.is_file()]
 
@@ -379,12 +366,20 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
     rows = selected
     # Near-duplicate groups split as one image (their first sha256), so they share a split.
     key_of = near_duplicate_keys(rows, near_duplicate_bits) if group_near_duplicates else {}
-    keyed = [{**row, "sha256": key_of.get(row["sha256"], row["sha256"])} for row in rows]
+
+    def split_key(digest: str, label: str) -> str:
+        # A group filed under two classes splits once per class: one key with two labels
+        # would stratify on the wrong one (the audit flags such images as label issues).
+        key = key_of.get(digest, digest)
+        return key if key == digest else f"{key}/{label}"
+
+    keyed = [{**row, "sha256": split_key(row["sha256"], row["label"])} for row in rows]
     split_of, top_ups = assign_splits(keyed, val_fraction, test_fraction, seed, method)
     index = {label: i for i, label in enumerate(classes)}
     frame = pd.DataFrame(rows)
     frame["label_index"] = frame["label"].map(index)
-    frame["split"] = [split_of[key_of.get(d, d)] for d in frame["sha256"]]
+    frame["split"] = [split_of[split_key(d, label)]
+                      for d, label in zip(frame["sha256"], frame["label"])]
     splits = {
         name: frame[frame["split"] == name][MANIFEST_COLUMNS].sort_values("path")
         .reset_index(drop=True)
@@ -413,6 +408,7 @@ class UserEdits:
             if label not in class_names:
                 raise DataError(f"{where}: relabel {digest[:12]}... to '{label}', which is "
                                 f"not a class folder (one of {', '.join(sorted(class_names))})")
+        self._check_every_line_matches(rows, excluded)
         kept = []
         for row in rows:
             where = self.exclude.get(row["path"]) or self.exclude.get(row["sha256"])
@@ -423,6 +419,20 @@ class UserEdits:
                 row = {**row, "label": self.relabel[row["sha256"]][0]}
             kept.append(row)
         return kept
+
+    def _check_every_line_matches(self, rows: list[dict], excluded: list[dict]) -> None:
+        """A line that names no image would look like a decision taken and do nothing (a
+        path written with its `data/raw/` prefix, an image since removed): stop instead."""
+        digests = {row["sha256"] for row in rows}
+        known = digests | {row["path"] for row in rows} | {row["path"] for row in excluded}
+        for key, where in self.exclude.items():
+            if key not in known:
+                raise DataError(f"{where}: {key} matches no image (a path relative to data/raw "
+                                "as the manifests write it, or an image's sha256)")
+        for digest, (_, where) in self.relabel.items():
+            if digest not in digests:
+                raise DataError(f"{where}: {digest} is the sha256 of no image (the manifests' "
+                                "sha256 column lists them)")
 
 
 def _content_lines(path: Path):
