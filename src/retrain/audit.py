@@ -35,8 +35,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 
 from retrain.crossval import fold_indices
+from retrain.evaluate import FIT_SPLITS, leaked_test_images  # train, val: what classifiers see
 
-FIT_SPLITS = ("train", "val")  # what the out-of-fold classifiers see; test never
 # Ties and rounding aside, a fold fit converges well within this many lbfgs steps.
 MAX_ITERATIONS = 300
 # L2 strength (inverse): with more feature dimensions than images per fold, an unpenalised
@@ -195,13 +195,6 @@ def cross_split_groups(groups: pd.DataFrame) -> pd.Series:
     return groups.groupby("group")["split"].nunique() > 1
 
 
-def leaked_test_paths(groups: pd.DataFrame) -> set[str]:
-    """Test images with a near-duplicate in train or val."""
-    fit_side = groups[groups["split"].isin(FIT_SPLITS)]["group"].unique()
-    leaked = groups[(groups["split"] == "test") & groups["group"].isin(fit_side)]
-    return set(leaked["path"])
-
-
 def outliers(inputs: AuditInputs, fraction: float, neighbours: int,
              space: NeighbourSpace | None = None) -> pd.DataFrame:
     """cleanlab's out-of-distribution score of every image from its `neighbours` nearest
@@ -271,7 +264,7 @@ def audit(inputs: AuditInputs, params: dict, *, folds: int, seed: int) -> dict:
     space = neighbour_space(inputs.features, seed)
     groups = near_duplicate_groups(inputs, params["duplicate_similarity"], space)
     crossing = cross_split_groups(groups)
-    leaked = leaked_test_paths(groups)
+    leaked = leaked_test_images(groups)
     odd = outliers(inputs, params["outlier_fraction"], params["outlier_neighbours"], space)
     counts = {
         "enabled": True,

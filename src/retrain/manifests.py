@@ -366,12 +366,13 @@ def build_manifests(raw_dir: str | Path, *, val_fraction: float, test_fraction: 
     rows = selected
     # Near-duplicate groups split as one image (their first sha256), so they share a split.
     key_of = near_duplicate_keys(rows, near_duplicate_bits) if group_near_duplicates else {}
+    grouped = {key for key, size in Counter(key_of.values()).items() if size > 1}
 
     def split_key(digest: str, label: str) -> str:
         # A group filed under two classes splits once per class: one key with two labels
         # would stratify on the wrong one (the audit flags such images as label issues).
         key = key_of.get(digest, digest)
-        return key if key == digest else f"{key}/{label}"
+        return f"{key}/{label}" if key in grouped else digest
 
     keyed = [{**row, "sha256": split_key(row["sha256"], row["label"])} for row in rows]
     split_of, top_ups = assign_splits(keyed, val_fraction, test_fraction, seed, method)
