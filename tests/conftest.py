@@ -101,22 +101,68 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
 
-@pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory) -> Path:
-    """A git + DVC workspace on the small profile where the whole pipeline has run once.
-
-    Session-scoped because a full run costs a minute or two; tests that change it copy it
-    first with `copy_workspace`.
-    """
+def build_pipeline_run(dest: Path) -> None:
+    """A git + DVC workspace on the small profile at `dest`, the whole pipeline run and
+    committed."""
     from retrain.workspace import create_workspace
 
-    workspace = create_workspace(tmp_path_factory.mktemp("pipeline") / "ws", source=REPO,
-                                 profile="small")
+    workspace = create_workspace(dest, source=REPO, profile="small")
     dvc(workspace, "repro")
     subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm",
                     "first run"], cwd=workspace, check=True)
-    return workspace
+
+
+def run_once_per_session(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once for the whole test session, even under xdist, whose workers
+    share the session's temporary root: the first worker to get here builds while the others
+    wait on a file lock. A failed build is recorded, so the others fail at once instead of
+    building it again."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above every worker's own
+    built, failed = root / name / "ws", root / name / "failed.txt"
+    with FileLock(root / f"{name}.lock"):
+        if failed.exists():
+            pytest.fail(f"{name} failed in another worker:\n{failed.read_text()}",
+                        pytrace=False)
+        if not built.exists():
+            built.parent.mkdir(exist_ok=True)
+            try:
+                build(built)
+            except BaseException as error:
+                failed.write_text(str(error))
+                raise
+    return built
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> Path:
+    """A git + DVC workspace on the small profile where the whole pipeline has run once.
+
+    Built once per session (a full run costs a minute or two), and copied for each xdist
+    worker: dvc commands of two workers in one workspace would contend for its lock. Tests
+    that change it copy it first (`workspace`).
+    """
+    built = run_once_per_session(tmp_path_factory, "pipeline-run", build_pipeline_run)
+    own = tmp_path_factory.mktemp("pipeline") / "ws"
+    shutil.copytree(built, own, symlinks=True)
+    return own
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns xdist_group marks into scopes
+def pytest_collection_modifyitems(items):
+    """Under `--dist loadgroup`, the tests that read `pipeline_run` in place form one xdist
+    group. xdist hands out the largest groups first, so one worker starts building the run
+    at once while the other runs tests that need no pipeline, and finds it built (or nearly)
+    when it reaches a test that copies it (`workspace`)."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if ("pipeline_run" in names and "workspace" not in names
+                and not item.get_closest_marker("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group("pipeline_run"))
 
 
 @pytest.fixture

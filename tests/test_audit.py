@@ -316,7 +316,8 @@ def test_audit_params_are_validated():
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory) -> dict:
-    """A small-profile workspace on the planted images, after `dvc repro audit`."""
+    """A small-profile workspace on the planted images, after `dvc repro audit`. Its tests
+    share the xdist group `audited`, so it is built on one worker only."""
     import hashlib
 
     from retrain.workspace import create_workspace
@@ -342,6 +343,7 @@ def read_csv(workspace: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(workspace / "reports" / "audit" / name, keep_default_na=False)
 
 
+@pytest.mark.xdist_group("audited")
 def test_stage_flags_images_moved_into_another_class(audited):
     issues = read_csv(audited["workspace"], "label_issues.csv")
     assert list(issues.columns) == ["path", "sha256", "split", "label", "suggested_label",
@@ -355,6 +357,7 @@ def test_stage_flags_images_moved_into_another_class(audited):
     assert (audited["workspace"] / "reports/audit/label_issues.png").stat().st_size > 0
 
 
+@pytest.mark.xdist_group("audited")
 def test_stage_groups_planted_copies_and_counts_the_leaks(audited):
     ws = audited["workspace"]
     groups = read_csv(ws, "near_duplicates.csv")
@@ -376,6 +379,7 @@ def test_stage_groups_planted_copies_and_counts_the_leaks(audited):
     assert headline["cross_split_groups"] == details["cross_split_groups"]
 
 
+@pytest.mark.xdist_group("audited")
 def test_excluding_a_flagged_image_reruns_split_and_what_depends_on_it(audited, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(audited["workspace"], ws, symlinks=True)
@@ -398,6 +402,7 @@ def test_excluding_a_flagged_image_reruns_split_and_what_depends_on_it(audited, 
     assert target not in set(read_csv(ws, "label_issues.csv")["path"])
 
 
+@pytest.mark.xdist_group("audited")
 def test_audit_off_writes_enabled_false(audited, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(audited["workspace"], ws, symlinks=True)
