@@ -137,6 +137,45 @@ def test_int8_keeps_the_first_layers_in_float_and_no_others(trained, exported, t
     assert interpreter.get_output_details()[0]["dtype"] == np.float32
 
 
+@pytest.mark.slow
+def test_int8_keeps_as_many_float_layers_as_its_size_budget_allows(trained, exported,
+                                                                   tmp_path):
+    """With a size budget, the int8 file keeps the longest run of float layers from the
+    input that fits: within the budget, and one layer more would not be."""
+    from retrain.export import export_formats
+
+    model, _, _ = trained
+    paths, images, _ = exported
+    float32_size = paths["float32"].stat().st_size
+    all_int8 = litert.quantized_layers(paths["int8"])
+
+    def int8_size(float_layers, budget=None, name="int8"):
+        path = export_formats(model, ["int8"], images[::3], tmp_path / name,
+                              float_layers, budget)["int8"]
+        return path, path.stat().st_size
+
+    _, two_float_size = int8_size(2, name="two")
+    budget = two_float_size / float32_size
+    path, size = int8_size(len(all_int8), budget, name="budgeted")
+    kept = litert.float_layer_names(path)
+    assert size <= budget * float32_size
+    assert 2 <= len(kept) < len(all_int8) and kept == all_int8[:len(kept)]
+    _, one_more_size = int8_size(len(kept) + 1, name="one-more")
+    assert one_more_size > budget * float32_size
+    # The count asked stays the most: the budget only lowers it.
+    path, _ = int8_size(2, budget, name="capped")
+    assert litert.float_layer_names(path) == all_int8[:2]
+
+
+def test_longest_prefix_within_a_size_budget():
+    sizes = [100, 103, 110, 108, 130, 160]  # grows with the count, but for one tiny layer
+    assert litert.longest_prefix_within(sizes.__getitem__, 5, 115) == 3
+    assert litert.longest_prefix_within(sizes.__getitem__, 5, 109) == 3
+    assert litert.longest_prefix_within(sizes.__getitem__, 5, 105) == 1
+    assert litert.longest_prefix_within(sizes.__getitem__, 2, 1000) == 2  # the count asked
+    assert litert.longest_prefix_within(sizes.__getitem__, 5, 99) == 0  # nothing fits
+
+
 def test_agreement_interval_is_the_exact_binomial_interval():
     from retrain.export import agreement_interval
 
@@ -392,6 +431,19 @@ def test_card_recommends_int8_when_it_holds_and_nothing_beats_it():
     # As accurate, smaller and no slower than both float files.
     assert set(advice["dominated_by"]) == {"float32", "float16"}
     assert advice["dominated_by"]["float16"] == "int8"
+
+
+def test_card_says_when_the_shipped_formats_interval_does_not_clear_the_bar():
+    """55 of 56 held-out images agree: 0.982 ships, but [0.904, 1] cannot show 98%."""
+    from retrain.card import card_markdown
+
+    export = made_up_export(int8_agreement=0.982)
+    export["int8"]["agreement_ci95"] = [0.904, 1.0]
+    markdown = card_markdown(card_of(export))
+    assert "Ship **int8**" in markdown
+    assert "interval reaches down to 0.904" in markdown
+    export["int8"]["agreement_ci95"] = [0.985, 1.0]  # thousands of images agreeing
+    assert "reaches down to" not in card_markdown(card_of(export))
 
 
 def test_a_slower_or_less_accurate_int8_does_not_dominate_but_may_still_ship():

@@ -32,7 +32,8 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
         assert 0 <= entry["agreement"] <= 1 and 0 <= entry["accuracy"] <= 1
         low, high = entry["agreement_ci95"]
         assert low <= entry["agreement"] <= high
-    assert export["int8"]["float_layers"] == params["export"]["int8_float_layers"]
+    # As many layers from the input as the size budget allows, at most the count asked.
+    assert 0 < export["int8"]["float_layers"] <= params["export"]["int8_float_layers"]
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     assert "metrics/export.json" in json.dumps(shown)  # DVC knows it as a metrics file
 

@@ -2,7 +2,8 @@
 
 The fine-tuned classifier is converted through the same recipes as `extract`'s engine
 (`retrain.litert`) to float32, float16 weights, and int8 (calibrated on representative
-training images; the first `export.int8_float_layers` layers may stay float). Each file is
+training images; the first `export.int8_float_layers` layers may stay float, as many as
+keep the file within `export.int8_size_budget` of the float32 one). Each file is
 then measured against the Keras model: top-1 agreement and the largest probability
 difference on the held-out images (validation and test: images the model did not train
 on), accuracy and macro F1 against the test labels, its size, and its single-image latency.
@@ -37,15 +38,18 @@ def representative_rows(train: pd.DataFrame, count: int, seed: int) -> pd.DataFr
 
 
 def export_formats(model, formats: list[str], representative: np.ndarray,
-                   out_dir: str | Path, int8_float_layers: int = 0) -> dict[str, Path]:
+                   out_dir: str | Path, int8_float_layers: int = 0,
+                   int8_size_budget: float | None = None) -> dict[str, Path]:
     """Write one .tflite file per format into `out_dir`; return format -> path.
-    `int8_float_layers`: how many layers from the input the int8 file computes in float."""
+    `int8_float_layers`: how many layers from the input the int8 file computes in float, at
+    most; `int8_size_budget`: fewer where more would make the int8 file larger than this
+    fraction of the float32 one (None: no limit)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in formats:
-        options = ({"representative": representative, "float_layers": int8_float_layers}
-                   if name == "int8" else {})
+        options = ({"representative": representative, "float_layers": int8_float_layers,
+                    "size_budget": int8_size_budget} if name == "int8" else {})
         # The calibration images are real photos: the conversion is checked on a few.
         flatbuffer = litert.convert(model, name, probe_images=representative[:litert.PROBE_IMAGES],
                                     **options)
