@@ -13,6 +13,7 @@ from retrain.errors import exits_cleanly
 from retrain.headline import HEADLINE, select
 from retrain.manifests import SPLITS, load_split_arrays, read_classes, read_split
 from retrain.params import load_params
+from retrain.raw import ensure_raw
 
 TABLES = ("label_issues", "near_duplicates", "outliers")
 COLUMNS = {
@@ -72,6 +73,8 @@ def draw_galleries(raw: str, results: dict, gallery_size: int, out: Path) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", required=True, help="images, for the galleries")
+    parser.add_argument("--layout", help="data/layout.json: what --raw must hold, checked "
+                        "and restored from the archive if missing (retrain.raw)")
     parser.add_argument("--features", required=True)
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--out", required=True, help="folder for the CSVs and galleries")
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--details", required=True, help="every count (JSON)")
     args = parser.parse_args()
     params = load_params()
+    ensure_raw(args.raw, args.layout, "audit")
     settings, out = params["audit"], Path(args.out)
     if not settings["enabled"]:
         # Declared outputs still exist: empty tables and galleries saying there is nothing.

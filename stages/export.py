@@ -11,12 +11,15 @@ from retrain.errors import UserError, exits_cleanly
 from retrain.headline import HEADLINE, select
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
+from retrain.raw import ensure_raw
 
 
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", required=True)
+    parser.add_argument("--layout", help="data/layout.json: what --raw must hold, checked "
+                        "and restored from the archive if missing (retrain.raw)")
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--model", required=True, help="fine-tuned model (.keras)")
     parser.add_argument("--out", required=True, help="folder for the .tflite files")
@@ -25,6 +28,7 @@ def main() -> None:
     parser.add_argument("--details", required=True, help="every figure per format (JSON)")
     args = parser.parse_args()
     params = load_params()
+    ensure_raw(args.raw, args.layout, "export")
     export, size, seed = params["export"], params["model"]["image_size"], params["seed"]
     classes = read_classes(args.manifests)
     train, val, test = (read_split(args.manifests, split) for split in ("train", "val", "test"))
@@ -62,7 +66,7 @@ def main() -> None:
     results = {}
     with atomic_path(args.out, directory=True) as out_dir:
         paths = export_formats(model, export["formats"], representative, out_dir,
-                               export["int8_float_layers"])
+                               export["int8_float_layers"], export["int8_size_budget"])
         latencies = latency_rounds_ms(paths, images[:1])
         for name, path in paths.items():
             results[name] = measure(path, images, labels, classes, keras_probabilities,

@@ -7,18 +7,22 @@ from retrain.atomic import atomic_path, write_json
 from retrain.errors import exits_cleanly
 from retrain.manifests import SPLITS, read_split
 from retrain.params import load_params
+from retrain.raw import ensure_raw
 
 
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", required=True, help="image folder written by fetch")
+    parser.add_argument("--layout", help="data/layout.json: what --raw must hold, checked "
+                        "and restored from the archive if missing (retrain.raw)")
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--out", required=True, help="feature folder to write")
     parser.add_argument("--details", required=True,
                         help="JSON to write: feature shape, parameter counts, throughput")
     args = parser.parse_args()
     params = load_params()
+    ensure_raw(args.raw, args.layout, "extract")
     model_params, extract = params["model"], params["extract"]
     manifests = {split: read_split(args.manifests, split) for split in SPLITS}
 

@@ -1,5 +1,5 @@
 """Stage `fetch`: download the archive named by `data.url`, check its sha256, extract it, and
-print and store how its folders were read (data.layout)."""
+print and store how its folders were read (data.layout) and what the extraction holds."""
 
 import argparse
 from pathlib import Path, PurePosixPath
@@ -7,9 +7,9 @@ from urllib.parse import urlsplit
 
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
-from retrain.fetch import fetch_dataset
 from retrain.layout import describe
 from retrain.params import load_params
+from retrain.raw import extract_data
 
 
 @exits_cleanly
@@ -21,18 +21,10 @@ def main() -> None:
                         help="JSON file to write: how the archive's folders were read")
     args = parser.parse_args()
     data = load_params()["data"]
-    dataset, reading = fetch_dataset(
-        data["url"],
-        data["sha256"],
-        args.out,
-        timeout_s=data["timeout_s"],
-        retries=data["retries"],
-        max_members=data["max_members"],
-        max_extracted_bytes=data["max_extracted_mb"] * 1e6,
-        layout=data["layout"],
-        unlabeled=data["unlabeled"],
-    )
-    write_json(args.layout, reading.as_json())
+    dataset, reading, content = extract_data(data, args.out)
+    # DVC tracks this file, not the folder (retrain.raw): `content` makes it change exactly
+    # when an extracted file does.
+    write_json(args.layout, {**reading.as_json(), "content": content})
     archive_name = PurePosixPath(urlsplit(data["url"]).path).name or "the archive"
     for line in describe(reading, archive_name):
         print(f"fetch: {line}")

@@ -16,6 +16,7 @@ from retrain.figures import (
 )
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
+from retrain.raw import ensure_raw
 from retrain.uncertainty import metric_interval
 
 SAMPLE_IMAGES = 20
@@ -47,6 +48,8 @@ def load_images(raw: str, paths, size: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", required=True)
+    parser.add_argument("--layout", help="data/layout.json: what --raw must hold, checked "
+                        "and restored from the archive if missing (retrain.raw)")
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--model", required=True, help="fine-tuned model (.keras)")
     parser.add_argument("--predictions", required=True, help="evaluate's predictions.csv")
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder of PNGs to write")
     args = parser.parse_args()
     params = load_params()
+    ensure_raw(args.raw, args.layout, "render")
     render, size, seed = params["render"], params["model"]["image_size"], params["seed"]
     classes = read_classes(args.manifests)
     train = read_split(args.manifests, "train")

@@ -9,12 +9,15 @@ from retrain.headline import data_headline
 from retrain.manifests import build_manifests, data_metrics, read_user_edits, write_manifests
 from retrain.params import load_params
 from retrain.prefilter import check_prefilter_params, make_prefilter
+from retrain.raw import ensure_raw
 
 
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", required=True, help="folder written by the fetch stage")
+    parser.add_argument("--layout", help="data/layout.json: what --raw must hold, checked "
+                        "and restored from the archive if missing (retrain.raw)")
     parser.add_argument("--out", required=True, help="manifest folder to write")
     parser.add_argument("--metrics", required=True,
                         help="headline counts to write (JSON; what DVC shows)")
@@ -25,6 +28,7 @@ def main() -> None:
     parser.add_argument("--relabel", help="labels to replace: 'sha256,class' per line")
     args = parser.parse_args()
     params = load_params()
+    ensure_raw(args.raw, args.layout, "split")
     split = params["split"]
     check_prefilter_params(params["prefilter"])
     user_edits = read_user_edits(args.exclude, args.relabel)  # a bad line stops us here

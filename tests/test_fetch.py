@@ -276,6 +276,25 @@ def test_preseeded_cache_works_offline(tarball, tmp_path):
     assert_dataset(dataset)
 
 
+def test_a_local_archive_is_kept_for_workspaces_that_lack_it(tarball, tmp_path, monkeypatch):
+    # A queued experiment's workspace holds what git tracks: not a relative data.url that git
+    # ignores. The archive fetched once in the main workspace must still be found there.
+    body, sha256 = tarball
+    main, queued = tmp_path / "main", tmp_path / "queued"
+    (main / "data").mkdir(parents=True)
+    queued.mkdir()
+    (main / "data" / "shapes.tgz").write_bytes(body)
+    monkeypatch.chdir(main)
+    cache = {"cache_dir": tmp_path / "cache"}
+    assert_dataset(fetch("data/shapes.tgz", sha256, main, **cache))
+    assert cached(tmp_path, sha256) == [sha256]
+    monkeypatch.chdir(queued)
+    assert_dataset(fetch("data/shapes.tgz", sha256, queued, **cache))
+    # Another digest under the same name is still refused: the cache answers only by digest.
+    with pytest.raises(DownloadError, match="file not found"):
+        fetch("data/shapes.tgz", "0" * 64, queued, **cache)
+
+
 def test_concurrent_fetches_of_one_archive_download_it_once(server, tarball, tmp_path):
     # Two experiments starting at once: the slow (trickling) download would be appended to
     # by both if nothing kept the second out of the partial file.
@@ -345,7 +364,9 @@ def test_plain_path_and_file_url(tarball, tmp_path, monkeypatch):
     assert_dataset(fetch(archive.as_uri(), sha256, tmp_path))  # file:///.../my%20data.tgz
     monkeypatch.chdir(tmp_path)
     assert_dataset(fetch("my data.tgz", sha256, tmp_path))
-    assert not (tmp_path / "cache").exists()  # local files are read in place
+    # Read in place; the download cache keeps a hard link to it (same file system), no copy.
+    assert cached(tmp_path, sha256) == [sha256]
+    assert (tmp_path / "cache" / "downloads" / sha256).samefile(archive)
 
 
 def test_local_file_with_wrong_sha256(tarball, tmp_path):

@@ -158,9 +158,10 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
 
 @pytest.mark.slow
 def test_leftover_of_a_killed_fetch_never_sits_beside_restored_outputs(workspace):
-    """The issue's case: SIGKILL during `dvc repro -f fetch`, then `dvc repro fetch` restores
-    data/raw from the run-cache without running the stage: no stage code runs to clean up, so
-    the killed run's temporary folder must not be in data/ in the first place."""
+    """SIGKILL during `dvc repro -f fetch`, then `dvc repro fetch` restores fetch's output
+    from the run-cache without running the stage: no stage code runs to clean up, so the
+    killed run's temporary folder must not be in data/ in the first place; the next stage
+    that reads images extracts data/raw again."""
     shutil.rmtree(workspace / "data" / "raw")  # `-f` has DVC remove the outputs first
     killed = subprocess.run(
         [sys.executable, "-c", "import os, signal\n"
@@ -172,10 +173,10 @@ def test_leftover_of_a_killed_fetch_never_sits_beside_restored_outputs(workspace
     assert killed.returncode == -signal.SIGKILL
     restored = dvc(workspace, "repro", "fetch")
     assert stages_run(restored.stdout) == [], restored.stdout  # from the run-cache
-    assert (workspace / "data" / "raw").is_dir()
     assert not temporary_outputs(workspace, "data")
     assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
     assert temporary_outputs(workspace, STAGING)  # out of the way, until a stage writes
     result = dvc(workspace, "repro", "--force", "--single-item", "split")
     assert stages_run(result.stdout) == ["split"]
+    assert "data/raw is missing: extracting the archive again" in result.stdout
     assert not temporary_outputs(workspace, STAGING)

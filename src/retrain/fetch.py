@@ -10,7 +10,10 @@ Where the archive comes from:
   request. Transient failures (connection errors and resets, a stalled or trickling server,
   HTTP 5xx and 429) are retried `retries` times with exponential backoff; other HTTP errors
   (404, 403, ...) fail at once.
-- `file://` or a plain local path: checked and read in place, no cache copy.
+- `file://` or a plain local path: checked and read in place. A hard link to it (a copy
+  where the cache is on another file system) is kept as `<cache>/downloads/<sha256>`, so a
+  workspace that lacks the file (a `dvc exp run --queue` workspace holds only what git
+  tracks, not a relative `data.url` that git ignores) still finds the same bytes there.
 
 Offline use: copy the archive to `<cache>/downloads/<sha256>` (for the default dataset,
 `~/.cache/retrain/downloads/4c54ace7...` with the full digest from params.yaml); a file there
@@ -26,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,11 +125,11 @@ def fetch_archive(
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
     with _secrets_hidden(url):
-        local = local_path(url)
-        if local is not None:
-            return _verified_local(local, sha256, url)
         downloads = Path(cache_dir) / "downloads" if cache_dir else user_cache_dir("downloads")
         downloads.mkdir(parents=True, exist_ok=True)
+        local = local_path(url)
+        if local is not None:
+            return _local_archive(local, sha256, url, downloads)
         return _cached_download(url, sha256, downloads, timeout_s=timeout_s, retries=retries,
                                 backoff_s=backoff_s)
 
@@ -171,6 +175,34 @@ def file_sha256(path: Path) -> str:
 
 def _url_path(url: str) -> str:
     return unquote(urlsplit(url).path) if "://" in url else url
+
+
+def _local_archive(path: Path, sha256: str, url: str, downloads: Path) -> Path:
+    """The local archive, checked, and remembered in the download cache; the cached copy
+    where the file is not here (a queued experiment's workspace)."""
+    kept = downloads / sha256
+    if not path.exists() and kept.is_file() and file_sha256(kept) == sha256:
+        log.info("%s is not in this workspace: using the download cache's copy %s", path, kept)
+        return kept
+    archive = _verified_local(path, sha256, url)
+    if not kept.is_file():
+        _remember(archive, kept)
+    return archive
+
+
+def _remember(archive: Path, kept: Path) -> None:
+    """Link (else copy) `archive` to `kept`, atomically; a cache that cannot be written
+    costs only the fallback, never the run."""
+    part = kept.with_name(f"{kept.name}.{os.getpid()}.link")
+    try:
+        try:
+            os.link(archive, part)
+        except OSError:
+            shutil.copyfile(archive, part)
+        os.replace(part, kept)
+    except OSError as exc:
+        log.warning("could not keep %s in the download cache (%s)", archive, exc)
+        part.unlink(missing_ok=True)
 
 
 def _verified_local(path: Path, sha256: str, url: str) -> Path:
