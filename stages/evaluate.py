@@ -1,6 +1,7 @@
 """Stage `evaluate`: test metrics and per-image predictions for the head and the full model."""
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +12,22 @@ from retrain.errors import DataError, exits_cleanly
 from retrain.headline import HEADLINE, select
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
+from retrain.raw import ensure_raw
 
 
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", required=True)
+    parser.add_argument("--layout", help="data/layout.json: what --raw must hold, checked "
+                        "and restored from the archive if missing (retrain.raw)")
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--features", required=True)
     parser.add_argument("--head", required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--replicates", required=True,
+                        help="finetune's replicates folder: replicates.json and the weights "
+                             "of replicates 1..K-1 (replicate 0 is --model)")
     parser.add_argument("--metrics", required=True,
                         help="headline figures (JSON; what DVC shows)")
     parser.add_argument("--details", required=True,
@@ -32,6 +39,7 @@ def main() -> None:
                              "split): test images with a twin in train or val")
     args = parser.parse_args()
     params = load_params()
+    ensure_raw(args.raw, args.layout, "evaluate")
     classes = read_classes(args.manifests)
     test = read_split(args.manifests, "test")
     features = np.load(Path(args.features) / "test.npy")
@@ -49,6 +57,7 @@ def main() -> None:
         leaked_test_images,
         predict_images,
         predictions_table,
+        replicate_figures,
         summary_lines,
     )
     from retrain.images import cached_image_array
@@ -59,6 +68,11 @@ def main() -> None:
     images = cached_image_array([Path(args.raw) / p for p in test["path"]], test["sha256"],
                                 params["model"]["image_size"], user_cache_dir("images"))
     model_probabilities = predict_images(model, images)
+    replicates = json.loads((Path(args.replicates) / "replicates.json").read_text())
+    other_replicates = []
+    for replicate in replicates[1:]:  # the same architecture, each replicate's weights
+        model.load_weights(Path(args.replicates) / replicate["weights"])
+        other_replicates.append(predict_images(model, images))
 
     leaked = leaked_test_images(pd.read_csv(args.near_duplicates, dtype=str))
     results = {}
@@ -68,12 +82,22 @@ def main() -> None:
     ):
         results[name] = classification_metrics(probabilities, labels, classes)
         results[name] |= leak_free_accuracy(probabilities, labels, test["path"], leaked)
-        table = predictions_table(test["path"], test["sha256"], probabilities, labels, classes)
+        table = predictions_table(test["path"], test["sha256"], probabilities, labels, classes,
+                                  other_replicates if name == "finetuned" else ())
         with atomic_path(dest) as tmp:
             table.to_csv(tmp, index=False, lineterminator="\n")
+    results["finetuned"]["replicates"] = replicate_figures(
+        [model_probabilities, *other_replicates], labels, [r["seed"] for r in replicates])
     write_json(args.details, results)
     write_json(args.metrics, select(results, HEADLINE["evaluate"]))
     print("\n".join(summary_lines(results, len(test))))
+    if len(replicates) > 1:
+        spread = results["finetuned"]["replicates"]
+        print(f"evaluate: {len(replicates)} fine-tuning replicates (seeds "
+              f"{', '.join(str(r['seed']) for r in replicates)}): test accuracy mean "
+              f"{spread['test_accuracy_mean']:.4f}, sd {spread['test_accuracy_sd']:.4f}; "
+              f"macro F1 mean {spread['macro_f1_mean']:.4f}, sd {spread['macro_f1_sd']:.4f} "
+              "(sd over replicates: the training noise on these test images)")
     if leaked:
         print(f"evaluate: without the {len(leaked)} test images that have a near-duplicate in "
               f"train or val ({args.near_duplicates}): test accuracy head "

@@ -5,7 +5,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from retrain.evaluate import classification_metrics, predictions_table, summary_lines
+from retrain.evaluate import (
+    classification_metrics,
+    predictions_table,
+    replicate_figures,
+    summary_lines,
+)
 
 
 def one_hot(predicted, n_classes):
@@ -85,6 +90,33 @@ def test_predictions_table_carries_each_images_sha256_beside_its_path():
     assert list(table.columns) == ["path", "sha256", "actual", "predicted", "prob_a", "prob_b"]
     assert list(table["sha256"]) == ["d1", "d2", "d3"]
     assert list(table["predicted"]) == ["a", "b", "a"]
+
+
+def test_each_replicate_has_its_figures_and_their_mean_and_sd_over_replicates():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 1])
+    predicted = [labels.copy(), np.array([0, 1, 1, 1, 2, 2, 0, 1]),
+                 np.array([1, 1, 1, 0, 2, 2, 2, 1])]
+    figures = replicate_figures([one_hot(p, 3) for p in predicted], labels, [42, 9, 5])
+    accuracies = [1.0, 0.75, 0.625]
+    assert figures["count"] == 3
+    assert [r["seed"] for r in figures["per_replicate"]] == [42, 9, 5]
+    assert [r["test_accuracy"] for r in figures["per_replicate"]] == accuracies
+    assert figures["per_replicate"][1]["macro_f1"] == pytest.approx(
+        f1_score(labels, predicted[1], average="macro"))
+    assert figures["test_accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    assert figures["test_accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    one = replicate_figures([one_hot(predicted[0], 3)], labels, [42])
+    assert one["count"] == 1 and one["test_accuracy_sd"] is None
+
+
+def test_predictions_table_adds_each_further_replicates_predicted_class():
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8]])
+    other = np.array([[0.3, 0.7], [0.2, 0.8]])
+    table = predictions_table(["a/1.jpg", "b/2.jpg"], ["d1", "d2"], probabilities,
+                              np.array([0, 1]), ["a", "b"], [other, probabilities])
+    assert list(table["predicted"]) == ["a", "b"]
+    assert list(table["predicted_replicate_1"]) == ["b", "b"]
+    assert list(table["predicted_replicate_2"]) == ["a", "b"]
 
 
 def test_leaked_test_images_are_those_grouped_with_train_or_val():

@@ -10,7 +10,15 @@ from retrain.augment import Augmentation
 from retrain.backbones import REGISTRY
 from retrain.base import build_base
 from retrain.features import KerasEngine
-from retrain.finetune import Recipe, Split, assemble_model, fine_tune, unfreeze_from
+from retrain.finetune import (
+    Recipe,
+    Split,
+    assemble_model,
+    fine_tune,
+    fine_tune_replicates,
+    replicate_seeds,
+    unfreeze_from,
+)
 from retrain.frozen_part import cut_frozen_part
 from retrain.head import build_head
 from retrain.reproducibility import make_deterministic
@@ -254,6 +262,41 @@ def test_views_kept_or_recomputed_give_the_same_training(data):
     for name in ("loss", "val_loss"):
         np.testing.assert_allclose(kept.history.history[name],
                                    recomputed.history.history[name], rtol=1e-6)
+
+
+def test_replicate_seeds_start_with_the_run_seed_differ_and_reproduce():
+    seeds = replicate_seeds(42, 5)
+    assert seeds[0] == 42 and len(set(seeds)) == 5 and 43 not in seeds
+    assert replicate_seeds(42, 5) == seeds and replicate_seeds(42, 2) == seeds[:2]
+    assert replicate_seeds(7, 3)[1:] != seeds[1:3]
+    assert all(0 <= seed < 2**31 for seed in seeds)
+
+
+def test_replicates_share_the_frozen_outputs_and_each_trains_as_it_would_alone(data):
+    """Two replicates on the cached path read one set of frozen-part outputs of the shared
+    views; each trains exactly as it does alone, and their own orders make them differ."""
+    seeds = replicate_seeds(5, 2)
+    recipes = [Recipe(learning_rate=1e-3, epochs=2, batch_size=8, seed=seed,
+                      augmentation=AUGMENT, view_seed=5) for seed in seeds]
+
+    def model():
+        built = build_model("mobilenet_v2", 32, 135, seed=3)
+        make_head_sensitive(built, data[0].images[:8].astype("float32"))
+        return built
+
+    models = [model(), model()]
+    shared = list(fine_tune_replicates(iter(models), *data, recipes, make_engine=KerasEngine))
+    assert all(o.path == "cached" and o.details["replicates_share_frozen_outputs"]
+               for o in shared)
+    alone_model = model()
+    alone = fine_tune(alone_model, *data, recipes[1], make_engine=KerasEngine)
+    for name in ("loss", "val_loss"):
+        np.testing.assert_allclose(shared[1].history.history[name], alone.history.history[name],
+                                   rtol=1e-5, err_msg=name)
+    assert not np.allclose(shared[0].history.history["loss"], shared[1].history.history["loss"])
+    moved = [np.abs(a.numpy() - b.numpy()).max()
+             for a, b in zip(models[0].trainable_weights, models[1].trainable_weights)]
+    assert max(moved) > 0, "two training orders gave the same weights"
 
 
 @pytest.mark.parametrize("kwargs, reason", [

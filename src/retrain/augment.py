@@ -2,7 +2,9 @@
 
 What image `i` looks like in epoch `e` (flipped or not, its brightness shift and contrast
 factor) and where it falls in that epoch's order depend only on `(seed, e, i)`, never on
-which batch it lands in or on which engine computes the network. So the two fine-tuning
+which batch it lands in or on which engine computes the network. The order may follow a
+seed of its own (`order_seed`): fine-tuning replicates see the same views, each in its own
+order (`retrain.finetune`). So the two fine-tuning
 paths (`retrain.finetune`) train on the very same views, and a view can be recognised when
 it comes back.
 
@@ -45,6 +47,7 @@ class EpochViews:
     flip: np.ndarray  # per image: mirrored left-right
     shift: np.ndarray  # per image: added to every pixel, in [0, 255] units
     factor: np.ndarray  # per image: contrast factor
+    epoch: int = 0
 
     def view_keys(self, indices: np.ndarray) -> np.ndarray:
         """An id per view that recurs across epochs (only without continuous draws)."""
@@ -73,14 +76,18 @@ class EpochViews:
         return batch
 
 
-def epoch_views(seed: int, epoch: int, count: int, augmentation: Augmentation) -> EpochViews:
-    def stream(kind: int) -> np.random.Generator:
-        return np.random.default_rng([seed, epoch, kind])
+def epoch_views(seed: int, epoch: int, count: int, augmentation: Augmentation,
+                order_seed: int | None = None) -> EpochViews:
+    """Epoch `epoch`'s views drawn with `seed`, visited in an order drawn with `order_seed`
+    (default: `seed`)."""
 
-    order = stream(_ORDER).permutation(count)
+    def stream(kind: int, stream_seed: int = seed) -> np.random.Generator:
+        return np.random.default_rng([stream_seed, epoch, kind])
+
+    order = stream(_ORDER, seed if order_seed is None else order_seed).permutation(count)
     flip = (stream(_FLIP).random(count) < 0.5) if augmentation.flip \
         else np.zeros(count, bool)
     b, c = augmentation.brightness, augmentation.contrast
     shift = stream(_BRIGHTNESS).uniform(-b, b, count) * 255.0 if b else np.zeros(count)
     factor = stream(_CONTRAST).uniform(1 - c, 1 + c, count) if c else np.ones(count)
-    return EpochViews(order, flip, shift, factor)
+    return EpochViews(order, flip, shift, factor, epoch)

@@ -37,17 +37,11 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
     pull the average down for a split's accident, not the model's.
     """
     predicted = probabilities.argmax(axis=1)
-    present = np.unique(labels)
     intervals = metric_intervals(labels, predicted)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=list(range(len(classes))), zero_division=0)
     return {
-        "test_loss": cross_entropy(probabilities, labels),
-        "test_accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro",
-                                   zero_division=0)),
-        "balanced_accuracy": float(recall_score(labels, predicted, labels=present,
-                                                average="macro", zero_division=0)),
+        **point_metrics(probabilities, labels),
         **intervals,
         **interval_bounds(intervals),
         "per_class": {
@@ -56,6 +50,35 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
             for i, name in enumerate(classes)
         },
     }
+
+
+def point_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Loss, accuracy, macro F1 and balanced accuracy (the macro averages over the classes
+    present, see `classification_metrics`)."""
+    predicted = probabilities.argmax(axis=1)
+    present = np.unique(labels)
+    return {
+        "test_loss": cross_entropy(probabilities, labels),
+        "test_accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro",
+                                   zero_division=0)),
+        "balanced_accuracy": float(recall_score(labels, predicted, labels=present,
+                                                average="macro", zero_division=0)),
+    }
+
+
+def replicate_figures(probabilities: list[np.ndarray], labels: np.ndarray,
+                      seeds: list[int]) -> dict:
+    """Each fine-tuning replicate's test figures, and their mean and sample sd over the
+    replicates: the training noise on these test images (sd None for one replicate)."""
+    rows = [{"replicate": index, "seed": seed, **point_metrics(p, labels)}
+            for index, (seed, p) in enumerate(zip(seeds, probabilities, strict=True))]
+    summary: dict = {"count": len(rows)}
+    for name in ("test_loss", "test_accuracy", "macro_f1", "balanced_accuracy"):
+        values = np.array([row[name] for row in rows])
+        summary[f"{name}_mean"] = float(values.mean())
+        summary[f"{name}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
+    return {**summary, "per_replicate": rows}
 
 
 def leaked_test_images(near_duplicates: pd.DataFrame) -> set[str]:
@@ -116,15 +139,23 @@ def _intervals(metrics: dict):
     return [value for key, value in metrics.items() if key.endswith("_ci95")]
 
 
+# The predicted class of fine-tuning replicate k >= 1 (`predicted` is replicate 0's).
+REPLICATE_COLUMN = "predicted_replicate_{}"
+
+
 def predictions_table(paths, digests, probabilities: np.ndarray, labels: np.ndarray,
-                      classes: list[str]) -> pd.DataFrame:
+                      classes: list[str], replicates: list[np.ndarray] = ()) -> pd.DataFrame:
     """One row per image: path, sha256 (the manifests' content hash, by which `report`
-    pairs two revisions' test images), actual, predicted and every class's probability."""
+    pairs two revisions' test images), actual, predicted and every class's probability;
+    then the predicted class of each further replicate's probabilities in `replicates`
+    (`report`'s recipe gates read them)."""
     names = np.asarray(classes)
     table = pd.DataFrame({"path": list(paths), "sha256": list(digests), "actual": names[labels],
                           "predicted": names[probabilities.argmax(axis=1)]})
     for index, name in enumerate(classes):
         table[f"prob_{name}"] = np.round(probabilities[:, index], 6)
+    for index, other in enumerate(replicates, start=1):
+        table[REPLICATE_COLUMN.format(index)] = names[other.argmax(axis=1)]
     return table
 
 

@@ -17,6 +17,13 @@ batches:
   augmentation) are kept in a temporary file within a budget.
 - `full`: every step runs the whole model on the pixels (`train_batchnorm`, `from_layer` 0,
   or `finetune.path: full`).
+
+Replicates (`finetune.replicates`) are K models fine-tuned from the same head on the same
+split, each with its own training seed (`replicate_seeds`): its order of the images in each
+epoch and its dropout masks. They share the augmented views (drawn with the run's seed), so
+on the cached path the frozen part computes each view once and its outputs feed every
+replicate's upper part; what the replicates' spread leaves out is the noise of which
+brightness, contrast and flip each image got.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from queue import Full, Queue
@@ -98,9 +105,32 @@ class Recipe:
     learning_rate: float
     epochs: int
     batch_size: int
-    seed: int
+    seed: int  # each epoch's order of the images (and, through Keras, the dropout masks)
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_weight: dict | None = None
+    view_seed: int | None = None  # the augmented views' draws; None: `seed`
+
+    @property
+    def views(self) -> int:
+        return self.seed if self.view_seed is None else self.view_seed
+
+
+def replicate_weights_name(index: int) -> str:
+    """Replicate `index`'s weights file in the finetune stage's replicates folder."""
+    return f"replicate_{index}.weights.h5"
+
+
+def replicate_seeds(seed: int, count: int) -> list[int]:
+    """Training seeds of `count` replicates: `seed` itself first (so one replicate trains
+    exactly as a run without replicates), then seeds drawn from `SeedSequence([seed, k])`:
+    reproducible, distinct, and unrelated to `seed + k` (a neighbouring run's seed)."""
+    seeds, k = [seed], 1
+    while len(seeds) < count:
+        drawn = int(np.random.SeedSequence([seed, k]).generate_state(1)[0] >> 1)  # < 2**31
+        if drawn not in seeds:
+            seeds.append(drawn)
+        k += 1
+    return seeds
 
 
 @dataclass
@@ -120,24 +150,50 @@ def fine_tune(model: keras.Model, train: Split, val: Split, recipe: Recipe, *,
     on its outputs. `full`: every step runs the whole model on the pixels. Both train on
     the same views in the same batches. `cache_bytes` bounds the outputs kept on disk.
     """
-    cut, reason = None, "finetune.path: full"
+    [outcome] = fine_tune_replicates([model], train, val, [recipe], path=path,
+                                     train_batchnorm=train_batchnorm, make_engine=make_engine,
+                                     cache_bytes=cache_bytes, callbacks=lambda _: callbacks)
+    return outcome
+
+
+def fine_tune_replicates(models: Iterable[keras.Model], train: Split, val: Split,
+                         recipes: list[Recipe], *, path: str = "auto",
+                         train_batchnorm: bool = False, make_engine=None,
+                         cache_bytes: int = 2 << 30,
+                         callbacks: Callable[[int], list | None] | None = None
+                         ) -> Iterator[Outcome]:
+    """Fine-tune replicate k, `models[k]`, with `recipes[k]`, one after another (`models`
+    may build each when asked), yielding each one's Outcome when it is trained.
+
+    The recipes differ in their `seed` only: the replicates train on the same views, so on
+    the cached path the frozen part's outputs of a view are computed once and read by every
+    replicate (kept on disk within `cache_bytes`; beyond it each replicate recomputes them).
+    `callbacks(k)` gives replicate k's callbacks.
+    """
+    if len({(r.views, r.epochs, r.augmentation) for r in recipes}) > 1:
+        raise ValueError("replicates share their views: one view seed, epochs, augmentation")
+    reason = "finetune.path: full"
     if path == "auto":
-        if train_batchnorm:
-            # The from-scratch baseline (from_layer 0): BatchNorm runs in training mode.
-            reason = "finetune.train_batchnorm: BatchNorm layers learn their statistics"
-        else:
-            cut = cut_frozen_part(model)
-            reason = "nothing but preprocessing is frozen below finetune.from_layer"
-    if cut is None:
-        history = _fit(model, full_path_batches(train, val, recipe), recipe, callbacks)
-        return Outcome(history, "full", {"reason": reason})
+        reason = ("finetune.train_batchnorm: BatchNorm layers learn their statistics"
+                  if train_batchnorm  # the from-scratch baseline: BatchNorm in training mode
+                  else "nothing but preprocessing is frozen below finetune.from_layer")
     if make_engine is None:
         from retrain.features import KerasEngine as make_engine
     with ExitStack() as cleanup:
-        batches, details = cached_path_batches(cut, train, val, recipe, make_engine,
+        shared = None
+        for index, (model, recipe) in enumerate(zip(models, recipes, strict=True)):
+            extra = callbacks(index) if callbacks else None
+            cut = cut_frozen_part(model) if path == "auto" and not train_batchnorm else None
+            if cut is None:
+                history = _fit(model, full_path_batches(train, val, recipe), recipe, extra)
+                yield Outcome(history, "full", {"reason": reason})
+                continue
+            if shared is None:  # the lower parts of all replicates are the same function
+                shared = FrozenOutputs.compute(cut, train, val, recipes, make_engine,
                                                cache_bytes, cleanup)
-        history = _fit(cut.upper, batches, recipe, callbacks)
-    return Outcome(history, "cached", details)
+            history = _fit(cut.upper, cached_path_batches(cut, train, val, recipe, shared),
+                           recipe, extra)
+            yield Outcome(history, "cached", dict(shared.details))
 
 
 def _fit(model: keras.Model, batches: tuple, recipe: Recipe,
@@ -159,7 +215,8 @@ def training_batches(split: Split, recipe: Recipe, inputs: Callable) -> Iterator
     A batch's indices are sorted: reads from the image file go forward.
     """
     for epoch in range(recipe.epochs):
-        views = epoch_views(recipe.seed, epoch, len(split.labels), recipe.augmentation)
+        views = epoch_views(recipe.views, epoch, len(split.labels), recipe.augmentation,
+                            order_seed=recipe.seed)
         for start in range(0, len(split.labels), recipe.batch_size):
             indices = np.sort(views.order[start : start + recipe.batch_size])
             yield inputs(views, indices), split.labels[indices]
@@ -300,46 +357,69 @@ class LowerOutputs:
             self.kept.close()
 
 
+@dataclass
+class FrozenOutputs:
+    """The frozen part's outputs for the training views and the validation images, shared
+    by the replicates; which of them are kept on disk, and under which key a view is."""
+
+    train: LowerOutputs
+    val: LowerOutputs
+    by_epoch: bool  # views drawn anew each epoch, kept per (epoch, image) for the replicates
+    details: dict
+
+    @classmethod
+    def compute(cls, cut: FrozenCut, train: Split, val: Split, recipes: list[Recipe],
+                make_engine, cache_bytes: int, cleanup: ExitStack) -> FrozenOutputs:
+        recipe, row_bytes = recipes[0], cut.width * 4
+        val_rows = len(val.labels) if len(val.labels) * row_bytes <= cache_bytes else 0
+        # Without continuous augmentation a training image has at most two views (flipped
+        # or not), which recur every epoch: keep them when they fit beside the validation
+        # set. With it, views recur only in the next replicate: keep every epoch's.
+        by_epoch = recipe.augmentation.continuous
+        recurring = 2 * len(train.labels) if not by_epoch else \
+            recipe.epochs * len(train.labels) if len(recipes) > 1 else 0
+        train_rows = recurring if (val_rows + recurring) * row_bytes <= cache_bytes else 0
+        directory = user_cache_dir("activations")
+        # Separate engines: fit validates while the training dataset prefetches in its thread.
+        engine = make_engine(cut.lower)
+        train_outputs = cleanup.enter_context(closing(
+            LowerOutputs(engine, cut.width, train_rows, directory)))
+        val_outputs = cleanup.enter_context(closing(
+            LowerOutputs(make_engine(cut.lower) if not val_rows else engine, cut.width,
+                         val_rows, directory)))
+        if val_rows:  # computed up front, while no training batch needs the engine
+            for start in range(0, len(val.labels), 256):
+                indices = np.arange(start, min(start + 256, len(val.labels)))
+                val_outputs(lambda i: np.asarray(val.images[i], np.float32), indices, indices)
+        details = {"cut": cut.names, "cut_values_per_image": cut.width,
+                   "engine": getattr(engine, "name", type(engine).__name__),
+                   "kept_mb": round((val_rows + train_rows) * row_bytes / 2**20, 3),
+                   "replicates_share_frozen_outputs": len(recipes) > 1 and bool(train_rows)}
+        return cls(train_outputs, val_outputs, by_epoch, details)
+
+    def train_keys(self, views, indices: np.ndarray, count: int) -> np.ndarray:
+        return views.epoch * count + indices if self.by_epoch else views.view_keys(indices)
+
+
 def cached_path_batches(cut: FrozenCut, train: Split, val: Split, recipe: Recipe,
-                        make_engine, cache_bytes: int, cleanup: ExitStack) -> tuple:
+                        outputs: FrozenOutputs) -> tuple:
     """The upper part's inputs for the same views `full_path_batches` draws."""
-    row_bytes = cut.width * 4
-    val_rows = len(val.labels) if len(val.labels) * row_bytes <= cache_bytes else 0
-    # Without continuous augmentation a training image has at most two views (flipped or
-    # not), which recur every epoch: keep them too when they fit beside the validation set.
-    recurring = 0 if recipe.augmentation.continuous else 2 * len(train.labels)
-    train_rows = recurring if (val_rows + recurring) * row_bytes <= cache_bytes else 0
-    directory = user_cache_dir("activations")
-    # Separate engines: fit validates while the training dataset prefetches in its thread.
-    engine = make_engine(cut.lower)
-    train_outputs = cleanup.enter_context(closing(
-        LowerOutputs(engine, cut.width, train_rows, directory)))
-    val_outputs = cleanup.enter_context(closing(
-        LowerOutputs(make_engine(cut.lower) if not val_rows else engine, cut.width,
-                     val_rows, directory)))
 
     def train_inputs(views, indices):
-        flat = train_outputs(lambda i: views.pixels(train.images, i), indices,
-                             views.view_keys(indices))
+        flat = outputs.train(lambda i: views.pixels(train.images, i), indices,
+                             outputs.train_keys(views, indices, len(train.labels)))
         return cut.split(flat)
 
     def val_inputs(indices):
-        return cut.split(val_outputs(lambda i: np.asarray(val.images[i], np.float32),
+        return cut.split(outputs.val(lambda i: np.asarray(val.images[i], np.float32),
                                      indices, indices))
 
-    if val_rows:  # computed up front, while no training batch needs the engine
-        for _ in validation_batches(val, 256, val_inputs):
-            pass
-
     spec = tuple(tf.TensorSpec((None, *shape), tf.float32) for shape in cut.shapes)
-    details = {"cut": cut.names, "cut_values_per_image": cut.width,
-               "engine": getattr(engine, "name", type(engine).__name__),
-               "kept_mb": round((val_rows + train_rows) * row_bytes / 2**20, 3)}
-    return ((_dataset(lambda: training_batches(train, recipe, train_inputs),
-                      recipe.epochs * _steps(train, recipe.batch_size), spec),
-             _dataset(lambda: validation_batches(val, recipe.batch_size, val_inputs),
-                      _steps(val, recipe.batch_size), spec),
-             _steps(train, recipe.batch_size)), details)
+    return (_dataset(lambda: training_batches(train, recipe, train_inputs),
+                     recipe.epochs * _steps(train, recipe.batch_size), spec),
+            _dataset(lambda: validation_batches(val, recipe.batch_size, val_inputs),
+                     _steps(val, recipe.batch_size), spec),
+            _steps(train, recipe.batch_size))
 
 
 def lower_part_engine(model_params: dict) -> Callable[[keras.Model], object]:

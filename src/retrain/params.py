@@ -96,17 +96,20 @@ def _gates() -> Field:
         return all(
             isinstance(gate, dict)
             and {"metric", "direction", "tolerance"} <= set(gate)
-            and set(gate) <= {"metric", "direction", "tolerance", "significance"}
+            and set(gate) <= {"metric", "direction", "tolerance", "significance", "level"}
             and isinstance(gate["metric"], str)
             and gate["direction"] in ("higher", "lower")
             and is_number(gate["tolerance"])
             and gate["tolerance"] >= 0
             and ("significance" not in gate or is_level(gate["significance"]))
+            # recipe: with replicates or folds, the test that weighs training noise decides
+            and gate.get("level", "recipe") in ("recipe", "model")
             for gate in value
         )
 
     return Field(list, check, "a list of {metric, direction: higher|lower, tolerance >= 0, "
-                              "optional significance in (0, 1)}")
+                              "optional significance in (0, 1), optional level: "
+                              "recipe|model}")
 
 
 INF = float("inf")
@@ -165,6 +168,7 @@ SCHEMA: dict[str, Any] = {
         "train_batchnorm": Field(bool, expect="true or false"),
         "path": _choice("auto", "full"),
         "cache_mb": _number(0, INF, integer=True),
+        "replicates": _number(1, 100, integer=True),
         "augment": {
             "flip": Field(bool, expect="true or false"),
             "brightness": _number(0, 1),
@@ -184,6 +188,7 @@ SCHEMA: dict[str, Any] = {
         "formats": _export_formats(),
         "representative_images": _number(1, 100000, integer=True),
         "int8_float_layers": _number(0, 100000, integer=True),
+        "int8_size_budget": _number(0, 1, lo_open=True),
     },
     "prefilter": {
         "enabled": Field(bool, expect="true or false"),

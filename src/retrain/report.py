@@ -61,6 +61,10 @@ EVALUATE_METRICS = "metrics/evaluate.json"
 # (retrain.headline): a gate may name a figure DVC does not show, e.g. a class's recall.
 DETAILS = "reports/details"
 PREDICTIONS = {"finetuned": "reports/predictions.csv", "head": "reports/predictions_head.csv"}
+# Fine-tuning replicate k >= 1's predicted class in the predictions CSV (retrain.evaluate).
+REPLICATE_COLUMN = "predicted_replicate_{}"
+# crossval's per-fold scores, paired by fold for a gate on `<score>_mean` (metrics/crossval).
+CROSSVAL_DETAILS = "reports/details/crossval.json"
 
 
 @dataclass(frozen=True)
@@ -75,16 +79,34 @@ class Evidence:
     new_interval: list[float] | None
     difference: uncertainty.PairedDifference | None = None
     mcnemar: uncertainty.McNemar | None = None
+    # Recipe level: the fine-tuning replicates of both revisions on the paired images, or
+    # the cross-validation folds of both paired by fold.
+    recipe: uncertainty.RecipeDifference | None = None
+    folds: uncertainty.FoldComparison | None = None
 
     @property
     def paired(self) -> bool:
-        return self.difference is not None
+        return self.difference is not None or self.folds is not None
 
-    def drop_is_real(self, significance: float, direction: str) -> bool:
-        """Whether the paired test rejects "no change" at `significance` in the worse
-        direction: McNemar's exact test for accuracy, else the paired bootstrap interval (at
-        confidence 1 - significance) lying wholly on the worse side of zero."""
+    def recipe_test(self):
+        """The recipe-level test that weighs training noise, if one was measured."""
+        if self.recipe is not None and self.recipe.training_noise_measured:
+            return self.recipe
+        return self.folds
+
+    def drop_is_real(self, significance: float, direction: str, level: str = "recipe"
+                     ) -> bool:
+        """Whether the test rejects "no change" at `significance` in the worse direction.
+
+        Recipe level (where the revisions have replicates or folds): the recipe test's p.
+        Model level, or where training noise was not measured: McNemar's exact test for
+        accuracy, else the paired bootstrap interval (at confidence 1 - significance) lying
+        wholly on the worse side of zero."""
         worse_sign = -1 if direction == "higher" else 1
+        recipe = self.recipe_test() if level == "recipe" else None
+        if recipe is not None:
+            return bool(np.sign(recipe.difference) == worse_sign) and \
+                recipe.pvalue < significance
         if self.mcnemar is not None:
             got_worse = np.sign(self.mcnemar.new_only - self.mcnemar.base_only) == worse_sign
             return bool(got_worse) and self.mcnemar.pvalue < significance
@@ -104,6 +126,7 @@ class GateResult:
     new: float | None
     significance: float | None = None
     evidence: Evidence | None = None
+    level: str = "recipe"  # or "model": which test a significance applies to
 
     @property
     def change(self) -> float | None:
@@ -129,7 +152,7 @@ class GateResult:
             return "pass"
         if self.significance is None or self.evidence is None or not self.evidence.paired:
             return "regression"
-        if self.evidence.drop_is_real(self.significance, self.direction):
+        if self.evidence.drop_is_real(self.significance, self.direction, self.level):
             return "regression"
         return "not significant"
 
@@ -248,6 +271,7 @@ def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
                     old=_number(entry.get("old"), name),
                     new=_number(entry.get("new"), name),
                     significance=gate.get("significance"),
+                    level=gate.get("level", "recipe"),
                 )
             )
     return results
@@ -298,10 +322,20 @@ def _read_predictions(text: str, where: str) -> pd.DataFrame | str:
         return f"{where} lacks the path, actual and predicted columns"
     if table["path"].duplicated().any():
         return f"{where} names a test file twice"
+    replicates = _replicate_columns(table)
     if "sha256" not in table.columns:
-        return table[["path", "actual", "predicted"]]
-    table = table[["path", "sha256", "actual", "predicted"]]
+        return table[["path", "actual", "predicted", *replicates]]
+    table = table[["path", "sha256", "actual", "predicted", *replicates]]
     return table.assign(copy=table.sort_values("path").groupby("sha256").cumcount())
+
+
+def _replicate_columns(table: pd.DataFrame) -> list[str]:
+    """evaluate's columns of fine-tuning replicates 1, 2, ... (`predicted` is replicate 0)."""
+    columns, index = [], 1
+    while (name := REPLICATE_COLUMN.format(index)) in table.columns:
+        columns.append(name)
+        index += 1
+    return columns
 
 
 def _base_text(base: str, path: str, repo_dir: Path) -> str | None:
@@ -358,13 +392,40 @@ def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:
     if not test_sets.paired:
         return evidence
     aligned = old[list(test_sets.key)].merge(new, on=list(test_sets.key), how="left")
-    labels, base_predicted, new_predicted = _class_indices(
-        old["actual"], old["predicted"], aligned["predicted"])
+    base_columns = ["predicted", *_replicate_columns(old)]
+    new_columns = ["predicted", *_replicate_columns(aligned)]
+    labels, *indexed = _class_indices(old["actual"], *(old[c] for c in base_columns),
+                                      *(aligned[c] for c in new_columns))
+    base_replicates = np.array(indexed[:len(base_columns)])
+    new_replicates = np.array(indexed[len(base_columns):])
+    base_predicted, new_predicted = base_replicates[0], new_replicates[0]
     difference = uncertainty.paired_difference(metric, labels, base_predicted, new_predicted,
                                                result.confidence)
     mcnemar = (uncertainty.mcnemar_exact(base_predicted == labels, new_predicted == labels)
                if metric == "test_accuracy" else None)
-    return replace(evidence, difference=difference, mcnemar=mcnemar)
+    recipe = uncertainty.recipe_difference(metric, labels, base_replicates, new_replicates,
+                                           result.confidence)
+    return replace(evidence, difference=difference, mcnemar=mcnemar, recipe=recipe)
+
+
+def fold_evidence(result: GateResult, details: dict[str, dict]) -> Evidence | None:
+    """For a gate on crossval's `<score>_mean`: both revisions' per-fold scores paired by
+    fold (Nadeau and Bengio's corrected t-test), when both ran the same folds (folds,
+    repeats and seed unchanged); None otherwise."""
+    score = result.metric.rpartition(":")[2].removesuffix("_mean")
+    if not (result.path.endswith("crossval.json") and result.metric.endswith("_mean")):
+        return None
+    entries = details.get(CROSSVAL_DETAILS, {})
+    scores = entries.get(f"per_fold.{score}", {})
+    old, new = scores.get("old"), scores.get("new")
+    same_folds = all((entries.get(key) or {}).get("old") == (entries.get(key) or {}).get("new")
+                     for key in ("folds", "repeats", "seed"))
+    if not (isinstance(old, list) and isinstance(new, list) and len(old) == len(new) > 1
+            and same_folds):
+        return None
+    folds = uncertainty.corrected_resampled_ttest(
+        old, new, int(entries["folds"]["new"]), result.confidence)
+    return Evidence(None, None, folds=folds)
 
 
 def _evaluated_model(result: GateResult) -> str | None:
@@ -373,13 +434,16 @@ def _evaluated_model(result: GateResult) -> str | None:
     return model if result.path == EVALUATE_METRICS and model in PREDICTIONS else None
 
 
-def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path
+def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path,
+                 details: dict[str, dict] | None = None
                  ) -> tuple[list[GateResult], dict[str, TestSets]]:
-    """Each gate with its evidence, and the test sets read for them (by model)."""
+    """Each gate with its evidence, and the test sets read for them (by model); `details`
+    (the diff of the details files) holds crossval's per-fold scores."""
     test_sets = {model: load_test_sets(model, base, repo_dir)
                  for model in dict.fromkeys(filter(None, map(_evaluated_model, results)))}
     results = [replace(r, evidence=gather_evidence(r, test_sets[model]))
-               if (model := _evaluated_model(r)) else r for r in results]
+               if (model := _evaluated_model(r))
+               else replace(r, evidence=fold_evidence(r, details or {})) for r in results]
     return results, test_sets
 
 
@@ -481,13 +545,42 @@ def _evidence_words(r: GateResult) -> str:
         return "no paired test for this metric: tolerance only" if r.significance else ""
     if not e.paired:
         return "test sets differ: tolerance only"
+    if e.folds is not None:
+        return (f"corrected resampled t-test over {e.folds.pairs} folds paired by fold: "
+                f"{r.confidence:.0%} interval {_interval(e.folds.interval)}, "
+                f"p = {e.folds.pvalue:.3g}")
+    recipe = e.recipe_test() if r.level == "recipe" else None
+    if recipe is not None:
+        return (f"recipe test over {recipe.base_replicates} vs {recipe.new_replicates} "
+                f"replicates and the test images: {r.confidence:.0%} interval "
+                f"{_interval(recipe.interval)} of the replicate means' change "
+                f"{_fmt(recipe.difference, sign=True)}, p = {recipe.pvalue:.3g}, training sd "
+                f"{_fmt(recipe.training_sd)}; one model each: paired interval "
+                f"{_interval(e.difference.interval)}"
+                + (f", McNemar p = {e.mcnemar.pvalue:.3g}" if e.mcnemar is not None else ""))
     words = f"{r.confidence:.0%} paired interval {_interval(e.difference.interval)}"
     if e.mcnemar is not None:
         words += f", McNemar p = {e.mcnemar.pvalue:.3g}"
     return words
 
 
+def _training_noise_note(results: list[GateResult]) -> str:
+    """Said after the verdict when a recipe gate could judge one model of each side only."""
+    unmeasured = [r for r in results if r.level == "recipe" and r.evidence is not None
+                  and r.evidence.recipe is not None
+                  and not r.evidence.recipe.training_noise_measured]
+    if not unmeasured:
+        return ""
+    return (" (training noise not measured: one fine-tuning replicate per revision, so "
+            "the paired tests compare two models, and a seed's luck can pass for a change "
+            "of recipe; `finetune.replicates` >= 3 measures it)")
+
+
 def _verdict(results: list[GateResult]) -> str:
+    return _gate_verdict(results) + _training_noise_note(results)
+
+
+def _gate_verdict(results: list[GateResult]) -> str:
     failed = [r for r in results if not r.passed]
     if not failed:
         checked = f"{len(results)} checked"
@@ -565,7 +658,8 @@ def _gates_section(results: list[GateResult]) -> list[str]:
         e = r.evidence
         change = _cell(r.change, sign=True)
         if e is not None and e.paired:
-            change += " " + _cell(_interval(e.difference.interval))
+            tested = e.difference or e.folds
+            change += " " + _cell(_interval(tested.interval))
         mcnemar = e.mcnemar if e is not None else None
         rows.append([
             f"`{r.metric}`",
@@ -591,6 +685,13 @@ def _gates_section(results: list[GateResult]) -> list[str]:
                   "gate with a significance fails when the metric is worse beyond its "
                   "tolerance and the paired test calls the drop real (p or the interval's "
                   "level); without a shared test set the tolerance alone decides."]
+    if any(r.evidence is not None and r.evidence.recipe_test() is not None for r in results):
+        lines += ["", "Recipe gates (`level: recipe`, the default) decide by the test that "
+                  "also weighs training noise: fine-tuning replicates of both revisions "
+                  "(mean change, its interval over the test images and the seeds, t-test) "
+                  "or crossval's folds paired by fold (Nadeau and Bengio's corrected "
+                  "resampled t-test). The paired change and McNemar p compare one model of "
+                  "each (replicate 0: the shipped one); `level: model` gates on those."]
     return lines
 
 
@@ -671,7 +772,7 @@ def compose_report(
         (metrics, stderr), (params, _) = runs[0].result(), runs[1].result()
         details = runs[3].result()[0] if len(runs) > 3 else {}
         results, test_sets = add_evidence(check_gates(metrics, gates, base, details), base,
-                                          repo_dir)
+                                          repo_dir, details)
         figure_lines = _figures_or_why_not(runs[2], base, repo_dir, figures_dir, link_prefix)
     finally:
         for run in runs:

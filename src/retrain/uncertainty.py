@@ -186,3 +186,129 @@ def format_interval(interval: list[float] | None, digits: int = 4) -> str:
         return "[n/a]"
     low, high = interval
     return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+# --- recipes: training noise beside the test images' ----------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipeDifference:
+    """Mean metric over the new revision's fine-tuning replicates minus the base's, on the
+    same test images, tested against both noises: which images are in the test set and
+    which seed trained each model.
+
+    `training_sd` is the pooled sd of the replicates' metric (None when neither side has two
+    replicates: the training noise was not measured, the test covers the images only).
+    """
+
+    metric: str
+    difference: float
+    interval: list[float]
+    pvalue: float
+    confidence: float
+    base_replicates: int
+    new_replicates: int
+    training_sd: float | None
+    df: float
+
+    @property
+    def training_noise_measured(self) -> bool:
+        return self.training_sd is not None
+
+
+def _replicate_metric(metric: str, n_classes: int):
+    """Per-replicate metric over resampled images: (K, n) predictions and (B, n) image
+    indices give (K, B)."""
+    def of(labels: np.ndarray, predicted: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return METRICS[metric](confusion_counts(labels[rows], predicted[:, rows], n_classes))
+    return of
+
+
+def _t_verdict(difference: float, se: float, df: float, confidence: float
+               ) -> tuple[list[float], float]:
+    """(interval at `confidence`, two-sided p) of a t statistic difference / se on df."""
+    if se == 0:
+        return [difference, difference], 1.0 if difference == 0 else 0.0
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    pvalue = float(2 * stats.t.sf(abs(difference) / se, df))
+    return [difference - half, difference + half], pvalue
+
+
+def recipe_difference(metric: str, labels, base, new, confidence: float = CONFIDENCE
+                      ) -> RecipeDifference:
+    """Compare two recipes by their replicates' predictions, `base` (K_b, n) and `new`
+    (K_n, n), on the same n test images.
+
+    The difference of the replicate means has two independent parts of noise: the test
+    images (the standard error of a paired bootstrap over the images, scipy, of the
+    replicate-mean difference) and the training seeds (the replicates' pooled variance,
+    s^2 (1/K_b + 1/K_n), on sum(K - 1) degrees of freedom). Their sum is tested on
+    Welch-Satterthwaite's degrees of freedom, so three replicates' uncertain spread widens
+    the interval (a t on 4 df, not a normal). A bootstrap over so few replicates would not:
+    it sees their spread as exact and shrinks it by (K - 1) / K. The image part also sees
+    some training noise (models disagree image by image), so the test leans conservative.
+    """
+    (labels, base, new), n_classes = _as_labels(labels, np.atleast_2d(base),
+                                                np.atleast_2d(new))
+    of = _replicate_metric(metric, n_classes)
+    everything = np.arange(len(labels))
+    base_values, new_values = of(labels, base, everything), of(labels, new, everything)
+    difference = float(new_values.mean() - base_values.mean())
+
+    def mean_difference(rows, axis=-1):
+        rows = np.moveaxis(rows, axis, -1)
+        return of(labels, new, rows).mean(axis=0) - of(labels, base, rows).mean(axis=0)
+
+    image_se = 0.0
+    if len(labels) > 1:
+        image_se = float(stats.bootstrap(
+            (everything,), mean_difference, vectorized=True, n_resamples=RESAMPLES,
+            batch=max(1, BATCH_CELLS // (len(labels) * (len(base) + len(new)))),
+            method=METHOD, rng=np.random.default_rng(BOOTSTRAP_SEED)).standard_error)
+    freedom = (len(base) - 1) + (len(new) - 1)
+    training_sd, training_var, df = None, 0.0, np.inf
+    if freedom:
+        pooled = ((len(base) - 1) * np.var(base_values, ddof=min(1, len(base) - 1))
+                  + (len(new) - 1) * np.var(new_values, ddof=min(1, len(new) - 1))) / freedom
+        training_sd = float(np.sqrt(pooled))
+        training_var = float(pooled * (1 / len(base) + 1 / len(new)))
+        if training_var > 0:  # Welch-Satterthwaite; the image part's df is large
+            df = (image_se**2 + training_var) ** 2 / (training_var**2 / freedom)
+    interval, pvalue = _t_verdict(difference, float(np.sqrt(image_se**2 + training_var)), df,
+                                  confidence)
+    return RecipeDifference(metric, difference, interval, pvalue, confidence, len(base),
+                            len(new), training_sd, float(df))
+
+
+@dataclass(frozen=True)
+class FoldComparison:
+    """Nadeau and Bengio's corrected resampled t-test on per-fold scores paired by fold."""
+
+    difference: float  # mean over folds of new minus base
+    interval: list[float]
+    pvalue: float
+    confidence: float
+    pairs: int
+    t: float
+    df: int
+
+
+def corrected_resampled_ttest(base_scores, new_scores, folds: int,
+                              confidence: float = CONFIDENCE) -> FoldComparison:
+    """Two revisions' scores on the same k folds (repeated r times), paired by fold.
+
+    Folds share most of their training rows, so the k * r differences are correlated and
+    the plain t-test's variance s^2 / (k r) is far too small (it rejects a true "no change"
+    much too often). Nadeau and Bengio (2003) correct it to (1 / (k r) + n_test / n_train)
+    s^2, with n_test / n_train = 1 / (k - 1) for k-fold; t on k r - 1 degrees of freedom
+    (Bouckaert and Frank, 2004, for repeated k-fold).
+    """
+    differences = np.asarray(new_scores, float) - np.asarray(base_scores, float)
+    pairs = len(differences)
+    if pairs < 2 or folds < 2:
+        raise ValueError("the corrected t-test needs two or more folds")
+    mean = float(differences.mean())
+    se = float(np.sqrt((1 / pairs + 1 / (folds - 1)) * differences.var(ddof=1)))
+    interval, pvalue = _t_verdict(mean, se, pairs - 1, confidence)
+    return FoldComparison(mean, interval, pvalue, confidence, pairs,
+                          mean / se if se else 0.0, pairs - 1)
