@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import dvc
 
 from retrain.evaluate import classification_metrics, leak_free_accuracy
@@ -117,3 +118,38 @@ def test_dvc_shows_the_headline_and_the_details_hold_the_rest(pipeline_run):
     table = dvc(ws, "metrics", "show").stdout.splitlines()
     assert len(table[0].split()) == 1 + sum(map(len, SMALL_PROFILE_COLUMNS.values())) + len(
         audit)
+
+
+# The terminal width the headline is read in.
+TERMINAL_COLUMNS = 200
+
+
+@pytest.mark.slow
+def test_metrics_diff_all_lists_every_headline_figure_within_200_columns(pipeline_run):
+    """`dvc metrics show` makes a column of every figure of every metrics file (too wide for a
+    terminal); `dvc metrics diff --all` lists the same figures one per row."""
+    ws = pipeline_run
+    table = dvc(ws, "metrics", "diff", "--all").stdout.splitlines()
+    header, *rows = table
+    assert header.split() == ["Path", "Metric", "HEAD", "workspace", "Change"]
+    headline = {(path.relative_to(ws).as_posix(), column)
+                for path in (ws / "metrics").glob("*.json")
+                for column in shown_columns(json.loads(path.read_text()))}
+    assert {tuple(row.split()[:2]) for row in rows} == headline
+    assert max(map(len, table)) <= TERMINAL_COLUMNS, "\n".join(table)
+
+
+@pytest.mark.slow
+def test_dvc_exp_show_adds_every_param_and_every_file_dependency(pipeline_run):
+    """Why `dvc exp show` is wider than a terminal whatever the headline holds: besides the
+    metrics, DVC tabulates the whole params.yaml (keys no stage declares included) and every
+    file or folder a stage depends on, and has no setting that hides them."""
+    ws = pipeline_run
+    workspace_row = json.loads(dvc(ws, "exp", "show", "--json").stdout)[0]["data"]
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert workspace_row["params"]["params.yaml"]["data"] == params
+
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"].values()
+    declared = {param.split(".")[0] for stage in stages for param in stage.get("params", [])}
+    assert "report" in params and "report" not in declared  # shown all the same
+    assert set(workspace_row["deps"]) == {dep for stage in stages for dep in stage["deps"]}
