@@ -398,13 +398,30 @@ def made_up_export(int8_agreement: float, int8_accuracy: float = 0.861,
                      "float_layers": 12}}
 
 
-def card_of(export: dict) -> dict:
+def card_of(export: dict, evaluate: dict | None = None) -> dict:
     from retrain.card import build_card
 
     return build_card(classes=CLASSES, model_params={
         "backbone": "mobilenet_v2", "weights": "imagenet", "alpha": 0.35, "image_size": SIZE},
         data_sha256="ab" * 32, split_sizes={"train": 144, "val": 40, "test": 16},
-        evaluate={}, export=export, files={})
+        evaluate=evaluate or {}, export=export, files={})
+
+
+def test_card_names_the_served_replicate_and_the_replicates_spread():
+    from retrain.card import card_markdown
+    from retrain.evaluate import replicate_figures
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % len(CLASSES)
+    runs = [rng.dirichlet(np.ones(len(CLASSES)), size=40) for _ in range(3)]
+    spread = replicate_figures(runs, labels, [42, 1042, 2042])
+    markdown = card_markdown(card_of(made_up_export(0.99), {"finetuned": {"replicates": spread}}))
+    assert "replicate 0's (seed 42)" in markdown
+    assert "seeds 42, 1042, 2042" in markdown
+    assert f"sd {spread['test_accuracy_sd']:.4g}" in markdown
+    one = replicate_figures(runs[:1], labels, [42])
+    assert "replicate" not in card_markdown(card_of(made_up_export(0.99),
+                                                    {"finetuned": {"replicates": one}}))
 
 
 def test_card_recommends_float16_when_int8_does_not_hold():

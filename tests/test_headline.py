@@ -9,8 +9,8 @@ import pytest
 import yaml
 from conftest import dvc
 
-from retrain.evaluate import classification_metrics, leak_free_accuracy
-from retrain.headline import HEADLINE, data_headline, select
+from retrain.evaluate import classification_metrics, leak_free_accuracy, replicate_figures
+from retrain.headline import HEADLINE, data_headline, evaluate_headline, select
 from retrain.report import check_gates
 
 # What `dvc metrics show` shows per file on the small profile (one export format, int8).
@@ -60,6 +60,30 @@ def test_the_evaluate_headline_does_not_grow_with_the_classes(classes):
     assert shown_columns(headline).items() <= shown_columns(figures).items()
     assert headline["finetuned"]["macro_f1_ci95"] == figures["finetuned"]["macro_f1_ci95"]
     assert "per_class" in figures["head"] and "test_loss" in figures["head"]
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_the_evaluate_headline_shows_the_replicates_spread_only_when_there_is_one(count):
+    rng = np.random.default_rng(1)
+    labels = np.arange(60) % 3
+    runs = [rng.dirichlet(np.ones(3), size=60) for _ in range(count)]
+    paths = pd.Series([f"{i}.jpg" for i in range(60)])
+    figures = {model: classification_metrics(runs[0], labels, ["a", "b", "c"])
+               | leak_free_accuracy(runs[0], labels, paths, set())
+               for model in ("head", "finetuned")}
+    figures["finetuned"]["replicates"] = replicate_figures(runs, labels, [42 + k for k in
+                                                                          range(count)])
+    headline = evaluate_headline(figures)
+    extra = set(shown_columns(headline)) - SMALL_PROFILE_COLUMNS["metrics/evaluate.json"]
+    if count == 1:  # no spread to show, and a mean that is test_accuracy again
+        assert extra == set()
+    else:
+        assert extra == {"finetuned.replicates.count", "finetuned.replicates.test_accuracy_mean",
+                         "finetuned.replicates.test_accuracy_sd"}
+        accuracies = [row["test_accuracy"] for row in
+                      figures["finetuned"]["replicates"]["per_replicate"]]
+        assert headline["finetuned"]["replicates"]["test_accuracy_sd"] == pytest.approx(
+            np.std(accuracies, ddof=1))
 
 
 def test_data_headline_counts_images_classes_and_exclusions():

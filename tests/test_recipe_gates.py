@@ -186,3 +186,38 @@ def test_crossval_gate_pairs_the_folds_of_both_revisions():
                                                            [0.7, 0.7, 0.69, 0.71])))
     assert drop.status == "regression"
     assert fold_evidence(gate, details(base, new, seed=(42, 7))) is None  # other folds
+
+
+@pytest.mark.slow
+def test_two_replicates_through_finetune_evaluate_and_report(workspace):
+    """finetune.replicates: 2 in the small-profile workspace: finetune writes the second
+    replicate's weights beside model.keras (replicate 0), evaluate shows the spread in the
+    headline and a column per further replicate, and report's recipe gate weighs them."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import dvc, set_param, stages_run
+
+    set_param(workspace, "finetune.replicates", 2)
+    result = dvc(workspace, "repro", "evaluate")
+    assert stages_run(result.stdout) == ["finetune", "evaluate"], result.stdout
+    assert "2 fine-tuning replicates" in result.stdout
+
+    folder = workspace / "models" / "replicates"
+    replicates = json.loads((folder / "replicates.json").read_text())
+    assert [r["replicate"] for r in replicates] == [0, 1]
+    assert replicates[0]["weights"] == "models/model.keras" and replicates[0]["seed"] != \
+        replicates[1]["seed"]
+    assert (folder / replicates[1]["weights"]).is_file()
+
+    headline = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+    spread = headline["finetuned"]["replicates"]
+    assert spread["count"] == 2 and spread["test_accuracy_sd"] >= 0
+    table = pd.read_csv(workspace / "reports" / "predictions.csv")
+    assert "predicted_replicate_1" in table.columns
+
+    report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
+                            cwd=workspace, capture_output=True, text=True)
+    assert report.returncode in (0, 1), report.stderr
+    assert "recipe test over 1 vs 2 replicates" in report.stdout, report.stdout

@@ -79,12 +79,24 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
         "dataset": {"sha256": data_sha256, "split_sizes": dict(split_sizes)},
         "test_metrics": {key: value for key, value in finetuned.items()
                          if key in TEST_METRICS or key.endswith("_ci95")},
+        "replicates": _replicates(finetuned.get("replicates")),
         "formats": {name: {key: entry[key] for key in FORMAT_COLUMNS if key in entry}
                     for name, entry in export.items()},
         "files": {name: file_sha256(path) for name, path in files.items()},
         "loading": LOADING,
         "recommendation": recommend_format(export),
     }
+
+
+def _replicates(spread: dict | None) -> dict | None:
+    """With more than one fine-tuning replicate: their seeds and test accuracy's mean and sd.
+    The files describe replicate 0 (finetune writes, exports and serves it)."""
+    if not spread or spread.get("count", 1) < 2:
+        return None
+    return {"count": spread["count"],
+            "seeds": [row["seed"] for row in spread["per_replicate"]],
+            "test_accuracy_mean": spread["test_accuracy_mean"],
+            "test_accuracy_sd": spread["test_accuracy_sd"]}
 
 
 def recommend_format(formats: dict[str, dict]) -> dict:
@@ -159,6 +171,7 @@ def card_markdown(card: dict) -> str:
         *(["", "`*_ci95`: 95% bootstrap interval over the test images (from `evaluate`: the "
                "test set resampled with replacement, the middle 95% of the metric's values)."]
           if any(key.endswith("_ci95") for key in card["test_metrics"]) else []),
+        *_replicates_markdown(card.get("replicates")),
         "",
         "## Exported formats (against the Keras model)",
         "",
@@ -184,6 +197,18 @@ def card_markdown(card: dict) -> str:
         f"Loading: {card.get('loading', LOADING)}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _replicates_markdown(replicates: dict | None) -> list[str]:
+    if not replicates:
+        return []
+    seeds = replicates["seeds"]
+    return ["", f"These figures are replicate 0's (seed {seeds[0]}), the model in the files "
+                f"below. Fine-tuned {replicates['count']} times from the same head, split and "
+                f"augmented views with seeds {', '.join(map(str, seeds))}, test accuracy has "
+                f"mean {_number(replicates['test_accuracy_mean'])} and sd "
+                f"{_number(replicates['test_accuracy_sd'])} over the replicates: the training "
+                "run's own noise, beside the test images' in the interval above."]
 
 
 def _recommendation_markdown(card: dict) -> list[str]:

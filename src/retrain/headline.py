@@ -52,6 +52,18 @@ def select(figures: dict, patterns: Iterable[str]) -> dict:
     return keep(figures, [])
 
 
+def evaluate_headline(figures: dict) -> dict:
+    """`evaluate`'s headline; with more than one fine-tuning replicate, also their count and
+    test accuracy's mean and sd (the training noise the recipe gates weigh). One replicate
+    has no spread, and its mean is test_accuracy again: no column for either."""
+    headline = select(figures, HEADLINE["evaluate"])
+    spread = figures.get("finetuned", {}).get("replicates", {})
+    if spread.get("count", 1) > 1:
+        headline["finetuned"]["replicates"] = {
+            key: spread[key] for key in ("count", "test_accuracy_mean", "test_accuracy_sd")}
+    return headline
+
+
 def data_headline(figures: dict) -> dict:
     """`split`'s headline: how many classes and images made it in, and how many files not."""
     return {"classes": figures["classes"],
