@@ -9,7 +9,7 @@ import pandas as pd
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import DataError, exits_cleanly
-from retrain.headline import HEADLINE, select
+from retrain.headline import evaluate_headline
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
 from retrain.raw import ensure_raw
@@ -60,13 +60,16 @@ def main() -> None:
         replicate_figures,
         summary_lines,
     )
-    from retrain.images import cached_image_array
+    from retrain.images import cached_image_array, image_rows
 
     labels = test["label_index"].to_numpy()
     head_probabilities = keras.models.load_model(args.head).predict(features, verbose=0)
     model = keras.models.load_model(args.model)
-    images = cached_image_array([Path(args.raw) / p for p in test["path"]], test["sha256"],
-                                params["model"]["image_size"], user_cache_dir("images"))
+    # Positioned reads, not the memory map: a pass through the map keeps every page it read
+    # resident (1.5 GB for 10,000 test images at 224 px).
+    images = image_rows(cached_image_array([Path(args.raw) / p for p in test["path"]],
+                                           test["sha256"], params["model"]["image_size"],
+                                           user_cache_dir("images")))
     model_probabilities = predict_images(model, images)
     replicates = json.loads((Path(args.replicates) / "replicates.json").read_text())
     other_replicates = []
@@ -89,7 +92,7 @@ def main() -> None:
     results["finetuned"]["replicates"] = replicate_figures(
         [model_probabilities, *other_replicates], labels, [r["seed"] for r in replicates])
     write_json(args.details, results)
-    write_json(args.metrics, select(results, HEADLINE["evaluate"]))
+    write_json(args.metrics, evaluate_headline(results))
     print("\n".join(summary_lines(results, len(test))))
     if len(replicates) > 1:
         spread = results["finetuned"]["replicates"]
