@@ -118,6 +118,7 @@ def stage_runs(args, env: dict) -> dict:
     cmd = [PYTHON, "stages/finetune.py", "--raw", "data/raw", "--manifests", "data/manifests",
            "--head", "models/head.keras", "--head-details", "reports/details/head.json",
            "--model", "bench-model.keras", "--serving", "bench-serving",
+           "--replicates", "bench-replicates",
            "--live", "bench-live", "--details", "bench-finetune.json"]
     runs = {"full": [], "auto": []}
     for path in ("full", "auto", "auto", "full"):
@@ -183,7 +184,8 @@ def peak_rss(args, env: dict) -> dict:
     seconds, out = timed_run(
         [PYTHON, "-c", PEAK_RSS, PYTHON, stage / "finetune.py", "--raw", raw,
          "--manifests", "manifests", "--head", "head.keras", "--head-details", "head.json",
-         "--model", "model.keras", "--serving", "serving", "--live", "live-finetune",
+         "--model", "model.keras", "--serving", "serving", "--replicates", "replicates",
+         "--live", "live-finetune",
          "--details", "finetune.json"], scratch, env)
     peak = int(re.search(r"PEAK_RSS_KB (\d+)", out).group(1)) * 1024
     metrics = json.loads((scratch / "finetune.json").read_text())
@@ -230,6 +232,7 @@ def accuracy_runs(args, env: dict) -> dict | None:
                 [PYTHON, stage / "finetune.py", "--raw", raw, "--manifests", "manifests",
                  "--head", "head.keras", "--head-details", "head.json",
                  "--model", f"model-{path}.keras", "--serving", f"serving-{path}",
+                 "--replicates", f"replicates-{path}",
                  "--live", f"live-{path}", "--details", f"finetune-{path}.json"], scratch, env)
             metrics = json.loads((scratch / f"finetune-{path}.json").read_text())
             row[path] = {"val_accuracy": metrics["val_accuracy"], "path": metrics["path"],

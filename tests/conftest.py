@@ -25,9 +25,20 @@ TINY_MODEL = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32, "
 
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):
-    """Downloads, decoded images and converted models go to a per-session cache."""
-    os.environ["RETRAIN_CACHE"] = str(tmp_path_factory.mktemp("retrain-cache"))
+    """Downloads, decoded images and converted models go to a cache of the test session's
+    own, one for all xdist workers, as a user's runs share ~/.cache/retrain: a workspace one
+    worker fetched (`pipeline_run`) finds its archive there when another worker's queued
+    experiment needs it."""
+    cache = session_root(tmp_path_factory) / "retrain-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["RETRAIN_CACHE"] = str(cache)
     yield
+
+
+def session_root(tmp_path_factory) -> Path:
+    """The test session's temporary folder, above every xdist worker's own."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
 @pytest.fixture
@@ -120,9 +131,7 @@ def run_once_per_session(tmp_path_factory, name: str, build) -> Path:
     building it again."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above every worker's own
+    root = session_root(tmp_path_factory)
     built, failed = root / name / "ws", root / name / "failed.txt"
     with FileLock(root / f"{name}.lock"):
         if failed.exists():

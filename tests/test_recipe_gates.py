@@ -199,6 +199,9 @@ def test_two_replicates_through_finetune_evaluate_and_report(workspace):
 
     from conftest import dvc, set_param, stages_run
 
+    from retrain.report import _read_predictions
+
+    base_table = (workspace / "reports" / "predictions.csv").read_text()
     set_param(workspace, "finetune.replicates", 2)
     result = dvc(workspace, "repro", "evaluate")
     assert stages_run(result.stdout) == ["finetune", "evaluate"], result.stdout
@@ -214,10 +217,16 @@ def test_two_replicates_through_finetune_evaluate_and_report(workspace):
     headline = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     spread = headline["finetuned"]["replicates"]
     assert spread["count"] == 2 and spread["test_accuracy_sd"] >= 0
-    table = pd.read_csv(workspace / "reports" / "predictions.csv")
-    assert "predicted_replicate_1" in table.columns
+    new_table = (workspace / "reports" / "predictions.csv").read_text()
+    assert "predicted_replicate_1" in new_table.splitlines()[0]
 
     report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
                             cwd=workspace, capture_output=True, text=True)
     assert report.returncode in (0, 1), report.stderr
-    assert "recipe test over 1 vs 2 replicates" in report.stdout, report.stdout
+    assert "`finetuned.replicates.test_accuracy_sd`" in report.stdout, report.stdout
+    # What the gate weighs, read from both tables as report reads them: the recipe test
+    # over one base replicate and two new ones.
+    base, new = (_read_predictions(text, "predictions.csv") for text in (base_table, new_table))
+    recipe = gate_on(base, new).evidence.recipe
+    assert (recipe.base_replicates, recipe.new_replicates) == (1, 2)
+    assert recipe.training_noise_measured

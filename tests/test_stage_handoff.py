@@ -94,15 +94,17 @@ def test_finetune_starts_from_the_head_and_base_that_extract_used(mode, class_tr
                                      test["sha256"], model["image_size"], tmp_path / "cache")
     seen = {}
 
-    def record_then_stop(model, *args, **kwargs):
+    def record_then_stop(models, *args, **kwargs):
+        model = next(iter(models))  # replicate 0, as the stage built it
         seen["probabilities"] = model.predict(np.asarray(test_images, np.float32), verbose=0)
         raise StoppedBeforeTraining
 
-    monkeypatch.setattr(retrain.finetune, "fine_tune", record_then_stop)
+    monkeypatch.setattr(retrain.finetune, "fine_tune_replicates", record_then_stop)
     with pytest.raises(StoppedBeforeTraining):
         run_stage("finetune", "--raw", "data/raw", "--manifests", "data/manifests",
                   "--head", "models/head.keras", "--head-details", "reports/details/head.json",
                   "--model", "models/model.keras", "--serving", "models/serving",
+                  "--replicates", "models/replicates",
                   "--live", "dvclive/finetune", "--details", "reports/details/finetune.json")
 
     head = keras.models.load_model("models/head.keras")
