@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from retrain.errors import UserError
+from retrain.headline import replicate_spread
 
 CARD_NAME = "model_card.json"
 # How `retrain.images.load_image` turns a file into the model's input (and what the
@@ -91,12 +92,10 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
 def _replicates(spread: dict | None) -> dict | None:
     """With more than one fine-tuning replicate: their seeds and test accuracy's mean and sd.
     The files describe replicate 0 (finetune writes, exports and serves it)."""
-    if not spread or spread.get("count", 1) < 2:
+    shown = replicate_spread(spread)
+    if shown is None:
         return None
-    return {"count": spread["count"],
-            "seeds": [row["seed"] for row in spread["per_replicate"]],
-            "test_accuracy_mean": spread["test_accuracy_mean"],
-            "test_accuracy_sd": spread["test_accuracy_sd"]}
+    return {**shown, "seeds": [row["seed"] for row in spread["per_replicate"]]}
 
 
 def recommend_format(formats: dict[str, dict]) -> dict:

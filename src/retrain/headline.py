@@ -54,14 +54,20 @@ def select(figures: dict, patterns: Iterable[str]) -> dict:
 
 def evaluate_headline(figures: dict) -> dict:
     """`evaluate`'s headline; with more than one fine-tuning replicate, also their count and
-    test accuracy's mean and sd (the training noise the recipe gates weigh). One replicate
-    has no spread, and its mean is test_accuracy again: no column for either."""
+    test accuracy's mean and sd (the training noise the recipe gates weigh)."""
     headline = select(figures, HEADLINE["evaluate"])
-    spread = figures.get("finetuned", {}).get("replicates", {})
-    if spread.get("count", 1) > 1:
-        headline["finetuned"]["replicates"] = {
-            key: spread[key] for key in ("count", "test_accuracy_mean", "test_accuracy_sd")}
+    spread = replicate_spread(figures.get("finetuned", {}).get("replicates"))
+    if spread:
+        headline["finetuned"]["replicates"] = spread
     return headline
+
+
+def replicate_spread(replicates: dict | None) -> dict | None:
+    """The spread people compare from evaluate's replicate figures: count and test accuracy's
+    mean and sd; None for one replicate (no spread, and a mean that is test_accuracy again)."""
+    if not replicates or replicates.get("count", 1) < 2:
+        return None
+    return {key: replicates[key] for key in ("count", "test_accuracy_mean", "test_accuracy_sd")}
 
 
 def data_headline(figures: dict) -> dict:
