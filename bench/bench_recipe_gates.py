@@ -1,23 +1,29 @@
-"""Error rates of `report`'s default gates on real photos: seed-only changes (false alarms)
-and planted regressions (detections), at the recipe level (fine-tuning replicates) and at
-the model level (one model each, the gates before replicates).
+"""Error rates of `report`'s default gates: seed-only changes (false alarms) and planted
+regressions (detections), at the recipe level (fine-tuning replicates) and at the model
+level (one model each, the gates before replicates).
 
-On the 200 real flower photos (`../shared`) with the MobileNetV2 alpha 0.35 ImageNet weights:
-one stratified split (96 train, 24 val, 80 test), one head trained on the cached features
-(seed 0), then per revision K fine-tuned replicates from that head (`fine_tune_replicates`,
-the stage's own code) with the default recipe except the augmentation: flips only, so every
-training view recurs and the frozen part's outputs are computed once for all revisions
-(memoised by pixels) instead of once per view and revision; the order and dropout still
-follow each replicate's seed. Test predictions come from each replicate's upper part on the
-frozen outputs of the test images (the same function as the full model). Trainings run
-in-process, not as `dvc exp run`s: a whole pipeline per revision would cost minutes each.
+Data (`--data`): the 200 real flower photos (`../shared`; one stratified split of 96 train,
+24 val, 80 test), or `--images N` generated 224-px JPEGs in the flower set's class
+proportions (48% / 12% / 40%). MobileNetV2 alpha 0.35 with the ImageNet weights file. One
+head trained on the cached features (seed 0), then per revision K fine-tuned replicates
+from that head (`fine_tune_replicates`, the stage's own code) with the default recipe except
+the augmentation: flips only, so every training view recurs and the frozen part's outputs
+are computed once for all revisions (memoised by pixels) instead of once per view and
+revision; the order and dropout still follow each replicate's seed. Test predictions come
+from each replicate's upper part on the frozen outputs of the test images (the same function
+as the full model). Trainings run in-process, not as `dvc exp run`s: a whole pipeline per
+revision would cost minutes each.
 
 Revisions: `seed` = 1..S (S - 1 seed-only pairs, i vs i + 1), and per planted regression R
-revisions (seeds 101..): `finetune.lr_factor: 10`, 20% of the training labels shuffled,
-`finetune.from_layer: 30`. Each regression revision is compared with seed-only revision i.
+revisions (seeds 101..): `finetune.lr_factor: 10`, 20% or 50% of the training labels
+shuffled (the revision trains its own head on them: changed data re-runs `train_head`), and
+`finetune.from_layer: 30`. Each regression revision is compared with seed-only revision i;
+each regression's true effect (mean test accuracy against the seed-only revisions', Welch's
+95% interval) says whether it is a regression on this data at all. Part `pair` judges one
+seed-only pair (`--pair 42 7`) in full.
 
-    python bench/bench_recipe_gates.py [--seeds 21] [--regressions 5] [--replicates 3]
-        [--parts cost,gates]
+    python bench/bench_recipe_gates.py [--data real|generated] [--images 1000] [--seeds 21]
+        [--regressions 5] [--replicates 3] [--parts cost,pair,gates]
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,7 @@ DEFAULT_GATES = [{"metric": "finetuned.test_accuracy", "direction": "higher",
                   "significance": 0.05}]
 REGRESSIONS = {"lr_factor_10": {"lr_factor": 10.0},
                "labels_shuffled_20pc": {"shuffle": 0.2},
+               "labels_shuffled_50pc": {"shuffle": 0.5},
                "from_layer_30": {"from_layer": 30}}
 
 
@@ -83,26 +90,61 @@ class MemoEngine:
         return np.stack([self.seen[k] for k in keys])
 
 
-def trained_head(images, labels, parts, classes):
+def pooled_features(images, parts) -> dict:
+    """The frozen backbone's pooled features of the train and val images (what `extract`
+    writes), computed once for every head the benchmark trains."""
     from retrain.base import build_base
     from retrain.features import pooled_model
+
+    extractor = pooled_model(build_base(ALPHA_PARAMS))
+    return {k: extractor.predict(images[v].astype("float32"), verbose=0)
+            for k, v in parts.items() if k != "test"}
+
+
+def trained_head(features, labels, parts, classes, seed=0, train_labels=None):
+    """A head trained on the cached features (20 epochs); `train_labels` replaces the
+    training labels (a revision whose data changed re-runs `train_head` too)."""
     from retrain.head import build_head, train_head
     from retrain.reproducibility import make_deterministic
 
-    make_deterministic(0)
-    extractor = pooled_model(build_base(ALPHA_PARAMS))
-    features = {k: extractor.predict(images[v].astype("float32"), verbose=0)
-                for k, v in parts.items() if k != "test"}
-    head = build_head(features["train"].shape[1], classes, 0.3, 0)
-    train_head(head, (features["train"], labels[parts["train"]]),
+    make_deterministic(seed)
+    head = build_head(features["train"].shape[1], classes, 0.3, seed)
+    train_head(head, (features["train"],
+                      labels[parts["train"]] if train_labels is None else train_labels),
                (features["val"], labels[parts["val"]]), learning_rate=0.001, epochs=20,
                batch_size=32, verbose=0)
     return head
 
 
-def revision(seed, head, images, labels, parts, replicates, engines, change=None,
-             augmentation=None):
-    """K fine-tuned replicates of one revision; (K, test) predicted classes, seconds."""
+@dataclass
+class Data:
+    """One benchmark's photos, split, cached features and the head seed-only revisions share."""
+    images: np.ndarray
+    labels: np.ndarray
+    parts: dict
+    classes: int
+    features: dict = field(default_factory=dict)
+    head: object = None
+    engines: dict = field(default_factory=dict)  # from_layer -> memoised frozen part
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.labels[self.parts["test"]]
+
+
+def shuffled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """`labels` with a `fraction` of them, drawn with `seed`, permuted among themselves."""
+    rng = np.random.default_rng(seed)
+    out = labels.copy()
+    picked = rng.choice(len(out), int(fraction * len(out)), replace=False)
+    out[picked] = rng.permutation(out[picked])
+    return out
+
+
+def revision(seed, data: Data, replicates, change=None, augmentation=None, engines=None):
+    """K fine-tuned replicates of one revision; (K, test) predicted classes, seconds.
+    A revision with shuffled training labels trains its own head on them first, as a
+    pull request that changes the data re-runs `train_head` before `finetune`."""
     from retrain.augment import Augmentation
     from retrain.base import build_base
     from retrain.features import make_engine
@@ -118,13 +160,15 @@ def revision(seed, head, images, labels, parts, replicates, engines, change=None
     from retrain.reproducibility import make_deterministic
 
     change = change or {}
+    engines = data.engines if engines is None else engines
     from_layer = change.get("from_layer", 135)
-    train_labels = labels[parts["train"]].copy()
+    train_labels = data.labels[data.parts["train"]]
+    head = data.head
+    start = time.perf_counter()
     if change.get("shuffle"):
-        rng = np.random.default_rng(seed)
-        picked = rng.choice(len(train_labels), int(change["shuffle"] * len(train_labels)),
-                            replace=False)
-        train_labels[picked] = rng.permutation(train_labels[picked])
+        train_labels = shuffled(train_labels, change["shuffle"], seed)
+        head = trained_head(data.features, data.labels, data.parts, data.classes, seed,
+                            train_labels)
     seeds = replicate_seeds(seed, replicates)
     recipe = Recipe(learning_rate=0.001 * change.get("lr_factor", 0.1), epochs=5,
                     batch_size=32, seed=seed, view_seed=seed,
@@ -145,10 +189,10 @@ def revision(seed, head, images, labels, parts, replicates, engines, change=None
             engines[from_layer] = MemoEngine(make_engine("auto", lower, ALPHA_PARAMS))
         return engines[from_layer]
 
-    start = time.perf_counter()
+    images, parts = data.images, data.parts
     list(fine_tune_replicates(
         build(), Split(images[parts["train"]], train_labels),
-        Split(images[parts["val"]], labels[parts["val"]]),
+        Split(images[parts["val"]], data.labels[parts["val"]]),
         [replace(recipe, seed=s) for s in seeds], make_engine=engine_for,
         callbacks=None))
     seconds = time.perf_counter() - start
@@ -197,82 +241,152 @@ def rate(failures: int, total: int) -> dict:
             "ci95": [round(interval.low, 3), round(interval.high, 3)] if interval else None}
 
 
+def effect(base: dict, changed: dict, test_labels) -> dict:
+    """A change's true effect on test accuracy: mean over revisions of the replicates' mean,
+    changed minus seed-only, with Welch's 95% interval (scipy) over the revisions."""
+    from scipy.stats import ttest_ind
+
+    def means(runs):
+        return [float((predicted == test_labels).mean()) for predicted in runs.values()]
+
+    result = ttest_ind(means(changed), means(base), equal_var=False)
+    interval = result.confidence_interval(0.95)
+    return {"accuracy_change": round(float(np.mean(means(changed)) - np.mean(means(base))), 4),
+            "ci95": [round(float(interval.low), 4), round(float(interval.high), 4)]}
+
+
+def load_data(args) -> Data:
+    if args.data == "real":
+        return Data(*load_photos(args.workdir))
+    return Data(*load_generated(args.workdir, args.images))
+
+
+def load_generated(workdir: Path, images: int):
+    """Generated 224-px JPEGs in the flower set's class proportions, split as the photos are
+    (48% train, 12% val, 40% test, stratified)."""
+    from common import FLOWER_COUNTS, generated_tarball
+    from sklearn.model_selection import train_test_split
+
+    from retrain.cache import user_cache_dir
+    from retrain.images import cached_image_array
+    from retrain.workspace import sha256_of
+
+    counts = [round(c * images / sum(FLOWER_COUNTS)) for c in FLOWER_COUNTS]
+    root = extracted(generated_tarball(Path(workdir), counts, 224, seed=3))
+    paths = sorted(root.rglob("*.jpg"))
+    classes = sorted({p.parent.name for p in paths})
+    labels = np.array([classes.index(p.parent.name) for p in paths])
+    pixels = np.asarray(cached_image_array(paths, [sha256_of(p) for p in paths], 224,
+                                           user_cache_dir("images")))
+    rest, test = train_test_split(np.arange(len(paths)), test_size=0.4, stratify=labels,
+                                  random_state=0)
+    train, val = train_test_split(rest, test_size=0.2, stratify=labels[rest], random_state=0)
+    return pixels, labels, {"train": train, "val": val, "test": test}, len(classes)
+
+
+def accuracies(predicted, test_labels) -> list[float]:
+    return (predicted == test_labels).mean(axis=1).round(3).tolist()
+
+
+LEVELS = {"recipe_K": "recipe", "model_K1": "model"}
+
+
+def judged(test_labels, base, new, replicates) -> dict:
+    """Each level's gate statuses for one pair of revisions."""
+    return {name: verdicts(test_labels, base, new, level,
+                           replicates if level == "recipe" else 1)
+            for name, level in LEVELS.items()}
+
+
 def main() -> None:
     def extra(parser):
+        parser.add_argument("--data", choices=("real", "generated"), default="real")
+        parser.add_argument("--images", type=int, default=1000,
+                            help="generated images (--data generated)")
         parser.add_argument("--seeds", type=int, default=21)
         parser.add_argument("--regressions", type=int, default=5)
         parser.add_argument("--replicates", type=int, default=3)
-        parser.add_argument("--parts", default="cost,gates")
+        parser.add_argument("--pair", type=int, nargs=2, default=(42, 7),
+                            help="one seed-only pair judged in full (part 'pair')")
+        parser.add_argument("--parts", default="cost,pair,gates")
 
     args = parse_args(__doc__, extra=extra)
     use_bench_cache(args.workdir)
     from retrain.reproducibility import make_deterministic
 
     make_deterministic(0)
-    images, labels, parts, classes = load_photos(args.workdir)
-    head = trained_head(images, labels, parts, classes)
-    test_labels = labels[parts["test"]]
-    results = {"load_average_start": load_average(), "split": {k: len(v) for k, v in
-                                                               parts.items()}}
+    data = load_data(args)
+    data.features = pooled_features(data.images, data.parts)
+    data.head = trained_head(data.features, data.labels, data.parts, data.classes)
+    test_labels = data.test_labels
+    results = {"data": args.data, "replicates": args.replicates,
+               "load_average_start": load_average(),
+               "split": {k: len(v) for k, v in data.parts.items()}}
+    print(f"{args.data}: split {results['split']}", flush=True)
     if "cost" in args.parts:
         from retrain.augment import Augmentation
 
         default_views = Augmentation(flip=True, brightness=0.1, contrast=0.1)
         for k in (1, args.replicates):
-            _, seconds = revision(42, head, images, labels, parts, k, {},
-                                  augmentation=default_views)
+            _, seconds = revision(42, data, k, augmentation=default_views, engines={})
             results[f"cost_default_augmentation_K{k}_s"] = round(seconds, 1)
             print(f"cost: K={k}, default augmentation (views computed per revision): "
                   f"{seconds:.1f} s", flush=True)
+    if "pair" in args.parts:
+        a, b = args.pair
+        base, new = (revision(seed, data, args.replicates)[0] for seed in (a, b))
+        statuses = judged(test_labels, base, new, args.replicates)
+        results["pair"] = {"seeds": [a, b], "accuracy": {str(a): accuracies(base, test_labels),
+                                                         str(b): accuracies(new, test_labels)},
+                           "verdicts": statuses}
+        print(f"seed {a} vs seed {b}: {json.dumps(results['pair'])}", flush=True)
     if "gates" in args.parts:
-        engines: dict = {}
         runs, seconds = {}, []
         for seed in range(1, args.seeds + 1):
-            runs[seed], spent = revision(seed, head, images, labels, parts, args.replicates,
-                                         engines)
+            runs[seed], spent = revision(seed, data, args.replicates)
             seconds.append(spent)
-            print(f"seed {seed}: accuracy per replicate "
-                  f"{(runs[seed] == test_labels).mean(axis=1).round(3).tolist()} "
+            print(f"seed {seed}: accuracy per replicate {accuracies(runs[seed], test_labels)} "
                   f"({spent:.1f} s)", flush=True)
-        accuracies = np.array([(runs[s] == test_labels).mean(axis=1) for s in runs])
+        per_replicate = np.array([(runs[s] == test_labels).mean(axis=1) for s in runs])
         results["spread"] = {
-            "sd_within_revision_shared_views": float(np.sqrt(accuracies.var(axis=1,
-                                                                            ddof=1).mean())),
-            "sd_across_revisions_replicate0": float(accuracies[:, 0].std(ddof=1))}
-        levels = {"recipe_K": ("recipe", args.replicates), "model_K1": ("model", 1)}
+            "test_accuracy_mean": float(per_replicate.mean()),
+            "sd_within_revision_shared_views": float(np.sqrt(per_replicate.var(
+                axis=1, ddof=1).mean())),
+            "sd_across_revisions_replicate0": float(per_replicate[:, 0].std(ddof=1))}
         pairs = [(s, s + 1) for s in range(1, args.seeds)]
-        false_alarms = {}
-        for name, (level, k) in levels.items():
-            statuses = [verdicts(test_labels, runs[a], runs[b], level, k) for a, b in pairs]
-            for gate in DEFAULT_GATES:
-                failed = sum(s[gate["metric"]] == "regression" for s in statuses)
-                false_alarms[f"{name}:{gate['metric']}"] = rate(failed, len(pairs))
-            failed_any = sum(any(v == "regression" for v in s.values()) for s in statuses)
-            false_alarms[f"{name}:any"] = rate(failed_any, len(pairs))
-        results["false_alarms"] = false_alarms
-        print(json.dumps(false_alarms, indent=1), flush=True)
-        detections = {}
+        statuses = [judged(test_labels, runs[a], runs[b], args.replicates) for a, b in pairs]
+        results["false_alarms"] = failure_rates(statuses)
+        print(json.dumps(results["false_alarms"], indent=1), flush=True)
+        results["detections"], results["effects"] = {}, {}
         for kind, change in REGRESSIONS.items():
-            statuses = {name: [] for name in levels}
+            bad_runs, kind_statuses = {}, []
             for i in range(args.regressions):
-                bad, spent = revision(101 + i, head, images, labels, parts, args.replicates,
-                                      engines, change)
+                bad_runs[i], spent = revision(101 + i, data, args.replicates, change)
                 print(f"{kind} #{i}: accuracy per replicate "
-                      f"{(bad == test_labels).mean(axis=1).round(3).tolist()} ({spent:.1f} s)",
-                      flush=True)
-                for name, (level, k) in levels.items():
-                    statuses[name].append(verdicts(test_labels, runs[1 + i], bad, level, k))
-            for name in levels:
-                failed = sum(any(v == "regression" for v in s.values())
-                             for s in statuses[name])
-                detections[f"{name}:{kind}"] = rate(failed, args.regressions)
-        results["detections"] = detections
+                      f"{accuracies(bad_runs[i], test_labels)} ({spent:.1f} s)", flush=True)
+                kind_statuses.append(judged(test_labels, runs[1 + i], bad_runs[i],
+                                            args.replicates))
+            results["detections"][kind] = failure_rates(kind_statuses)
+            results["effects"][kind] = effect(runs, bad_runs, test_labels)
+            print(kind, json.dumps(results["effects"][kind]),
+                  json.dumps(results["detections"][kind]), flush=True)
         results["seconds_per_revision_median"] = float(np.median(seconds))
-        print(json.dumps(detections, indent=1), flush=True)
     results["load_average_end"] = load_average()
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def failure_rates(statuses: list[dict]) -> dict:
+    """Per level, how often each default gate (and any gate: CI fails) called a regression."""
+    rates = {}
+    for name in LEVELS:
+        for gate in DEFAULT_GATES:
+            failed = sum(s[name][gate["metric"]] == "regression" for s in statuses)
+            rates[f"{name}:{gate['metric']}"] = rate(failed, len(statuses))
+        failed_any = sum(any(v == "regression" for v in s[name].values()) for s in statuses)
+        rates[f"{name}:any"] = rate(failed_any, len(statuses))
+    return rates
 
 
 if __name__ == "__main__":
