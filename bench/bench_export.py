@@ -38,8 +38,8 @@ from pathlib import Path
 from common import (
     PYTHON,
     REAL_PHOTOS,
+    REAL_WEIGHTS_BY_ALPHA,
     REPO,
-    SHARED,
     bench_env,
     load_average,
     machine,
@@ -69,8 +69,7 @@ alpha 1.0 (random weights, same conversion) the ratios are 0.30x in size and 0.5
 
 
 def weights_file(alpha: float) -> Path:
-    return (SHARED / "weights"
-            / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5")
+    return REAL_WEIGHTS_BY_ALPHA[alpha]
 
 
 def make_workspace(workdir: Path, alpha: float, split_seed: int | None = None

@@ -32,8 +32,11 @@ FLOWER_COUNTS = [633, 898, 641, 699, 799]
 # Real data where ../shared has it: 200 flower photos (40 per class) and MobileNetV2
 # alpha 0.35 ImageNet weights without the top.
 REAL_PHOTOS = SHARED / "data" / "flower_photos_small.tgz"
-REAL_WEIGHTS = (SHARED / "weights"
-                / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
+REAL_WEIGHTS_BY_ALPHA = {
+    alpha: SHARED / "weights"
+    / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5"
+    for alpha in (0.35, 0.5)}
+REAL_WEIGHTS = REAL_WEIGHTS_BY_ALPHA[0.35]
 
 
 def parse_args(description: str, argv=None, extra=None) -> argparse.Namespace:
