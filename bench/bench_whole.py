@@ -152,14 +152,14 @@ def markdown(r: dict) -> str:
         "epochs, 5 fine-tuning epochs from layer 135); a fresh workspace and an empty "
         "cache. CPU: user + system seconds of the process and its children.",
         "",
-        "| side | wall | CPU | load average before / after (1/5/15 min) |",
+        "| side | wall | CPU | load average (1/5/15 min) before; after |",
         "|---|---|---|---|",
         f"| `dvc repro`, all stages | {p['wall_s']:.0f} s | {p['cpu_s']:.0f} s | "
-        f"{p['load_before']} / {p['load_after']} |",
+        f"{p['load_before']}; {p['load_after']} |",
         f"| of it, the notebook's work ({', '.join(NOTEBOOK_WORK)}) | "
         f"{p['notebook_work_wall_s']:.0f} s | | |",
         f"| notebook way: `notebook_head.py --finetune` (train + validate only) | "
-        f"{n['wall_s']:.0f} s | {n['cpu_s']:.0f} s | {n['load_before']} / "
+        f"{n['wall_s']:.0f} s | {n['cpu_s']:.0f} s | {n['load_before']}; "
         f"{n['load_after']} |",
         "",
         "| comparison | ratio | goal | |",
