@@ -266,15 +266,14 @@ def load_generated(workdir: Path, images: int, noise: float):
     (48% train, 12% val, 40% test, stratified). Each image is blended with a fixed noise image
     of its own (weight `noise`): the generated shapes alone are so easy that every model
     scores 1.0, and a gate cannot be tested at the ceiling."""
-    from common import FLOWER_COUNTS, generated_tarball
+    from common import flower_class_counts, generated_tarball
     from sklearn.model_selection import train_test_split
 
     from retrain.cache import user_cache_dir
     from retrain.images import cached_image_array
     from retrain.workspace import sha256_of
 
-    counts = [round(c * images / sum(FLOWER_COUNTS)) for c in FLOWER_COUNTS]
-    root = extracted(generated_tarball(Path(workdir), counts, 224, seed=3))
+    root = extracted(generated_tarball(Path(workdir), flower_class_counts(images), 224, seed=3))
     paths = sorted(root.rglob("*.jpg"))
     classes = sorted({p.parent.name for p in paths})
     labels = np.array([classes.index(p.parent.name) for p in paths])

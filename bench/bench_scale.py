@@ -22,11 +22,11 @@ import subprocess
 from pathlib import Path
 
 from common import (
-    FLOWER_COUNTS,
     PYTHON,
     REAL_WEIGHTS,
     REPO,
     bench_env,
+    flower_class_counts,
     generated_tarball,
     load_average,
     median,
@@ -40,14 +40,6 @@ from common import (
 STAGES = ["fetch", "split", "extract", "train_head", "crossval", "audit", "finetune",
           "evaluate", "export", "card", "render"]
 IMAGE_PX = 400
-
-
-def counts_for(total: int) -> list[int]:
-    """The flower set's class proportions, scaled to `total` images."""
-    scale = total / sum(FLOWER_COUNTS)
-    counts = [round(c * scale) for c in FLOWER_COUNTS]
-    counts[-1] += total - sum(counts)
-    return counts
 
 
 def du_bytes(*paths: Path) -> int:
@@ -70,7 +62,7 @@ def timed_stage(stage: str, ws: Path, env: dict) -> dict:
 def make_workspace(workdir: Path, total: int, overrides: dict) -> tuple[Path, Path]:
     from retrain.workspace import create_workspace
 
-    tarball = generated_tarball(workdir, counts_for(total), IMAGE_PX)
+    tarball = generated_tarball(workdir, flower_class_counts(total), IMAGE_PX)
     ws = workdir / f"scale-{total}"
     if ws.exists():
         shutil.rmtree(ws)

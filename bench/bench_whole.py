@@ -35,6 +35,7 @@ from common import (
     REAL_WEIGHTS_BY_ALPHA,
     REPO,
     bench_env,
+    flower_class_counts,
     generated_tarball,
     load_average,
     parse_args,
@@ -50,13 +51,6 @@ GOALS = {"notebook_work": 2.5, "all_stages": 1.5}
 # The stages that do what the notebook does (unpack, split, features, head, fine-tuning,
 # scoring); the others (crossval, audit, export, card, render) it does not do at all.
 NOTEBOOK_WORK = ("fetch", "split", "extract", "train_head", "finetune", "evaluate")
-
-
-def class_counts(images: int) -> list[int]:
-    """The flower set's class proportions scaled to `images` in all."""
-    counts = [round(c * images / sum(FLOWER_COUNTS)) for c in FLOWER_COUNTS]
-    counts[-1] += images - sum(counts)
-    return counts
 
 
 def make_workspace(workdir: Path, data_params: dict, alpha: float) -> tuple[Path, dict]:
@@ -82,7 +76,7 @@ def data_params(args) -> tuple[dict, str]:
     if args.data == "real":
         return ({"data.url": str(REAL_PHOTOS.resolve()), "data.sha256": sha256_of(REAL_PHOTOS)},
                 "the 200 real flower photos (../shared)")
-    counts = class_counts(200 if args.quick else args.images)
+    counts = flower_class_counts(200 if args.quick else args.images)
     tarball = generated_tarball(args.workdir, counts, 224)
     return ({"data.url": str(tarball), "data.sha256": sha256_of(tarball)},
             f"{sum(counts):,} generated 224-px JPEGs (classes {', '.join(map(str, counts))})")

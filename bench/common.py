@@ -29,6 +29,14 @@ PYTHON = sys.executable
 MODEL = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 224, "alpha": 1.0}
 # The official flower set's class sizes (3,670 images).
 FLOWER_COUNTS = [633, 898, 641, 699, 799]
+
+
+def flower_class_counts(images: int) -> list[int]:
+    """The flower set's class proportions scaled to `images` in all."""
+    counts = [round(c * images / sum(FLOWER_COUNTS)) for c in FLOWER_COUNTS]
+    counts[-1] += images - sum(counts)
+    return counts
+
 # Real data where ../shared has it: 200 flower photos (40 per class) and MobileNetV2
 # alpha 0.35 ImageNet weights without the top.
 REAL_PHOTOS = SHARED / "data" / "flower_photos_small.tgz"
