@@ -1,6 +1,7 @@
 """Stage `audit`: label issues, near-duplicates (leaks across splits) and outliers, found on
 the cached features, with galleries to look at."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 import time
 from pathlib import Path

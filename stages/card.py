@@ -1,5 +1,6 @@
 """Stage `card`: the model card (Markdown and JSON) of the fine-tuned model and its exports."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 import json
 import os

@@ -1,5 +1,6 @@
 """Stage `crossval`: the head recipe on repeated stratified folds of train+val features."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 import time
 

@@ -1,5 +1,6 @@
 """Stage `evaluate`: test metrics and per-image predictions for the head and the full model."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 import json
 from pathlib import Path

@@ -1,6 +1,7 @@
 """Stage `export`: LiteRT models of the fine-tuned classifier, each measured on held-out images
 (agreement with Keras on validation + test, accuracy on test)."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 from pathlib import Path
 

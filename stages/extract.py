@@ -1,5 +1,6 @@
 """Stage `extract`: pooled features of the frozen base for every manifest row, in order."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """Stage `fetch`: download the archive named by `data.url`, check its sha256, extract it, and
 print and store how its folders were read (data.layout) and what the extraction holds."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit

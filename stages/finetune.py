@@ -1,5 +1,6 @@
 """Stage `finetune`: assemble the full model, unfreeze the top of the base, train on images."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 import json
 from pathlib import Path

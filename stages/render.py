@@ -1,5 +1,6 @@
 """Stage `render`: confusion matrix, CAM overlays, feature channels, curves, sample grids."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """Stage `split`: list, check and split the images into train/val/test manifests."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 import sys
 

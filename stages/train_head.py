@@ -1,5 +1,6 @@
 """Stage `train_head`: train Dropout -> Dense on the cached features."""
 
+import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
 
 from retrain.atomic import atomic_path, write_json

@@ -50,6 +50,39 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_command(tmp_path, capsy
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+# Ctrl-C while a stage script is still importing (numpy, PIL, TensorFlow: its first second
+# or two), before its main installs `exits_cleanly`: as a plain KeyboardInterrupt, and as
+# the ImportError a C extension being imported can turn it into.
+DURING_IMPORTS = {
+    "plain": "import signal; signal.raise_signal(signal.SIGINT)",
+    "as an ImportError": ("import signal\ntry:\n    signal.raise_signal(signal.SIGINT)\n"
+                          "except KeyboardInterrupt as exc:\n"
+                          "    raise ImportError('initialization failed') from exc"),
+}
+
+
+@pytest.mark.parametrize("how", DURING_IMPORTS)
+def test_ctrl_c_during_a_scripts_imports_exits_130_without_a_traceback(how):
+    script = "import retrain.interrupts\n" + DURING_IMPORTS[how] + "\nprint('went on')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1:] == ["error: interrupted"], done.stderr
+    assert "Traceback" not in done.stderr and "went on" not in done.stdout
+
+
+def test_every_stage_script_handles_ctrl_c_before_its_other_imports():
+    import ast
+
+    for script in sorted((REPO / "stages").glob("*.py")):
+        body = ast.parse(script.read_text()).body
+        first_import = next(node for node in body
+                            if isinstance(node, ast.Import | ast.ImportFrom))
+        assert isinstance(first_import, ast.Import), script.name
+        assert [alias.name for alias in first_import.names] == ["retrain.interrupts"], \
+            script.name
+
+
 def test_ctrl_c_turned_into_another_error_still_exits_130(capsys):
     @exits_cleanly
     def command():

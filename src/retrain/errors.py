@@ -4,6 +4,7 @@ Ctrl-C too: a command stops with `error: interrupted` and exit status 130."""
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,24 @@ def stop_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def handle_interrupts_from_here() -> None:
+    """For a command's script, before its heavy imports (numpy, PIL, TensorFlow take a second
+    or two): a Ctrl-C from here on exits with `error: interrupted` and status 130 instead of
+    a traceback, even when a C extension being imported turned it into an ImportError.
+    `exits_cleanly` takes over once the command's main runs, keeping a Ctrl-C that came
+    before it."""
+    signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, KeyboardInterrupt) or _interrupted.is_set():
+            print("error: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)  # nothing is written yet: there is nothing to clean up
+        previous_hook(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
 def _exit_interrupted():
     print("error: interrupted", file=sys.stderr)
     sys.exit(130)
@@ -76,7 +95,8 @@ def exits_cleanly(main):
     def wrapper(*args, **kwargs):
         in_main_thread = threading.current_thread() is threading.main_thread()
         if in_main_thread:  # only the main thread may install a signal handler
-            _interrupted.clear()
+            if signal.getsignal(signal.SIGINT) is not _on_sigint:
+                _interrupted.clear()  # else a Ctrl-C during the script's imports counts
             previous = signal.signal(signal.SIGINT, _on_sigint)
         try:
             result = main(*args, **kwargs)
