@@ -49,30 +49,42 @@ REGRESSIONS = {"lr_factor_10": {"lr_factor": 10.0},
                "from_layer_30": {"from_layer": 30}}
 
 
-def load_photos(workdir: Path):
-    """Decoded 224-px images, labels, and a stratified 96 / 24 / 80 split."""
-    from sklearn.model_selection import train_test_split
-
+def decoded_set(root: Path):
+    """The class-folder set under `root`: decoded 224-px images (the image cache's array),
+    labels, class count."""
     from retrain.cache import user_cache_dir
     from retrain.images import cached_image_array
     from retrain.workspace import sha256_of
 
-    root = extracted(Path(workdir) / "flower_photos_small.tgz") \
-        if (Path(workdir) / "flower_photos_small.tgz").exists() else None
-    if root is None:
-        import shutil
-
-        shutil.copy(REAL_PHOTOS, Path(workdir) / "flower_photos_small.tgz")
-        root = extracted(Path(workdir) / "flower_photos_small.tgz")
     paths = sorted(root.rglob("*.jpg"))
     classes = sorted({p.parent.name for p in paths})
     labels = np.array([classes.index(p.parent.name) for p in paths])
-    images = np.asarray(cached_image_array(paths, [sha256_of(p) for p in paths], 224,
-                                           user_cache_dir("images")))
-    rest, test = train_test_split(np.arange(len(paths)), test_size=80, stratify=labels,
+    images = cached_image_array(paths, [sha256_of(p) for p in paths], 224,
+                                user_cache_dir("images"))
+    return images, labels, len(classes)
+
+
+def stratified_parts(labels, test_size, val_size) -> dict:
+    """Row indices of a stratified train / val / test split (sizes: counts or fractions;
+    `val_size` of what the test part leaves)."""
+    from sklearn.model_selection import train_test_split
+
+    rest, test = train_test_split(np.arange(len(labels)), test_size=test_size,
+                                  stratify=labels, random_state=0)
+    train, val = train_test_split(rest, test_size=val_size, stratify=labels[rest],
                                   random_state=0)
-    train, val = train_test_split(rest, test_size=24, stratify=labels[rest], random_state=0)
-    return images, labels, {"train": train, "val": val, "test": test}, len(classes)
+    return {"train": train, "val": val, "test": test}
+
+
+def load_photos(workdir: Path):
+    """Decoded 224-px images, labels, and a stratified 96 / 24 / 80 split."""
+    tarball = Path(workdir) / "flower_photos_small.tgz"
+    if not tarball.exists():
+        import shutil
+
+        shutil.copy(REAL_PHOTOS, tarball)
+    images, labels, classes = decoded_set(extracted(tarball))
+    return np.asarray(images), labels, stratified_parts(labels, 80, 24), classes
 
 
 class MemoEngine:
@@ -267,26 +279,15 @@ def load_generated(workdir: Path, images: int, noise: float):
     of its own (weight `noise`): the generated shapes alone are so easy that every model
     scores 1.0, and a gate cannot be tested at the ceiling."""
     from common import flower_class_counts, generated_tarball
-    from sklearn.model_selection import train_test_split
-
-    from retrain.cache import user_cache_dir
-    from retrain.images import cached_image_array
-    from retrain.workspace import sha256_of
 
     root = extracted(generated_tarball(Path(workdir), flower_class_counts(images), 224, seed=3))
-    paths = sorted(root.rglob("*.jpg"))
-    classes = sorted({p.parent.name for p in paths})
-    labels = np.array([classes.index(p.parent.name) for p in paths])
-    pixels = np.array(cached_image_array(paths, [sha256_of(p) for p in paths], 224,
-                                         user_cache_dir("images")))  # a writable copy
+    cached, labels, classes = decoded_set(root)
+    pixels = np.array(cached)  # a writable copy
     rng = np.random.default_rng(0)
     for row in range(len(pixels)):
         blend = rng.integers(0, 256, pixels.shape[1:], dtype=np.uint8)
         pixels[row] = ((1 - noise) * pixels[row] + noise * blend).astype(np.uint8)
-    rest, test = train_test_split(np.arange(len(paths)), test_size=0.4, stratify=labels,
-                                  random_state=0)
-    train, val = train_test_split(rest, test_size=0.2, stratify=labels[rest], random_state=0)
-    return pixels, labels, {"train": train, "val": val, "test": test}, len(classes)
+    return pixels, labels, stratified_parts(labels, 0.4, 0.2), classes
 
 
 def accuracies(predicted, test_labels) -> list[float]:

@@ -74,16 +74,15 @@ def handle_interrupts_from_here() -> None:
 
     def hook(kind, value, traceback):
         if issubclass(kind, KeyboardInterrupt) or _interrupted.is_set():
-            print("error: interrupted", file=sys.stderr, flush=True)
-            os._exit(130)  # nothing is written yet: there is nothing to clean up
+            _exit_interrupted(exit=os._exit)  # nothing is written yet: nothing to clean up
         previous_hook(kind, value, traceback)
 
     sys.excepthook = hook
 
 
-def _exit_interrupted():
-    print("error: interrupted", file=sys.stderr)
-    sys.exit(130)
+def _exit_interrupted(exit=sys.exit):
+    print("error: interrupted", file=sys.stderr, flush=True)
+    exit(130)
 
 
 def exits_cleanly(main):
