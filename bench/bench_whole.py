@@ -14,8 +14,9 @@ split, extract, train_head, finetune, evaluate; goal >= 2.5x), and against all s
 >= 1.5x). Data: `--data generated` (224-px JPEGs in the flower set's class proportions,
 `--images`) or `--data real` (the 200 flower photos in ../shared). Model: MobileNetV2 at
 `--alpha` (0.35 and 0.5: the ImageNet weights files in ../shared; 1.0: random weights, the
-same arithmetic), every other param at its default. CPU seconds are the children's user +
-system time (`resource.getrusage(RUSAGE_CHILDREN)`); load averages before and after each side.
+same arithmetic; the default where ../shared is absent), every other param at its default.
+CPU seconds are the children's user + system time (`resource.getrusage(RUSAGE_CHILDREN)`);
+load averages before and after each side.
 
     python bench/bench_whole.py [--data generated|real] [--images 3670] [--alpha 0.35] [--quick]
 """
@@ -98,9 +99,12 @@ def main(argv=None) -> dict:
         parser.add_argument("--data", choices=("generated", "real"), default="generated")
         parser.add_argument("--images", type=int, default=sum(FLOWER_COUNTS),
                             help="generated images in all")
-        parser.add_argument("--alpha", type=float, default=0.35, choices=(0.35, 0.5, 1.0))
+        parser.add_argument("--alpha", type=float, choices=(0.35, 0.5, 1.0),
+                            help="default: 0.35 where ../shared has its weights, else 1.0")
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)
+    if args.alpha is None:
+        args.alpha = 0.35 if REAL_WEIGHTS_BY_ALPHA[0.35].is_file() else 1.0
     params, described = data_params(args)
     ws, env = make_workspace(args.workdir, params, args.alpha)
     results = {"data": described, "alpha": args.alpha, "workspace": str(ws),
