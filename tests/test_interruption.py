@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, dvc, set_param, stages_run
 
 from retrain.atomic import STAGING, write_json
-from retrain.errors import exits_cleanly
+from retrain.errors import exits_cleanly, handle_interrupts_from_here
 from retrain.workspace import pipeline_env
 
 
@@ -105,6 +105,27 @@ def test_a_command_after_an_interrupted_one_runs(tmp_path):
     with pytest.raises(SystemExit):
         interrupted()
     exits_cleanly(lambda: write_json(tmp_path / "out.json", {}))()  # the flag is per command
+    assert (tmp_path / "out.json").exists()
+
+
+def test_a_stage_run_in_process_leaves_its_caller_as_it_found_it(tmp_path):
+    # A stage run by `runpy` (as tests and notebooks do) installs its Ctrl-C handling from its
+    # first import; once its command returns, the caller's handler and excepthook are back
+    # and a later command starts with no Ctrl-C on record.
+    hook = sys.excepthook
+    handle_interrupts_from_here()  # what `import retrain.interrupts` does
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+
+    @exits_cleanly
+    def interrupted():
+        SignalledWhenCollected()
+
+    with pytest.raises(SystemExit) as stopped:
+        interrupted()
+    assert stopped.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sys.excepthook is hook
+    exits_cleanly(lambda: write_json(tmp_path / "out.json", {}))()
     assert (tmp_path / "out.json").exists()
 
 

@@ -63,12 +63,20 @@ def stop_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+# What `handle_interrupts_from_here` replaced, for the command's `exits_cleanly` to put back
+# when it ends: a stage run in-process (a test, `runpy`) leaves its caller as it found it.
+_before_the_command: tuple | None = None
+
+
 def handle_interrupts_from_here() -> None:
     """For a command's script, before its heavy imports (numpy, PIL, TensorFlow take a second
     or two): a Ctrl-C from here on exits with `error: interrupted` and status 130 instead of
     a traceback, even when a C extension being imported turned it into an ImportError.
     `exits_cleanly` takes over once the command's main runs, keeping a Ctrl-C that came
-    before it."""
+    before it, and restores the handler and excepthook this replaced when it returns."""
+    global _before_the_command
+    _interrupted.clear()
+    _before_the_command = (signal.getsignal(signal.SIGINT), sys.excepthook)
     signal.signal(signal.SIGINT, _on_sigint)
     previous_hook = sys.excepthook
 
@@ -92,11 +100,16 @@ def exits_cleanly(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        global _before_the_command
         in_main_thread = threading.current_thread() is threading.main_thread()
+        before, _before_the_command = _before_the_command, None
         if in_main_thread:  # only the main thread may install a signal handler
-            if signal.getsignal(signal.SIGINT) is not _on_sigint:
-                _interrupted.clear()  # else a Ctrl-C during the script's imports counts
+            if before is None:  # else a Ctrl-C during the script's imports counts
+                _interrupted.clear()
             previous = signal.signal(signal.SIGINT, _on_sigint)
+            previous_hook = sys.excepthook
+            if before is not None:
+                previous, previous_hook = before
         try:
             result = main(*args, **kwargs)
             stop_if_interrupted()  # a swallowed Ctrl-C still fails the command
@@ -115,5 +128,6 @@ def exits_cleanly(main):
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous)
+                sys.excepthook = previous_hook
 
     return wrapper
