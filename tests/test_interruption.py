@@ -125,6 +125,7 @@ def test_a_stage_run_in_process_leaves_its_caller_as_it_found_it(tmp_path):
     assert stopped.value.code == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert sys.excepthook is hook
+    write_json(tmp_path / "outside.json", {})  # code outside any command is not stopped
     exits_cleanly(lambda: write_json(tmp_path / "out.json", {}))()
     assert (tmp_path / "out.json").exists()
 

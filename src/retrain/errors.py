@@ -127,6 +127,7 @@ def exits_cleanly(main):
             sys.exit(exc.exit_code)
         finally:
             if in_main_thread:
+                _interrupted.clear()  # the command is over: its Ctrl-C is not the caller's
                 signal.signal(signal.SIGINT, previous)
                 sys.excepthook = previous_hook
 
