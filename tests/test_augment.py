@@ -58,3 +58,19 @@ def test_without_augmentation_views_are_the_images():
     np.testing.assert_array_equal(views.pixels(images, np.arange(6)), images.astype("float32"))
     np.testing.assert_array_equal(views.view_keys(np.arange(6)), 2 * np.arange(6))
     assert not Augmentation(flip=True).continuous and AUGMENT.continuous
+
+
+def test_bounded_views_come_back_in_turn_in_a_new_order():
+    bounded = Augmentation(flip=True, brightness=0.2, contrast=0.3, views=2)
+    epochs = [epoch_views(7, e, 50, bounded) for e in range(5)]
+    assert [v.draw for v in epochs] == [0, 1, 0, 1, 0]
+    for name in ("flip", "shift", "factor"):
+        np.testing.assert_array_equal(getattr(epochs[0], name), getattr(epochs[2], name))
+        np.testing.assert_array_equal(getattr(epochs[1], name), getattr(epochs[3], name))
+    assert not np.array_equal(epochs[0].shift, epochs[1].shift)
+    assert not np.array_equal(epochs[0].order, epochs[2].order)  # each epoch its own order
+    # The first draws are those of new views every epoch: views: 2 changes epochs 2 and up.
+    unbounded = epoch_views(7, 1, 50, AUGMENT)
+    np.testing.assert_array_equal(epochs[1].shift, epoch_views(7, 1, 50, bounded).shift)
+    np.testing.assert_array_equal(epochs[1].order, unbounded.order)
+    assert bounded.draws(5) == 2 and bounded.draws(1) == 1 and AUGMENT.draws(5) == 5

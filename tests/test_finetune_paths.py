@@ -212,7 +212,8 @@ def train(path: str, data, from_layer: int = 154, epochs: int = 2,
     make_head_sensitive(model, data[0].images[:8].astype("float32"))
     recipe = Recipe(learning_rate=1e-3, epochs=epochs, batch_size=8, seed=5,
                     augmentation=kwargs.pop("augmentation", AUGMENT))
-    outcome = fine_tune(model, *data, recipe, path=path, make_engine=KerasEngine, **kwargs)
+    kwargs.setdefault("make_engine", KerasEngine)
+    outcome = fine_tune(model, *data, recipe, path=path, **kwargs)
     return model, outcome
 
 
@@ -262,6 +263,37 @@ def test_views_kept_or_recomputed_give_the_same_training(data):
     for name in ("loss", "val_loss"):
         np.testing.assert_allclose(kept.history.history[name],
                                    recomputed.history.history[name], rtol=1e-6)
+
+
+class CountingEngine(KerasEngine):
+    """Keras, counting the images that pass the frozen part."""
+
+    images = 0
+
+    def __call__(self, batch):
+        CountingEngine.images += len(batch)
+        return super().__call__(batch)
+
+
+def test_bounded_views_pass_the_frozen_part_once_each_and_train_as_the_full_path(data):
+    """With `views: 2` over 4 epochs the frozen part computes each training image's two
+    views once (and the validation images once): half the work of new views every epoch,
+    and the same training as the full path on the same views."""
+    bounded = Augmentation(flip=True, brightness=0.1, contrast=0.1, views=2)
+    counts = {}
+    for views in (bounded, AUGMENT):
+        CountingEngine.images = 0
+        _, outcome = train("auto", data, epochs=4, augmentation=views,
+                           make_engine=CountingEngine)
+        counts[views.views] = CountingEngine.images
+    train_rows, val_rows = len(data[0].labels), len(data[1].labels)
+    assert counts == {2: 2 * train_rows + val_rows, 0: 4 * train_rows + val_rows}
+    full_model, full = train("full", data, epochs=4, augmentation=bounded)
+    cached_model, cached = train("auto", data, epochs=4, augmentation=bounded)
+    assert cached.details["kept_mb"] > 0
+    for name in ("loss", "val_loss"):
+        np.testing.assert_allclose(cached.history.history[name], full.history.history[name],
+                                   rtol=1e-4, err_msg=name)
 
 
 def test_replicate_seeds_start_with_the_run_seed_differ_and_reproduce():

@@ -12,9 +12,10 @@ batches:
 - `cached` (when layers below `finetune.from_layer` and BatchNorm are frozen): the frozen
   lower part (`retrain.frozen_part`) runs once per view under the fast inference engine
   (LiteRT on a CPU, about 2x TensorFlow), and only the upper part trains, on its outputs.
-  Each epoch draws new views, so training views stream from the engine to the optimizer;
-  views that come back (validation images, training images without continuous
-  augmentation) are kept in a temporary file within a budget.
+  By default each epoch draws new views, so training views stream from the engine to the
+  optimizer; views that come back (validation images, training images without continuous
+  augmentation, a bounded set of views per image with `finetune.augment.views`) are kept
+  in a temporary file within a budget.
 - `full`: every step runs the whole model on the pixels (`train_batchnorm`, `from_layer` 0,
   or `finetune.path: full`).
 
@@ -364,7 +365,7 @@ class FrozenOutputs:
 
     train: LowerOutputs
     val: LowerOutputs
-    by_epoch: bool  # views drawn anew each epoch, kept per (epoch, image) for the replicates
+    by_draw: bool  # continuous views, kept per (draw, image) where a draw recurs
     details: dict
 
     @classmethod
@@ -374,10 +375,12 @@ class FrozenOutputs:
         val_rows = len(val.labels) if len(val.labels) * row_bytes <= cache_bytes else 0
         # Without continuous augmentation a training image has at most two views (flipped
         # or not), which recur every epoch: keep them when they fit beside the validation
-        # set. With it, views recur only in the next replicate: keep every epoch's.
-        by_epoch = recipe.augmentation.continuous
-        recurring = 2 * len(train.labels) if not by_epoch else \
-            recipe.epochs * len(train.labels) if len(recipes) > 1 else 0
+        # set. With it, a draw of views recurs in a later epoch (`augment.views` below
+        # `epochs`) or in the next replicate: keep every draw's.
+        augmentation, by_draw = recipe.augmentation, recipe.augmentation.continuous
+        draws = augmentation.draws(recipe.epochs)
+        recurring = 2 * len(train.labels) if not by_draw else \
+            draws * len(train.labels) if len(recipes) > 1 or draws < recipe.epochs else 0
         train_rows = recurring if (val_rows + recurring) * row_bytes <= cache_bytes else 0
         directory = user_cache_dir("activations")
         # Separate engines: fit validates while the training dataset prefetches in its thread.
@@ -395,10 +398,10 @@ class FrozenOutputs:
                    "engine": getattr(engine, "name", type(engine).__name__),
                    "kept_mb": round((val_rows + train_rows) * row_bytes / 2**20, 3),
                    "replicates_share_frozen_outputs": len(recipes) > 1 and bool(train_rows)}
-        return cls(train_outputs, val_outputs, by_epoch, details)
+        return cls(train_outputs, val_outputs, by_draw, details)
 
     def train_keys(self, views, indices: np.ndarray, count: int) -> np.ndarray:
-        return views.epoch * count + indices if self.by_epoch else views.view_keys(indices)
+        return views.draw * count + indices if self.by_draw else views.view_keys(indices)
 
 
 def cached_path_batches(cut: FrozenCut, train: Split, val: Split, recipe: Recipe,

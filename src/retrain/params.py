@@ -173,6 +173,7 @@ SCHEMA: dict[str, Any] = {
             "flip": Field(bool, expect="true or false"),
             "brightness": _number(0, 1),
             "contrast": _number(0, 1),
+            "views": _number(0, 10000, integer=True),
         },
     },
     "accelerator": {
