@@ -79,6 +79,35 @@ def test_one_replicate_each_leaves_the_training_noise_unmeasured():
                                          three).training_noise_measured
 
 
+@pytest.mark.parametrize("df", [4, 12, 200])
+def test_a_change_of_the_detectable_size_is_caught_80_percent_of_the_time(df):
+    """The detectable change against the exact power of the two-sided t test (scipy's
+    noncentral t): at that true change the test rejects about 80% of the time."""
+    from scipy import stats
+
+    se, significance = 0.03, 0.05
+    half = stats.t.ppf(0.975, df) * se
+    smallest = uncertainty.detectable_change([-half, half], 0.95, df, significance)
+    critical = stats.t.ppf(1 - significance / 2, df)
+    power = stats.nct.sf(critical, df, smallest / se) + stats.nct.cdf(-critical, df,
+                                                                       smallest / se)
+    assert power == pytest.approx(0.8, abs=0.02)
+    assert smallest > 2.8 * se  # z(0.975) + z(0.8) = 2.80 at infinite df
+
+
+def test_more_replicates_detect_smaller_changes():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, CLASSES, IMAGES)
+    difficulty = rng.normal(0, 1, IMAGES)
+    replicates = simulated_replicates(rng, labels, difficulty, 20)
+    few = uncertainty.recipe_difference("test_accuracy", labels, replicates[:2],
+                                        replicates[2:4])
+    many = uncertainty.recipe_difference("test_accuracy", labels, replicates[:10],
+                                         replicates[10:])
+    assert many.detectable(0.05) < few.detectable(0.05)
+    assert many.detectable(0.05) > abs(many.interval[1] - many.difference)
+
+
 def t3_cdf(t: float) -> float:
     """Student's t distribution function on 3 degrees of freedom, in closed form."""
     x = t / math.sqrt(3)
@@ -148,6 +177,11 @@ def test_report_judges_a_seed_only_drop_by_the_recipe_and_a_model_gate_by_one_mo
     assert recipe.evidence.recipe.new_replicates == 3
     assert model.status == "regression"
     assert recipe.status == "not significant", recipe.evidence.recipe
+    from retrain.report import _verdict
+
+    smallest = recipe.evidence.recipe.detectable(0.05)
+    assert f"catches a change of {smallest:.4g} or more 80% of the time" in _verdict([recipe])
+    assert "catches a change" not in _verdict([model])
 
 
 def test_report_flags_a_real_recipe_regression_and_notes_unmeasured_training_noise():

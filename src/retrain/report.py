@@ -564,6 +564,19 @@ def _evidence_words(r: GateResult) -> str:
     return words
 
 
+def _detectable_words(r: GateResult) -> str:
+    """What a recipe test's "not significant" cannot rule out: the smallest change it
+    catches 80% of the time with these replicates (or folds) and test images."""
+    recipe = r.evidence.recipe_test() if r.evidence is not None and r.level == "recipe" \
+        else None
+    if recipe is None:
+        return ""
+    more = "crossval repeats" if isinstance(recipe, uncertainty.FoldComparison) \
+        else "replicates or test images"
+    return (f"; this comparison catches a change of {_fmt(recipe.detectable(r.significance))} "
+            f"or more {uncertainty.POWER:.0%} of the time: a smaller one needs more {more}")
+
+
 def _training_noise_note(results: list[GateResult]) -> str:
     """Said after the verdict when a recipe gate could judge one model of each side only."""
     unmeasured = [r for r in results if r.level == "recipe" and r.evidence is not None
@@ -589,7 +602,7 @@ def _gate_verdict(results: list[GateResult]) -> str:
         if noise:
             verdict += "; not significant: " + "; ".join(
                 f"`{r.metric}` {_fmt(r.change, sign=True)} ({_evidence_words(r)}, "
-                f"significance {_fmt(r.significance)})" for r in noise)
+                f"significance {_fmt(r.significance)}{_detectable_words(r)})" for r in noise)
         return verdict
     parts = []
     for r in failed:

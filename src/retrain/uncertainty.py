@@ -23,6 +23,8 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
+# How often a real change must be caught for a comparison to be said to see it.
+POWER = 0.8
 RESAMPLES = 4000
 # A fixed seed: the same predictions always give the same interval, whatever params.seed is.
 BOOTSTRAP_SEED = 20240
@@ -215,6 +217,11 @@ class RecipeDifference:
     def training_noise_measured(self) -> bool:
         return self.training_sd is not None
 
+    def detectable(self, significance: float, power: float = POWER) -> float:
+        """The smallest change of the replicate means this test catches `power` of the time:
+        what "not significant" cannot rule out."""
+        return detectable_change(self.interval, self.confidence, self.df, significance, power)
+
 
 def _replicate_metric(metric: str, n_classes: int):
     """Per-replicate metric over resampled images: (K, n) predictions and (B, n) image
@@ -222,6 +229,16 @@ def _replicate_metric(metric: str, n_classes: int):
     def of(labels: np.ndarray, predicted: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return METRICS[metric](confusion_counts(labels[rows], predicted[:, rows], n_classes))
     return of
+
+
+def detectable_change(interval: list[float], confidence: float, df: float,
+                      significance: float, power: float = POWER) -> float:
+    """The smallest true change that a two-sided t test, whose `confidence` interval on `df`
+    degrees of freedom is `interval`, calls real at `significance` with probability `power`:
+    (t(1 - significance / 2) + t(power)) * se, the usual sample-size formula, with the
+    standard error read off the interval (scipy's t quantiles)."""
+    se = (interval[1] - interval[0]) / 2 / float(stats.t.ppf(0.5 + confidence / 2, df))
+    return float((stats.t.ppf(1 - significance / 2, df) + stats.t.ppf(power, df)) * se)
 
 
 def _t_verdict(difference: float, se: float, df: float, confidence: float
@@ -291,6 +308,10 @@ class FoldComparison:
     pairs: int
     t: float
     df: int
+
+    def detectable(self, significance: float, power: float = POWER) -> float:
+        """The smallest change of the fold mean this test catches `power` of the time."""
+        return detectable_change(self.interval, self.confidence, self.df, significance, power)
 
 
 def corrected_resampled_ttest(base_scores, new_scores, folds: int,
