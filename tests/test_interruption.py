@@ -130,6 +130,27 @@ def test_a_stage_run_in_process_leaves_its_caller_as_it_found_it(tmp_path):
     assert (tmp_path / "out.json").exists()
 
 
+def test_a_ctrl_c_swallowed_inside_a_nested_command_still_stops_the_outer_one(tmp_path):
+    # `python -m retrain report`: the CLI's main (a command) calls report's main (another).
+    @exits_cleanly
+    def inner():
+        SignalledWhenCollected()  # swallowed, as during the CLI's imports
+
+    @exits_cleanly
+    def outer():
+        try:
+            inner()
+        except SystemExit:
+            pass  # whatever the inner command did, the outer one must not go on
+        write_json(tmp_path / "out.json", {})
+
+    with pytest.raises(SystemExit) as stopped:
+        outer()
+    assert stopped.value.code == 130
+    assert not (tmp_path / "out.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def kill_repro_when(workspace, ready, timeout=240):
     """Start `dvc repro`, SIGKILL its whole process group once `ready()` is true."""
     log = open(workspace / "repro.log", "w")

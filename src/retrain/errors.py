@@ -102,14 +102,15 @@ def exits_cleanly(main):
     def wrapper(*args, **kwargs):
         global _before_the_command
         in_main_thread = threading.current_thread() is threading.main_thread()
-        before, _before_the_command = _before_the_command, None
         if in_main_thread:  # only the main thread may install a signal handler
-            if before is None:  # else a Ctrl-C during the script's imports counts
+            # Ours already: a Ctrl-C during the script's imports, or an outer command (a
+            # command calling another), counts; else this command starts afresh.
+            if signal.getsignal(signal.SIGINT) is not _on_sigint:
                 _interrupted.clear()
             previous = signal.signal(signal.SIGINT, _on_sigint)
             previous_hook = sys.excepthook
-            if before is not None:
-                previous, previous_hook = before
+            if _before_the_command is not None:
+                (previous, previous_hook), _before_the_command = _before_the_command, None
         try:
             result = main(*args, **kwargs)
             stop_if_interrupted()  # a swallowed Ctrl-C still fails the command
@@ -127,7 +128,8 @@ def exits_cleanly(main):
             sys.exit(exc.exit_code)
         finally:
             if in_main_thread:
-                _interrupted.clear()  # the command is over: its Ctrl-C is not the caller's
+                if previous is not _on_sigint:  # the outermost command is over: its Ctrl-C
+                    _interrupted.clear()  # is not the caller's
                 signal.signal(signal.SIGINT, previous)
                 sys.excepthook = previous_hook
 

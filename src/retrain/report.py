@@ -565,15 +565,18 @@ def _evidence_words(r: GateResult) -> str:
 
 
 def _detectable_words(r: GateResult) -> str:
-    """What a recipe test's "not significant" cannot rule out: the smallest change it
-    catches 80% of the time with these replicates (or folds) and test images."""
+    """What a recipe test's "not significant" cannot rule out: the smallest change the gate
+    catches 80% of the time with these replicates (or folds) and test images (its test's
+    detectable change, or the tolerance where that is larger)."""
     recipe = r.evidence.recipe_test() if r.evidence is not None and r.level == "recipe" \
         else None
     if recipe is None:
         return ""
     more = "crossval repeats" if isinstance(recipe, uncertainty.FoldComparison) \
         else "replicates or test images"
-    return (f"; this comparison catches a change of {_fmt(recipe.detectable(r.significance))} "
+    # A change within the tolerance passes whatever the test says.
+    smallest = max(recipe.detectable(r.significance), r.tolerance)
+    return (f"; this comparison catches a change of {_fmt(smallest)} "
             f"or more {uncertainty.POWER:.0%} of the time: a smaller one needs more {more}")
 
 
