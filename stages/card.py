@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from retrain.atomic import write_json, write_text
-from retrain.card import build_card, card_markdown
+from retrain.card import build_card, card_markdown, training_recipe
 from retrain.errors import exits_cleanly
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
@@ -36,6 +36,7 @@ def main() -> None:
         evaluate=json.loads(Path(args.evaluate).read_text()),
         export=json.loads(Path(args.export).read_text()),
         files={Path(os.path.relpath(path, card_dir)).as_posix(): path for path in models},
+        training=training_recipe(params),
     )
     write_json(args.json, card)
     write_text(args.out, card_markdown(card))

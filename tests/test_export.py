@@ -424,6 +424,28 @@ def test_card_names_the_served_replicate_and_the_replicates_spread():
                                                     {"finetuned": {"replicates": one}}))
 
 
+def test_card_states_the_training_recipe_from_the_params():
+    from retrain.card import card_markdown, training_recipe
+    from retrain.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml",
+                         check_model=False)
+    params["head"]["learning_rate"] = 0.002
+    params["finetune"].update(lr_factor=0.5, replicates=3)
+    params["finetune"]["augment"].update(views=2, contrast=0)
+    card = card_of(made_up_export(0.99))
+    card["training"] = training_recipe(params)
+    markdown = card_markdown(card)
+    tune = params["finetune"]
+    assert f"backbone layers from {tune['from_layer']} up trainable (BatchNorm frozen)" \
+        in markdown
+    assert "learning rate 0.001," in markdown  # 0.002 x 0.5: the rate fine-tuning used
+    assert "horizontal flip, brightness +/-0.1; 2 views per image, drawn once" in markdown
+    assert "contrast" not in markdown.split("augmentation while fine-tuning")[1].splitlines()[0]
+    assert f"seed {params['seed']}; 3 fine-tuning replicates" in markdown
+    assert markdown.index("## Training") < markdown.index("## Test metrics")
+
+
 def test_card_recommends_float16_when_int8_does_not_hold():
     """The table measured before int8 kept layers in float (alpha 0.35): int8 agrees on 0.946
     of the held-out images, float16 is float32's size halved at the same speed."""

@@ -1,8 +1,9 @@
 """The model card: what a deployed model expects, what it predicts, and how well.
 
 `models/model_card.json` (and its Markdown twin) names the classes in output order, the
-input contract, the backbone and weights, the dataset's sha256 and split sizes, the test
-metrics, and every exported format's parity with the Keras model. It also lists the sha256
+input contract, the backbone and weights, the dataset's sha256 and split sizes, the
+training recipe (head and fine-tuning params, augmentation, seed), the test metrics, and
+every exported format's parity with the Keras model. It also lists the sha256
 of each model file it describes, so the card that ships with a model is found by content:
 `predict` takes its class list from the card that names the model file's digest, and a
 class list given by hand must then match it name for name.
@@ -51,11 +52,29 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def training_recipe(params: dict) -> dict:
+    """What trained the model, from params.yaml: the head on the cached features, then the
+    fine-tuning (learning rate as used: the head's times `lr_factor`)."""
+    head, tune = params["head"], params["finetune"]
+    return {
+        "seed": params["seed"],
+        "head": {key: head[key] for key in ("epochs", "learning_rate", "dropout",
+                                            "batch_size", "class_weights",
+                                            "early_stopping_patience")},
+        "finetune": {"from_layer": tune["from_layer"],
+                     "learning_rate": head["learning_rate"] * tune["lr_factor"],
+                     **{key: tune[key] for key in ("epochs", "batch_size", "train_batchnorm",
+                                                   "replicates")},
+                     "augment": dict(tune["augment"])},
+    }
+
+
 def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
                split_sizes: dict[str, int], evaluate: dict, export: dict,
-               files: dict[str, Path]) -> dict:
+               files: dict[str, Path], training: dict | None = None) -> dict:
     """The card as a dict. `files`: path as written in the card (relative to the card's
-    folder) -> the file, for each model file the card describes."""
+    folder) -> the file, for each model file the card describes; `training`: the recipe
+    (`training_recipe`)."""
     finetuned = evaluate.get("finetuned", {})
     size = model_params["image_size"]
     return {
@@ -78,6 +97,7 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
             "image_size": size,
         },
         "dataset": {"sha256": data_sha256, "split_sizes": dict(split_sizes)},
+        "training": training,
         "test_metrics": {key: value for key, value in finetuned.items()
                          if key in TEST_METRICS or key.endswith("_ci95")},
         "replicates": _replicates(finetuned.get("replicates")),
@@ -164,6 +184,7 @@ def card_markdown(card: dict) -> str:
         "- images per split: " + ", ".join(f"{split} {count}" for split, count
                                            in dataset["split_sizes"].items()),
         "",
+        *_training_markdown(card.get("training")),
         "## Test metrics (fine-tuned Keras model)",
         "",
         *[f"- {key}: {_number(value)}" for key, value in card["test_metrics"].items()],
@@ -196,6 +217,51 @@ def card_markdown(card: dict) -> str:
         f"Loading: {card.get('loading', LOADING)}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _augmentation_words(augment: dict) -> str:
+    drawn = [name for name, on in (("horizontal flip", augment["flip"]),
+                                   (f"brightness +/-{augment['brightness']:g}",
+                                    augment["brightness"]),
+                                   (f"contrast +/-{augment['contrast']:g}",
+                                    augment["contrast"])) if on]
+    if not drawn:
+        return "none"
+    views = augment.get("views", 0)
+    return ", ".join(drawn) + ("; new views every epoch" if not views else
+                               f"; {views} views per image, drawn once, shown in turn")
+
+
+def _head_epochs(head: dict) -> str:
+    patience = head.get("early_stopping_patience", 0)
+    if not patience:
+        return f"{head['epochs']} epochs"
+    return (f"up to {head['epochs']} epochs, stopped after {patience} without a lower "
+            "validation loss (the best epoch's weights kept)")
+
+
+def _training_markdown(training: dict | None) -> list[str]:
+    if not training:
+        return []
+    head, tune = training["head"], training["finetune"]
+    batchnorm = "BatchNorm learning its statistics" if tune["train_batchnorm"] \
+        else "BatchNorm frozen"
+    lines = [
+        "## Training",
+        "",
+        f"- head (dropout {head['dropout']:g}, dense softmax) on the frozen backbone's pooled "
+        f"features: {_head_epochs(head)}, learning rate {head['learning_rate']:g}, batch "
+        f"{head['batch_size']}" + (", balanced class weights" if head["class_weights"] else ""),
+        f"- fine-tuning: backbone layers from {tune['from_layer']} up trainable ({batchnorm}), "
+        f"{tune['epochs']} epochs, learning rate {tune['learning_rate']:g}, batch "
+        f"{tune['batch_size']}",
+        f"- augmentation while fine-tuning: {_augmentation_words(tune['augment'])}",
+        f"- seed {training['seed']}" + (
+            f"; {tune['replicates']} fine-tuning replicates, this card's files are replicate 0"
+            if tune["replicates"] > 1 else ""),
+        "",
+    ]
+    return lines
 
 
 def _replicates_markdown(replicates: dict | None) -> list[str]:
