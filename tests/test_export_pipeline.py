@@ -49,6 +49,9 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
     for name, digest in card["files"].items():
         assert file_sha256(ws / "models" / name) == digest, name
     assert (ws / "models" / "model_card.md").read_text().startswith("# Model card")
+    assert card["training"]["seed"] == params["seed"]  # the recipe of this workspace's run
+    assert card["training"]["finetune"]["from_layer"] == params["finetune"]["from_layer"]
+    assert card["training"]["finetune"]["augment"] == params["finetune"]["augment"]
 
 
 def test_predict_takes_the_class_names_from_the_card(pipeline_run):
