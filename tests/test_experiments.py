@@ -77,9 +77,9 @@ def test_each_seed_and_finetune_change_invalidates_only_its_stages(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     # The training seed: a `dvc exp run -S seed=1,2,3` sweep keeps the split, the features and
     # the cross-validation, so it measures training noise on one fixed test set.
-    # (export reads it too: it draws the int8 calibration images.)
+    # (export reads it too: it draws the int8 calibration images; the card states it.)
     set_param(workspace, "seed", params["seed"] + 1)
-    assert stages_changed(workspace) == {"train_head", "finetune", "export", "render"}
+    assert stages_changed(workspace) == {"train_head", "finetune", "export", "card", "render"}
     set_param(workspace, "seed", params["seed"])
     # Fine-tuning params leave the head's cross-validation alone ...
     set_param(workspace, "finetune.epochs", params["finetune"]["epochs"] + 1)
