@@ -24,7 +24,6 @@ views every epoch, on the cached path, and both against the full path.
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from common import (
     write_json,
 )
 
-DEFAULT_AUGMENT = {"flip": True, "brightness": 0.1, "contrast": 0.1}
+DEFAULT_AUGMENT = {"flip": True, "brightness": 0.1, "contrast": 0.1, "views": 0}
 
 
 def model_params() -> dict:
@@ -113,15 +112,9 @@ def epoch_breakdown(args) -> dict:
                 f"cached_views_{args.views}": round(bounded * train_images / 1000, 1)}}
 
 
-def set_params(path: Path, **changes) -> None:
-    from bench_finetune import edit_params
-
-    edit_params(path, **changes)
-
-
 def speed_runs(args, env: dict) -> dict:
     """`stages/finetune.py` alone, full path then cached with and without bounded views."""
-    from bench_finetune import edit_params_from, run_stages_to_head
+    from bench_finetune import edit_params, edit_params_from, run_stages_to_head
 
     images = 400 if args.quick else args.images
     raw = extracted(generated_tarball(args.workdir, flower_class_counts(images), 224, seed=5))
@@ -137,34 +130,28 @@ def speed_runs(args, env: dict) -> dict:
     runs = {name: [] for name in settings}
     for _ in range(args.rounds):
         for name, (path, views) in settings.items():
-            set_params(scratch / "params.yaml", finetune__path=path,
-                       finetune__augment__views=views)
+            edit_params(scratch / "params.yaml", finetune__path=path,
+                        finetune__augment__views=views)
             runs[name].append(stage_run(raw, scratch, env, name))
             print(name, json.dumps(runs[name][-1]), flush=True)
     return {"images": images, "model": params, "runs": runs}
 
 
 def stage_run(raw: Path, scratch: Path, env: dict, name: str) -> dict:
-    import subprocess
+    """One run of the stage: wall and CPU seconds (`timed_stages`) and what it reported."""
+    from bench_finetune import timed_stages
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run([PYTHON, REPO / "stages" / "finetune.py", "--raw", raw, "--manifests",
-                    "manifests", "--head", "head.keras", "--head-details", "head.json",
-                    "--model", f"model-{name}.keras", "--serving", f"serving-{name}",
-                    "--replicates", f"replicates-{name}", "--live", f"live-{name}",
-                    "--details", f"finetune-{name}.json"], cwd=scratch, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = timed_stages([PYTHON, REPO / "stages" / "finetune.py", "--raw", raw, "--manifests",
+                        "manifests", "--head", "head.keras", "--head-details", "head.json",
+                        "--model", f"model-{name}.keras", "--serving", f"serving-{name}",
+                        "--replicates", f"replicates-{name}", "--live", f"live-{name}",
+                        "--details", f"finetune-{name}.json"], scratch, env)
     details = json.loads((scratch / f"finetune-{name}.json").read_text())
-    return {"seconds": round(seconds, 1),
-            "cpu_seconds": round(after.ru_utime - before.ru_utime
-                                 + after.ru_stime - before.ru_stime, 1),
+    return {"seconds": round(run["seconds"], 1), "cpu_seconds": round(run["cpu_seconds"], 1),
             "path": details["path"], "kept_mb": details.get("kept_mb"),
             "val_accuracy": details.get("val_accuracy"),
             "train_images_per_second": details.get("train_images_per_second"),
-            "load_average": load_average()}
+            "load_average": run["load_average"]}
 
 
 def accuracy_runs(args) -> dict:

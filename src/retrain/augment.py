@@ -37,7 +37,7 @@ class Augmentation:
     @classmethod
     def from_params(cls, augment: dict) -> Augmentation:
         return cls(bool(augment["flip"]), float(augment["brightness"]),
-                   float(augment["contrast"]), int(augment.get("views", 0)))
+                   float(augment["contrast"]), int(augment["views"]))
 
     @property
     def continuous(self) -> bool:

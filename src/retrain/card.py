@@ -227,13 +227,13 @@ def _augmentation_words(augment: dict) -> str:
                                     augment["contrast"])) if on]
     if not drawn:
         return "none"
-    views = augment.get("views", 0)
+    views = augment["views"]
     return ", ".join(drawn) + ("; new views every epoch" if not views else
                                f"; {views} views per image, drawn once, shown in turn")
 
 
 def _head_epochs(head: dict) -> str:
-    patience = head.get("early_stopping_patience", 0)
+    patience = head["early_stopping_patience"]
     if not patience:
         return f"{head['epochs']} epochs"
     return (f"up to {head['epochs']} epochs, stopped after {patience} without a lower "

@@ -377,8 +377,7 @@ class FrozenOutputs:
         # or not), which recur every epoch: keep them when they fit beside the validation
         # set. With it, a draw of views recurs in a later epoch (`augment.views` below
         # `epochs`) or in the next replicate: keep every draw's.
-        augmentation, by_draw = recipe.augmentation, recipe.augmentation.continuous
-        draws = augmentation.draws(recipe.epochs)
+        by_draw, draws = recipe.augmentation.continuous, recipe.augmentation.draws(recipe.epochs)
         recurring = 2 * len(train.labels) if not by_draw else \
             draws * len(train.labels) if len(recipes) > 1 or draws < recipe.epochs else 0
         train_rows = recurring if (val_rows + recurring) * row_bytes <= cache_bytes else 0
