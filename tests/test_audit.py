@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO, dvc, set_param, stages_run
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from retrain.errors import DataError, ParamsError
@@ -214,6 +216,34 @@ def test_near_duplicates_on_the_projection_are_those_of_the_full_features():
     assert twins_grouped and twins_grouped <= set(groups["path"])
     assert not set(groups["path"]) & {f"twin_{i:04d}.jpg" for i in
                                         np.flatnonzero(cosines < 0.98)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(2, 60), chains=st.integers(0, 6), block_rows=st.integers(1, 70),
+       seed=st.integers(0, 2**16))
+def test_blockwise_duplicate_search_finds_the_components_of_all_pairs(rows, chains,
+                                                                      block_rows, seed):
+    """Whatever the block size, the components are those of the graph of every pair above
+    the threshold (chains of near-copies reaching across blocks included)."""
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.preprocessing import normalize
+
+    from retrain.audit import NeighbourSpace, near_duplicate_components
+
+    rng = np.random.default_rng(seed)
+    unit = rng.normal(size=(rows, 16))
+    for _ in range(chains):  # a row pulled close to another, anywhere in the table
+        a, b = rng.integers(0, rows, 2)
+        unit[a] = unit[b] + rng.normal(scale=0.1, size=16)
+    unit = normalize(unit).astype(np.float32)
+    cosines = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    assume(not (np.abs(cosines - 0.98) < 1e-5).any())  # no pair on the threshold's rounding
+    component = near_duplicate_components(NeighbourSpace(unit, unit), 0.98, block_rows)
+
+    exact = cosines >= 0.98
+    _, expected = connected_components(exact, directed=False)
+    # the same partition of the rows, whatever each component is called
+    assert len(set(zip(component, expected))) == len(set(component)) == len(set(expected))
 
 
 def test_outlier_scores_on_the_projection_follow_cleanlabs_on_the_full_features():

@@ -58,6 +58,10 @@ EXACT_SEARCH_ROWS = 5_000
 PROJECTION_SAMPLE = 20_000
 # Float32 rounding in the projection and the distance computation, as a share of the radius.
 RADIUS_SLACK = 1e-3
+# Rows per radius query of the duplicate search: at most this many rows' candidate pairs are
+# held at once, about 40 bytes each (the worst case, every row a candidate of every other
+# among 100,000: about 1 GB).
+DUPLICATE_BLOCK_ROWS = 256
 # The outlier score's neighbours are picked, by their full-feature distance, among this many
 # times as many nearest rows on the projection. Against cleanlab's own search on the full
 # features, projection forced: the same scores (within 1e-6) on the 200 real flower photos'
@@ -153,21 +157,14 @@ def neighbour_space(features: np.ndarray, seed: int = 0,
 
 
 def near_duplicate_groups(inputs: AuditInputs, similarity: float,
-                          space: NeighbourSpace | None = None) -> pd.DataFrame:
+                          space: NeighbourSpace | None = None,
+                          block_rows: int = DUPLICATE_BLOCK_ROWS) -> pd.DataFrame:
     """Groups of two or more distinct images (sha256) whose features have cosine similarity
     above `similarity` to another member (linked in a chain: connected components).
-
-    Candidate pairs come from a radius query on the projection (`neighbour_space`: it finds
-    every pair the full features would, with a little slack for float32 rounding), and a
-    pair is kept only if its full unit features reach `similarity`. Byte-identical copies
-    alone make no group: `split` keeps them together already.
+    Byte-identical copies alone make no group: `split` keeps them together already.
     """
-    space = space or neighbour_space(inputs.features)
-    radius = float(np.sqrt(max(2.0 - 2.0 * similarity, 0.0)))
-    candidates = NearestNeighbors(radius=radius * (1 + RADIUS_SLACK) + RADIUS_SLACK).fit(
-        space.reduced).radius_neighbors_graph(mode="connectivity")
-    graph = _confirmed_pairs(candidates, space.unit, similarity)
-    _, component = connected_components(graph, directed=False)
+    component = near_duplicate_components(space or neighbour_space(inputs.features),
+                                          similarity, block_rows)
     frame = inputs.table[["path", "sha256", "split"]].assign(component=component)
     distinct = frame.groupby("component")["sha256"].transform("nunique")
     frame = frame[distinct > 1]
@@ -178,16 +175,57 @@ def near_duplicate_groups(inputs: AuditInputs, similarity: float,
     return frame[["group", "path", "sha256", "split"]].reset_index(drop=True)
 
 
-def _confirmed_pairs(candidates, unit: np.ndarray, similarity: float, chunk: int = 65_536):
-    """The candidate graph's pairs whose unit features' dot product (cosine similarity)
-    reaches `similarity`, as a sparse graph of the same shape."""
-    pairs = sparse.triu(candidates, k=1).tocoo()
-    keep = np.zeros(pairs.nnz, dtype=bool)
-    for start in range(0, pairs.nnz, chunk):  # bounded memory: a chunk of row pairs at once
-        rows, cols = pairs.row[start:start + chunk], pairs.col[start:start + chunk]
-        keep[start:start + chunk] = np.einsum("ij,ij->i", unit[rows], unit[cols]) >= similarity
-    return sparse.coo_matrix((np.ones(keep.sum()), (pairs.row[keep], pairs.col[keep])),
-                             shape=candidates.shape)
+def near_duplicate_components(space: NeighbourSpace, similarity: float,
+                              block_rows: int = DUPLICATE_BLOCK_ROWS) -> np.ndarray:
+    """Each row's connected component in the graph of pairs whose unit features reach
+    cosine `similarity`.
+
+    Candidate pairs come from a radius query on the projection (`neighbour_space`: it finds
+    every pair the full features would, with a little slack for float32 rounding), and a
+    pair is kept only if its full unit features reach `similarity`. The rows are queried a
+    block at a time, and after each block the pairs found so far are reduced to one link
+    from each row to its component's first row: memory is bounded by a block's candidates
+    and the row count, not by the number of pairs, which grows as rows squared when most
+    images are alike (burst shots, video frames, generated sets).
+    """
+    rows = len(space.unit)
+    radius = float(np.sqrt(max(2.0 - 2.0 * similarity, 0.0)))
+    index = NearestNeighbors(radius=radius * (1 + RADIUS_SLACK) + RADIUS_SLACK).fit(
+        space.reduced)
+    component = np.arange(rows)
+    for start in range(0, rows, block_rows):
+        candidates = index.radius_neighbors_graph(space.reduced[start:start + block_rows],
+                                                  mode="connectivity").tocoo()
+        pairs = (candidates.row + start, candidates.col)
+        later = pairs[1] > pairs[0]  # each pair once, no row with itself
+        found = _confirmed_pairs(pairs[0][later], pairs[1][later], space.unit, similarity)
+        if len(found[0]):
+            component = _merged(component, *found)
+    return component
+
+
+def _confirmed_pairs(rows: np.ndarray, cols: np.ndarray, unit: np.ndarray, similarity: float,
+                     chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """The (rows, cols) pairs whose unit features' dot product (cosine similarity) reaches
+    `similarity`."""
+    keep = np.zeros(len(rows), dtype=bool)
+    for start in range(0, len(rows), chunk):  # bounded memory: a chunk of row pairs at once
+        part = slice(start, start + chunk)
+        keep[part] = np.einsum("ij,ij->i", unit[rows[part]], unit[cols[part]]) >= similarity
+    return rows[keep], cols[keep]
+
+
+def _merged(component: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Components after linking the pairs (rows, cols): a row's component is named by its
+    first row, and `component` links each row to it (a star per component)."""
+    size = len(component)
+    links = sparse.coo_matrix((np.ones(size + len(rows), dtype=np.int8),
+                               (np.concatenate([np.arange(size), rows]),
+                                np.concatenate([component, cols]))), shape=(size, size))
+    _, labels = connected_components(links, directed=False)
+    first = np.full(labels.max() + 1, size)
+    np.minimum.at(first, labels, np.arange(size))
+    return first[labels]
 
 
 def cross_split_groups(groups: pd.DataFrame) -> pd.Series:
