@@ -75,6 +75,35 @@ def test_next_write_reclaims_dead_leftovers_and_spares_live_work(project, monkey
     assert entries(project / STAGING) == []
 
 
+def test_a_lock_file_left_without_its_folder_is_reclaimed_unless_held(project, monkeypatch):
+    """A writer killed between taking its lock and making its folder leaves the lock file
+    alone; the next sweep removes it once it is older than a live writer's ever is, and
+    never while someone holds it."""
+    import os
+    import time
+
+    from filelock import FileLock
+
+    from retrain.atomic import ORPHAN_AGE_S, reclaim_leftovers
+
+    area = project / STAGING
+    area.mkdir(parents=True)
+    orphan, held, young = (area / f".tmp-features-{name}.lock"
+                           for name in ("dead", "held", "young"))
+    for lock in (orphan, held):
+        lock.touch()
+        old = time.time() - 10 * ORPHAN_AGE_S
+        os.utime(lock, (old, old))
+    young.touch()
+    holder = FileLock(held, timeout=0)
+    holder.acquire()  # a live owner
+    try:
+        reclaim_leftovers(area)
+        assert sorted(entries(area)) == sorted([held.name, young.name])
+    finally:
+        holder.release()
+
+
 def test_leftover_beside_an_output_from_an_older_version_is_reclaimed(project):
     old = project / "data" / ".tmp-raw-k3j2h1g0"  # as older versions left them
     (old / "flowers").mkdir(parents=True)

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
 
 TMP_PREFIX = ".tmp-"
 LOCK_SUFFIX = ".lock"
+ORPHAN_AGE_S = 2.0  # a lock file alone this long has no live owner (see _orphan_lock)
 STAGING = Path(".dvc") / "tmp" / "retrain"  # inside a DVC project: git- and DVC-ignored
 _reclaimed: set[Path] = set()  # staging areas this process has already swept
 
@@ -97,10 +99,15 @@ def reclaim_leftovers(area: str | Path, prefix: str = TMP_PREFIX) -> list[Path]:
 
     Several stages may write at once (`dvc exp run --queue`, `dvc queue start -j 2`), so a
     folder is removed only when its lock can be taken, that is, when no live process holds it.
+    A lock file left without its folder by a killed owner goes too (`_orphan_lock`).
     """
     reclaimed = []
-    for tmp in sorted(Path(area).glob(f"{glob.escape(prefix)}*")):
-        if not tmp.is_dir():  # a lock file, or not ours
+    for path in sorted(Path(area).glob(f"{glob.escape(prefix)}*")):
+        if path.is_dir():
+            tmp = path
+        elif _orphan_lock(path):
+            tmp = path.with_name(path.name.removesuffix(LOCK_SUFFIX))
+        else:  # a live folder's lock file, or not ours
             continue
         lock = FileLock(f"{tmp}{LOCK_SUFFIX}", timeout=0)
         try:
@@ -115,6 +122,19 @@ def reclaim_leftovers(area: str | Path, prefix: str = TMP_PREFIX) -> list[Path]:
             lock.release()
             Path(f"{tmp}{LOCK_SUFFIX}").unlink(missing_ok=True)
     return reclaimed
+
+
+def _orphan_lock(path: Path) -> bool:
+    """A lock file without its folder, older than ORPHAN_AGE_S: its owner was killed after
+    taking the lock and before making the folder, or after removing the folder and before
+    removing the lock. (A younger one may be a live owner's, between those two steps.)"""
+    if not path.name.endswith(LOCK_SUFFIX) or path.with_name(
+            path.name.removesuffix(LOCK_SUFFIX)).exists():
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > ORPHAN_AGE_S
+    except FileNotFoundError:
+        return False
 
 
 def write_json(dest: str | Path, data: Any) -> None:
