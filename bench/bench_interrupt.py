@@ -38,6 +38,7 @@ class Try:
     returncode: int | None  # None: the stage had written its outputs before the signal
     stop_seconds: float = 0.0  # from the signal to the exit
     outputs_left: tuple[str, ...] = ()
+    finished_seconds: float | None = None  # not counted: when the run ended by itself
 
     @property
     def counted(self) -> bool:
@@ -94,12 +95,13 @@ def _signalled_run(workspace: Path, cmd: str, written: list[str], env: dict,
         return Try(time.monotonic() - start, 0)
     try:
         process.wait(timeout=delay)
-        return Try(delay, None)  # finished before the signal: not a try
+        # finished before the signal: not a try
+        return Try(delay, None, finished_seconds=time.monotonic() - start)
     except subprocess.TimeoutExpired:
         pass
     if all((workspace / path).exists() for path in written):
         process.wait()
-        return Try(delay, None)  # its work was done, it was exiting: not a try
+        return Try(delay, None, finished_seconds=delay)  # its work was done: not a try
     os.killpg(process.pid, signal.SIGINT)
     signalled = time.monotonic()
     process.wait()
@@ -108,13 +110,20 @@ def _signalled_run(workspace: Path, cmd: str, written: list[str], env: dict,
 
 
 def interrupt_stage(workspace: Path, stage: str, tries: int, env: dict,
-                    rng: random.Random) -> tuple[float, list[Try]]:
-    """One uninterrupted run (its time bounds the signal's moment), then `tries` counted
-    tries, each signalled at a moment drawn uniformly over that run time."""
-    reference = run_stage(workspace, stage, env).delay
+                    rng: random.Random, reference: float | None = None
+                    ) -> tuple[float, list[Try]]:
+    """`tries` counted tries, each signalled at a moment drawn uniformly over `reference`
+    seconds, the stage's run time: an uninterrupted run's when not given. A given one may
+    be too long (measured under more load): a run that ends before its signal shortens it
+    to that run's time, so the next draws fall within the stage."""
+    if reference is None:
+        reference = run_stage(workspace, stage, env).delay
     results: list[Try] = []
     while len([t for t in results if t.counted]) < tries:
-        results.append(run_stage(workspace, stage, env, rng.uniform(0.05, 0.95) * reference))
+        done = run_stage(workspace, stage, env, rng.uniform(0.05, 0.95) * reference)
+        if done.finished_seconds is not None:
+            reference = min(reference, done.finished_seconds)
+        results.append(done)
     return reference, results
 
 

@@ -3,11 +3,13 @@ where present and skipped cleanly where not."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,13 +114,58 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
 
+# The small profile's stages in the order `dvc repro` runs them: those before the head, and
+# those a head param change re-runs (the audit reads only the data and crossval's folds).
+UPSTREAM = ["fetch", "split", "extract"]
+FROM_TRAIN_HEAD = ["train_head", "crossval", "finetune", "evaluate", "export", "card",
+                   "render"]
+
+
+def locked_outs(workspace: Path) -> dict[str, dict[str, str]]:
+    """{stage: {output path: md5}} as recorded in dvc.lock."""
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    return {name: {out["path"]: out["md5"] for out in stage.get("outs", [])}
+            for name, stage in lock["stages"].items()}
+
+
+def read_metrics(workspace: Path) -> dict[str, dict]:
+    """Every figure: the metrics files DVC shows and the stages' details files, by path."""
+    return {path.relative_to(workspace).as_posix(): json.loads(path.read_text())
+            for folder in ("metrics", "reports/details")
+            for path in sorted((workspace / folder).glob("*.json"))}
+
+
+STAGE_SECONDS = "stage-seconds.json"  # beside the session's pipeline run, not in it
+
+
+def timed_repro(workspace: Path) -> dict[str, float]:
+    """`dvc repro` in `workspace`: {stage: seconds from its "Running stage" line to the next
+    stage's, or to the end}. DVC flushes each log line as it is written."""
+    from retrain.workspace import pipeline_env
+
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=workspace,
+                               env=pipeline_env(workspace), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    started: dict[str, float] = {}
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if found := re.match(r"Running stage '([\w-]+)'", line):
+            started[found[1]] = time.monotonic()
+    process.wait()
+    if process.returncode != 0:
+        raise AssertionError("dvc repro failed:\n" + "".join(lines))
+    ends = [*list(started.values())[1:], time.monotonic()]
+    return {stage: end - start for (stage, start), end in zip(started.items(), ends)}
+
+
 def build_pipeline_run(dest: Path) -> None:
     """A git + DVC workspace on the small profile at `dest`, the whole pipeline run and
-    committed."""
+    committed; how long each stage took goes to `STAGE_SECONDS` beside it."""
     from retrain.workspace import create_workspace
 
     workspace = create_workspace(dest, source=REPO, profile="small")
-    dvc(workspace, "repro")
+    (dest.parent / STAGE_SECONDS).write_text(json.dumps(timed_repro(workspace)))
     subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm",
                     "first run"], cwd=workspace, check=True)
@@ -172,6 +219,13 @@ def pytest_collection_modifyitems(items):
         if ("pipeline_run" in names and "workspace" not in names
                 and not item.get_closest_marker("xdist_group")):
             item.add_marker(pytest.mark.xdist_group("pipeline_run"))
+
+
+@pytest.fixture(scope="session")
+def pipeline_stage_seconds(tmp_path_factory, pipeline_run) -> dict[str, float]:
+    """{stage: seconds} of the session's pipeline run, under the load the tests put on it."""
+    return json.loads((session_root(tmp_path_factory) / "pipeline-run" / STAGE_SECONDS)
+                      .read_text())
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """Experiments on the small profile: what a param change re-runs, queued sweeps that reuse the
-cached features, a misspelled `-S` key, and forced re-runs that reproduce the same hashes.
+cached features and fill the run-cache, and a misspelled `-S` key. (That a re-run of every
+stage reproduces the same hashes and metrics is checked in test_interruption, after the
+re-runs it interrupts.)
 
 Each test works on a private copy of the session's finished pipeline (`workspace`) and follows
 the commands documented in the README's Experiments section.
@@ -15,57 +17,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc, set_param, stages_run
+from conftest import (
+    FROM_TRAIN_HEAD,
+    UPSTREAM,
+    dvc,
+    locked_outs,
+    read_metrics,
+    set_param,
+    stages_run,
+)
 
 pytestmark = pytest.mark.slow
-
-UPSTREAM = ["fetch", "split", "extract"]
-FROM_TRAIN_HEAD = ["train_head", "crossval", "finetune", "evaluate", "export", "card",
-                   "render"]
 
 # The compact `dvc exp show` of the README's Experiments section: the swept params and the
 # headline metrics.
 SHOW_KEEP = (r"^(Experiment|Created|State)$|^head\.(dropout|learning_rate)$"
              r"|^finetuned\.(test_accuracy|macro_f1)$")
-
-
-def locked_outs(workspace: Path) -> dict[str, dict[str, str]]:
-    """{stage: {output path: md5}} as recorded in dvc.lock."""
-    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
-    return {name: {out["path"]: out["md5"] for out in stage.get("outs", [])}
-            for name, stage in lock["stages"].items()}
-
-
-def read_metrics(workspace: Path) -> dict[str, dict]:
-    """Every figure: the metrics files DVC shows and the stages' details files, by path."""
-    return {path.relative_to(workspace).as_posix(): json.loads(path.read_text())
-            for folder in ("metrics", "reports/details")
-            for path in sorted((workspace / folder).glob("*.json"))}
-
-
-def test_head_learning_rate_change_reruns_train_head_and_later_only(workspace):
-    before, metrics_before = locked_outs(workspace), read_metrics(workspace)
-    learning_rate = yaml.safe_load((workspace / "params.yaml").read_text())["head"][
-        "learning_rate"]
-    set_param(workspace, "head.learning_rate", learning_rate / 2)
-
-    result = dvc(workspace, "repro")
-
-    assert stages_run(result.stdout) == FROM_TRAIN_HEAD, result.stdout
-    for stage in UPSTREAM:
-        assert f"Stage '{stage}' didn't change, skipping" in result.stdout
-    after = locked_outs(workspace)
-    assert {s: after[s] for s in UPSTREAM} == {s: before[s] for s in UPSTREAM}
-    assert after["train_head"] != before["train_head"]
-
-    # Back to the committed value: the run-cache restores every stage's outputs, nothing runs.
-    set_param(workspace, "head.learning_rate", learning_rate)
-    result = dvc(workspace, "repro")
-    assert stages_run(result.stdout) == [], result.stdout
-    for stage in FROM_TRAIN_HEAD:
-        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in result.stdout
-    assert locked_outs(workspace) == before
-    assert read_metrics(workspace) == metrics_before
 
 
 def stages_changed(workspace: Path) -> set[str]:
@@ -147,8 +114,13 @@ def start_queue(workspace: Path) -> None:
                        stdin=subprocess.DEVNULL, check=True)
 
 
-def test_queued_sweep_runs_both_points_and_reuses_the_features(workspace):
-    baseline = locked_outs(workspace)
+def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
+    """A queued sweep over a head param: each point re-runs train_head and everything after
+    it, reusing the features; afterwards a plain `dvc repro` at either point's value, or back
+    at the committed one, runs nothing: the run-cache restores every stage's outputs."""
+    baseline, metrics_before = locked_outs(workspace), read_metrics(workspace)
+    committed_dropout = yaml.safe_load((workspace / "params.yaml").read_text())["head"][
+        "dropout"]
     queued = dvc(workspace, "exp", "run", "--queue", "-n", "sweep", "-S", "head.dropout=0.2,0.5")
     names = ["sweep-1", "sweep-2"]
     for name in names:
@@ -166,7 +138,8 @@ def test_queued_sweep_runs_both_points_and_reuses_the_features(workspace):
     # Feature extraction ran once, for the baseline: both experiments reused its outputs.
     for name, log in logs.items():
         assert stages_run(log) == FROM_TRAIN_HEAD, f"{name}:\n{log}"
-        assert "Stage 'extract' didn't change, skipping" in log
+        for stage in UPSTREAM:
+            assert f"Stage '{stage}' didn't change, skipping" in log, f"{name}:\n{log}"
 
     shown = json.loads(dvc(workspace, "exp", "show", "--json").stdout)
     experiments = {exp["name"]: exp["revs"][0]["data"]
@@ -203,28 +176,14 @@ def test_queued_sweep_runs_both_points_and_reuses_the_features(workspace):
         applied["finetuned"]["test_accuracy_ci95"]
     assert dvc(workspace, "status").stdout.strip() == "Data and pipelines are up to date."
 
-
-def test_forced_repro_gives_the_same_hashes_and_metrics(workspace):
-    """The session's first run and a `dvc repro --force` of every stage agree byte for byte on
-    the manifests and features, and exactly on every metric (throughput aside)."""
-    before_outs, before_metrics = locked_outs(workspace), read_metrics(workspace)
-
-    result = dvc(workspace, "repro", "--force")
-
-    # every stage, the audit among them (it reads only the data and crossval's folds)
-    everything = UPSTREAM + FROM_TRAIN_HEAD[:2] + ["audit"] + FROM_TRAIN_HEAD[2:]
-    assert stages_run(result.stdout) == everything, result.stdout
-    after_outs, after_metrics = locked_outs(workspace), read_metrics(workspace)
-    for stage in ("split", "extract"):
-        # The data outputs; the stage's figures are compared below, less their timings.
-        data = [path for path in before_outs[stage]
-                if not path.startswith(("metrics/", "reports/details/"))]
-        assert data, stage
-        assert {p: after_outs[stage][p] for p in data} == {p: before_outs[stage][p] for p in data}
-    for metrics in (before_metrics, after_metrics):
-        metrics["reports/details/extract.json"].pop("images_per_second")  # timings
-        metrics["reports/details/finetune.json"].pop("train_images_per_second")
-        for path in ("metrics/export.json", "reports/details/export.json"):
-            for entry in metrics[path].values():
-                entry.pop("latency_ms")
-    assert after_metrics == before_metrics
+    # The other point, then the committed value, by hand: nothing runs, the run-cache has
+    # every stage's outputs for both.
+    for dropout in (0.5, committed_dropout):
+        set_param(workspace, "head.dropout", dropout)
+        result = dvc(workspace, "repro")
+        assert stages_run(result.stdout) == [], result.stdout
+        for stage in FROM_TRAIN_HEAD:
+            assert f"Stage '{stage}' is cached - skipping run, checking out outputs" \
+                in result.stdout, result.stdout
+    assert locked_outs(workspace) == baseline
+    assert read_metrics(workspace) == metrics_before

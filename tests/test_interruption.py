@@ -12,9 +12,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from conftest import REPO, dvc, set_param, stages_run
+from conftest import (
+    FROM_TRAIN_HEAD,
+    REPO,
+    UPSTREAM,
+    dvc,
+    locked_outs,
+    read_metrics,
+    stages_run,
+)
 
 from retrain.atomic import STAGING, write_json
 from retrain.errors import exits_cleanly, handle_interrupts_from_here
@@ -151,10 +158,10 @@ def test_a_ctrl_c_swallowed_inside_a_nested_command_still_stops_the_outer_one(tm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def kill_repro_when(workspace, ready, timeout=240):
-    """Start `dvc repro`, SIGKILL its whole process group once `ready()` is true."""
+def kill_repro_when(workspace, ready, *options, timeout=600):
+    """Start `dvc repro OPTIONS`, SIGKILL its whole process group once `ready()` is true."""
     log = open(workspace / "repro.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=workspace,
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *options], cwd=workspace,
                                env=pipeline_env(workspace), stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -173,6 +180,11 @@ def temporary_outputs(workspace, folder):
     return list((workspace / folder).glob(".tmp-*")) if (workspace / folder).exists() else []
 
 
+def running(log, stage) -> bool:
+    """Whether a `dvc repro` log has reached `stage` (DVC's log lines are flushed at once)."""
+    return f"Running stage '{stage}'" in (log.read_text() if log.exists() else "")
+
+
 def finetune_epoch_started(log) -> bool:
     text = log.read_text() if log.exists() else ""
     return "Epoch 1/" in text.partition("Running stage 'finetune'")[2]
@@ -180,14 +192,16 @@ def finetune_epoch_started(log) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["extract", "crossval", "finetune", "export"])
-def test_ctrl_c_stops_each_long_stage_and_leaves_no_output(workspace, stage):
+def test_ctrl_c_stops_each_long_stage_and_leaves_no_output(workspace, stage,
+                                                           pipeline_stage_seconds):
     """Three tries, each signalled at a new random moment of the stage's run (imports,
-    model building, conversion and the heavy loop alike): `python bench/bench_interrupt.py`
-    runs 20 per stage."""
+    model building, conversion and the heavy loop alike), as long as it took in the
+    session's pipeline run: `python bench/bench_interrupt.py` runs 20 per stage."""
     sys.path.insert(0, str(REPO / "bench"))
     from bench_interrupt import interrupt_stage
 
-    _, tries = interrupt_stage(workspace, stage, 3, pipeline_env(workspace), random.Random())
+    _, tries = interrupt_stage(workspace, stage, 3, pipeline_env(workspace), random.Random(),
+                               reference=pipeline_stage_seconds[stage])
     for signalled in (t for t in tries if t.counted):
         # 130 from the stage's handler; killed by SIGINT when it came before the stage's
         # own imports were done (Python's default handler, then its exit by the signal).
@@ -197,39 +211,61 @@ def test_ctrl_c_stops_each_long_stage_and_leaves_no_output(workspace, stage):
                                                                               "models")
 
 
+def without_timings(metrics: dict[str, dict]) -> dict[str, dict]:
+    """`read_metrics` less the figures that measure speed, which no two runs share."""
+    metrics["reports/details/extract.json"].pop("images_per_second")
+    metrics["reports/details/finetune.json"].pop("train_images_per_second")
+    for path in ("metrics/export.json", "reports/details/export.json"):
+        for entry in metrics[path].values():
+            entry.pop("latency_ms")
+    return metrics
+
+
 @pytest.mark.slow
-def test_killed_extract_and_killed_finetune_then_repro_finishes(workspace):
-    # Both stages stale: extract (and all after it) through its batch size, finetune again
-    # through its learning rate.
-    set_param(workspace, "extract.batch_size", 8)
-    set_param(workspace, "finetune.lr_factor", 0.05)
+def test_killed_extract_and_killed_finetune_then_repro_finishes_as_the_first_run(workspace):
+    """Every stage re-run (`--force`), two of them killed on the way, ends where the
+    session's first run ended: the same manifests and features byte for byte, and exactly the
+    same figures (speed aside). Nothing a killed run left behind changes a result."""
+    before_outs, before_metrics = locked_outs(workspace), read_metrics(workspace)
 
     # 1. SIGKILL while extract writes its features (in the staging area, not in data/).
-    kill_repro_when(workspace, lambda: temporary_outputs(workspace, STAGING))
+    log = workspace / "repro.log"
+    kill_repro_when(workspace, lambda: running(log, "extract")
+                    and temporary_outputs(workspace, STAGING), "--force")
     # Nothing that looks like finished features: DVC removed the old ones before running,
     # and the new ones only ever existed under a temporary name.
     assert not (workspace / "data" / "features" / "test.npy").exists()
 
-    # 2. The next repro redoes extract; SIGKILL it again once fine-tuning has started.
-    log = workspace / "repro.log"
-    kill_repro_when(workspace, lambda: finetune_epoch_started(log))
-    assert "Running stage 'extract'" in log.read_text()
+    # 2. Every stage again; SIGKILL once fine-tuning has started.
+    kill_repro_when(workspace, lambda: finetune_epoch_started(log), "--force")
+    # every stage before it, the audit among them (it reads only the data and crossval's folds)
+    assert stages_run(log.read_text()) == UPSTREAM + FROM_TRAIN_HEAD[:2] + ["audit",
+                                                                            "finetune"]
     assert not (workspace / "models" / "model.keras").exists()
     assert not (workspace / "reports" / "details" / "finetune.json").exists()
 
-    # 3. A plain repro finishes the job: everything up to date, every output whole.
-    result = dvc(workspace, "repro")
-    assert stages_run(result.stdout)[0] == "finetune", result.stdout
-    assert "extract" not in stages_run(result.stdout)
+    # 3. A repro finishes the job: fine-tuning, whose outputs are gone, and every stage
+    # after it (forced: their inputs may be byte-identical to the first run's, and they too
+    # must give the first run's figures).
+    result = dvc(workspace, "repro", "--force-downstream")
+    assert stages_run(result.stdout) == FROM_TRAIN_HEAD[2:], result.stdout
     assert json.loads(dvc(workspace, "status", "--json").stdout) == {}
     for folder in ("data", "models", "dvclive", STAGING):  # the killed runs' work reclaimed
         assert not temporary_outputs(workspace, folder), folder
-    for split in ("train", "val", "test"):
-        assert np.isfinite(np.load(workspace / "data" / "features" / f"{split}.npy")).all()
     import keras
 
     import retrain.base  # noqa: F401
     keras.models.load_model(workspace / "models" / "model.keras")  # whole and loadable
+
+    # The same results as the first run.
+    after_outs = locked_outs(workspace)
+    for stage in ("split", "extract"):
+        # The data outputs; the stage's figures are compared below, less their timings.
+        data = [path for path in before_outs[stage]
+                if not path.startswith(("metrics/", "reports/details/"))]
+        assert data, stage
+        assert {p: after_outs[stage][p] for p in data} == {p: before_outs[stage][p] for p in data}
+    assert without_timings(read_metrics(workspace)) == without_timings(before_metrics)
 
 
 @pytest.mark.slow
