@@ -118,11 +118,12 @@ def interrupt_stage(workspace: Path, stage: str, tries: int, env: dict,
     to that run's time, so the next draws fall within the stage."""
     if reference is None:
         reference = run_stage(workspace, stage, env).delay
+    span = reference
     results: list[Try] = []
     while len([t for t in results if t.counted]) < tries:
-        done = run_stage(workspace, stage, env, rng.uniform(0.05, 0.95) * reference)
+        done = run_stage(workspace, stage, env, rng.uniform(0.05, 0.95) * span)
         if done.finished_seconds is not None:
-            reference = min(reference, done.finished_seconds)
+            span = min(span, done.finished_seconds)
         results.append(done)
     return reference, results
 

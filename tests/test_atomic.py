@@ -77,8 +77,8 @@ def test_next_write_reclaims_dead_leftovers_and_spares_live_work(project, monkey
 
 def test_a_lock_file_left_without_its_folder_is_reclaimed_unless_held(project, monkeypatch):
     """A writer killed between taking its lock and making its folder leaves the lock file
-    alone; the next sweep removes it once it is older than a live writer's ever is, and
-    never while someone holds it."""
+    alone; the next sweep removes it once it is older than a live writer's lock file is
+    when still unlocked, and never while someone holds it."""
     import os
     import time
 
