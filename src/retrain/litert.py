@@ -26,6 +26,7 @@ kept in float32), and runs the result with `LiteRTClassifier`.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -280,19 +281,24 @@ def _quantize_int8(converter, representative: np.ndarray, float_layers: int,
                                 message="Statistics for quantized inputs were expected")
         calibrated = converter.convert()
 
-    def quantize(denylisted: list[str]) -> bytes:
+    @functools.cache
+    def quantize(float_count: int | None = None) -> bytes:
+        """The file with the first `float_count` layers in float (None: every layer); each
+        count is quantized once (~1.5 s for ResNet50V2), however often the search asks."""
+        denylisted = layers if float_count is None else layers[:float_count]
         # Pixels are uint8 anyway; probabilities stay float32 for every caller.
         return mlir_quantize(calibrated, disable_per_channel=False, fully_quantize=False,
                              input_data_type=tf.uint8, output_data_type=tf.float32,
                              denylisted_nodes=denylisted or None)
 
-    layers = quantized_layers(quantize([]))
-    kept_float = layers[:float_layers]
-    if size_budget is not None:
-        max_bytes = size_budget * len(quantize(layers))
-        kept_float = layers[:longest_prefix_within(
-            lambda count: len(quantize(layers[:count])), len(kept_float), max_bytes)]
-    flatbuffer = quantize(kept_float)
+    layers: list[str] = []  # quantize(0), all int8, needs none of them
+    layers = quantized_layers(quantize(0))
+    count = min(float_layers, len(layers))
+    if size_budget is not None and count:
+        max_bytes = size_budget * len(quantize(None))
+        count = longest_prefix_within(lambda n: len(quantize(n)), count, max_bytes)
+    kept_float = layers[:count]
+    flatbuffer = quantize(count)
     computed_in_float = float_layer_names(flatbuffer)
     if set(computed_in_float) != set(kept_float):
         raise ConversionError(f"int8 conversion computes {len(computed_in_float)} layers in "
@@ -305,7 +311,10 @@ def longest_prefix_within(size_of, longest: int, max_bytes: float) -> int:
     `max_bytes` (0 when none is). A float layer's weights take 4 bytes instead of 1, so the
     size grows with the count and a few quantizations (each ~0.1 s) find it; a tiny layer
     can save a few hundred bytes of quantization parameters instead, where the bisection may
-    stop one layer short. The count returned always fits (but 0, which may not)."""
+    stop one layer short. The count returned always fits (but 0, which may not). The count
+    asked is tried first: it fits more often than not (40 layers of MobileNetV2 at 0.45x)."""
+    if size_of(longest) <= max_bytes:
+        return longest
     return max(bisect.bisect_right(range(longest + 1), max_bytes, key=size_of) - 1, 0)
 
 
