@@ -244,6 +244,11 @@ def test_bytes_signature_gives_the_same_top1_as_evaluate(trained, tmp_path):
     assert np.abs(served - expected).max() < 0.05
     pixels = loaded.signatures["serving_default"](pixels=tf.constant(images, tf.float32))
     np.testing.assert_allclose(next(iter(pixels.values())).numpy(), expected, atol=1e-5)
+    # Every weight is stored once (a tracked model stores each twice: keras-team/keras#23553).
+    stored = tf.train.load_checkpoint(str(tmp_path / "serving" / "variables" / "variables"))
+    shapes = stored.get_variable_to_shape_map()
+    assert sum(int(np.prod(shape)) for name, shape in shapes.items()
+               if name != "_CHECKPOINTABLE_OBJECT_GRAPH") == model.count_params()
 
 
 # --- model card and predict ------------------------------------------------------------------

@@ -263,21 +263,23 @@ def _webp_rgb(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def export_serving(model: keras.Model, dest: str | Path) -> None:
-    """Write `model` (raw pixels in) as a SavedModel with a pixel and an image-bytes signature."""
-    size = int(model.input.shape[1])
+    """Write `model` (raw pixels in) as a SavedModel with a pixel and an image-bytes signature.
 
-    def from_pixels(pixels):
-        return model(pixels, training=False)
+    The model is traced once: the bytes signature calls the pixel one. And the archive does
+    not `track` the model: tracked, each weight is written twice (once per Keras variable,
+    once per tf.Variable the traced functions capture; keras-team/keras#23553), doubling
+    the folder and its load time. The functions' captured variables are all it needs."""
+    size = int(model.input.shape[1])
+    from_pixels = tf.function(lambda pixels: model(pixels, training=False), input_signature=[
+        tf.TensorSpec((None, size, size, 3), tf.float32, name="pixels")])
 
     def from_image_bytes(image_bytes):
         pixels = tf.map_fn(lambda encoded: decode_image_bytes(encoded, size), image_bytes,
                            fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
-        return model(tf.cast(pixels, tf.float32), training=False)
+        return from_pixels(tf.cast(pixels, tf.float32))
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(PIXELS_SIGNATURE, from_pixels, input_signature=[
-        tf.TensorSpec((None, size, size, 3), tf.float32, name="pixels")])
+    archive.add_endpoint(PIXELS_SIGNATURE, from_pixels)
     archive.add_endpoint(BYTES_SIGNATURE, from_image_bytes, input_signature=[
         tf.TensorSpec((None,), tf.string, name="image_bytes")])
     archive.write_out(str(dest), verbose=False)
