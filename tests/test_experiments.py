@@ -176,15 +176,16 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
         applied["finetuned"]["test_accuracy_ci95"]
     assert dvc(workspace, "status").stdout.strip() == "Data and pipelines are up to date."
 
-    # Back at the committed value, at the experiment's, and back again, by hand: nothing
-    # runs, the run-cache has every stage's outputs for both (the experiment's from the
-    # queued run, which ran in a workspace of its own).
-    for dropout in (committed_dropout, 0.2, committed_dropout):
+    # Back at the committed value, then at the experiment's, by hand: nothing runs, the
+    # run-cache has every stage's outputs for both (the experiment's from the queued run,
+    # which ran in a workspace of its own).
+    for dropout in (committed_dropout, 0.2):
         set_param(workspace, "head.dropout", dropout)
         result = dvc(workspace, "repro")
         assert stages_run(result.stdout) == [], result.stdout
         for stage in FROM_TRAIN_HEAD:
             assert f"Stage '{stage}' is cached - skipping run, checking out outputs" \
                 in result.stdout, result.stdout
-    assert locked_outs(workspace) == baseline
-    assert read_metrics(workspace) == metrics_before
+        if dropout == committed_dropout:
+            assert locked_outs(workspace) == baseline
+            assert read_metrics(workspace) == metrics_before

@@ -1,0 +1,88 @@
+"""The small profile's whole pipeline (what `make small`, the demo, CI on pull requests and
+most pipeline tests run) from this working tree and from a base revision, side by side:
+each stage's wall time and the ratio base / now. Each run starts cold (its own empty
+download, image and LiteRT cache), as a test session's first run does.
+
+    python bench/bench_small_profile.py --base e9850f8 [--rounds 2]
+
+Rounds alternate base and now, so a change in the machine's load hits both; the load
+average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import PYTHON, REPO, load_average, median, parse_args, write_json
+
+
+def source_tree(workdir: Path, revision: str) -> Path:
+    """The pipeline files of `revision`, exported to a folder of their own."""
+    dest = workdir / f"source-{revision}"
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", revision], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def timed_pipeline(source: Path, dest: Path) -> dict[str, float]:
+    """{stage: seconds from its "Running stage" line to the next one's, or to the end}, and
+    "total", for `dvc repro` of the small profile in a fresh workspace made from `source`."""
+    from retrain.workspace import create_workspace, pipeline_env
+
+    shutil.rmtree(dest, ignore_errors=True)
+    workspace = create_workspace(dest / "ws", source=source, profile="small")
+    env = {**pipeline_env(workspace), "RETRAIN_CACHE": str(dest / "cache")}
+    started, begin = {}, time.monotonic()
+    process = subprocess.Popen([PYTHON, "-m", "dvc", "repro"], cwd=workspace, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if found := re.match(r"Running stage '([\w-]+)'", line):
+            started[found[1]] = time.monotonic()
+    if process.wait() != 0:
+        sys.exit("dvc repro failed:\n" + "".join(lines[-30:]))
+    end = time.monotonic()
+    ends = [*list(started.values())[1:], end]
+    seconds = {stage: e - s for (stage, s), e in zip(started.items(), ends)}
+    return {**seconds, "total": end - begin}
+
+
+def main(argv=None) -> None:
+    def extra(parser):
+        parser.add_argument("--base", required=True, help="git revision to compare with")
+        parser.add_argument("--rounds", type=int, default=1)
+
+    args = parse_args(__doc__, argv, extra)
+    sys.path.insert(0, str(REPO / "src"))
+    sources = {"base": source_tree(args.workdir, args.base), "now": REPO}
+    print(f"load average before: {load_average()}")
+    runs = {name: [] for name in sources}
+    for round_ in range(args.rounds):
+        for name, source in sources.items():
+            runs[name].append(timed_pipeline(source, args.workdir / f"small-{name}"))
+            print(f"round {round_ + 1} {name}: {runs[name][-1]['total']:.1f} s", flush=True)
+    print(f"load average after: {load_average()}")
+
+    stages = list(runs["now"][0])
+    print(f"\n| stage | {args.base} (s) | now (s) | base / now |\n|---|---|---|---|")
+    results = {}
+    for stage in stages:
+        base, now = (median([run.get(stage, 0.0) for run in runs[name]]) for name in sources)
+        results[stage] = {"base_s": base, "now_s": now}
+        ratio = f"{base / now:.2f}x" if now else "-"
+        print(f"| {stage} | {base:.1f} | {now:.1f} | {ratio} |")
+    write_json(args.json, {"base": args.base, "rounds": args.rounds, "stages": results,
+                           "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
