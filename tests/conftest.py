@@ -243,7 +243,7 @@ def real_flowers_run(tmp_path_factory) -> Path:
 
     Half the images go to test (80), so accuracies there are worth comparing; the head
     trains longer than the default 5 epochs because 80 training images make few steps.
-    Cross-validation and the audit, which no test of this run reads, are off.
+    The audit, which no test of this run reads, is off.
     """
     import hashlib
 
@@ -255,8 +255,7 @@ def real_flowers_run(tmp_path_factory) -> Path:
                        "data.sha256": hashlib.sha256(tarball.read_bytes()).hexdigest(),
                        "model.weights": str(weights), "model.alpha": 0.35,
                        "split.test_fraction": 0.5, "head.epochs": 20,
-                       "finetune.epochs": 3, "crossval.folds": 0,
-                       "audit.enabled": False}.items():
+                       "finetune.epochs": 3, "audit.enabled": False}.items():
         set_param(workspace, key, value)
     dvc(workspace, "repro", "evaluate")
     return workspace

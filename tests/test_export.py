@@ -173,6 +173,9 @@ def test_longest_prefix_within_a_size_budget():
     assert litert.longest_prefix_within(sizes.__getitem__, 5, 109) == 3
     assert litert.longest_prefix_within(sizes.__getitem__, 5, 105) == 1
     assert litert.longest_prefix_within(sizes.__getitem__, 2, 1000) == 2  # the count asked
+    # The count asked is kept whenever it fits, even where bisection would stop short of it
+    # at a smaller size one layer earlier (108 after 110).
+    assert litert.longest_prefix_within(sizes.__getitem__, 3, 109) == 3
     assert litert.longest_prefix_within(sizes.__getitem__, 5, 99) == 0  # nothing fits
 
 

@@ -38,13 +38,11 @@ def run_use_case(dest, name: str, generate: dict, params: dict):
     `dvc repro render crossval`: every stage but export and card, which no check here reads
     and the session's full small-profile run covers (about a minute on 2 cores). crossval
     runs though nothing here reads it: its stratified folds are where few images per class
-    would fail first. The audit is off (no check here reads it, test_audit covers it): its
-    empty tables are what evaluate then reads."""
+    would fail first."""
     workspace = create_workspace(dest, source=REPO)
-    overrides = {"model": {"image_size": 32}, "audit": {"enabled": False}, **params}
     profile = {"generate": {"dest": f"data/generated/{name}.tgz", "size": 32, "seed": 0,
                             **generate},
-               "params": deep_merge(SMALL["params"], overrides)}
+               "params": deep_merge(SMALL["params"], {"model": {"image_size": 32}, **params})}
     (workspace / "profiles" / f"{name}.yaml").write_text(yaml.safe_dump(profile))
     apply_profile(workspace, name)
     dvc(workspace, "repro", "render", "crossval")
@@ -140,7 +138,6 @@ def test_binary_set_end_to_end(binary_run):
     assert sum(data["images"][s]["total"] for s in ("train", "val", "test")) == 45
     assert data["images"]["test"] == {"class_000": 6, "class_001": 3, "total": 9}
     check_evaluation(binary_run, classes)
-    assert read_json(binary_run / "metrics" / "audit.json") == {"enabled": False}
     head = keras.models.load_model(binary_run / "models" / "head.keras")
     assert head.output_shape == (None, 2)  # the same softmax head, two outputs
 
