@@ -282,23 +282,21 @@ def _quantize_int8(converter, representative: np.ndarray, float_layers: int,
         calibrated = converter.convert()
 
     @functools.cache
-    def quantize(float_count: int | None = None) -> bytes:
-        """The file with the first `float_count` layers in float (None: every layer); each
-        count is quantized once (~1.5 s for ResNet50V2), however often the search asks."""
-        denylisted = layers if float_count is None else layers[:float_count]
+    def quantize(denylisted: tuple[str, ...]) -> bytes:
+        """The file with the `denylisted` layers in float; each set is quantized once (~1.5 s
+        for ResNet50V2), however often the search asks for it."""
         # Pixels are uint8 anyway; probabilities stay float32 for every caller.
         return mlir_quantize(calibrated, disable_per_channel=False, fully_quantize=False,
                              input_data_type=tf.uint8, output_data_type=tf.float32,
-                             denylisted_nodes=denylisted or None)
+                             denylisted_nodes=list(denylisted) or None)
 
-    layers: list[str] = []  # quantize(0), all int8, needs none of them
-    layers = quantized_layers(quantize(0))
+    layers = tuple(quantized_layers(quantize(())))
     count = min(float_layers, len(layers))
     if size_budget is not None and count:
-        max_bytes = size_budget * len(quantize(None))
-        count = longest_prefix_within(lambda n: len(quantize(n)), count, max_bytes)
+        max_bytes = size_budget * len(quantize(layers))
+        count = longest_prefix_within(lambda n: len(quantize(layers[:n])), count, max_bytes)
     kept_float = layers[:count]
-    flatbuffer = quantize(count)
+    flatbuffer = quantize(kept_float)
     computed_in_float = float_layer_names(flatbuffer)
     if set(computed_in_float) != set(kept_float):
         raise ConversionError(f"int8 conversion computes {len(computed_in_float)} layers in "
