@@ -148,3 +148,26 @@ def test_base_build_is_deterministic(tiny_model_params):
     make_deterministic(3)
     b = build_base(tiny_model_params).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_fit_builds_its_training_graph_once():
+    """compile_classifier creates the optimizer's and the metrics' variables up front: left
+    to the first trace (Keras's TensorFlow trainer without a distribution strategy), they
+    make `tf.function` trace the train step a second time, the whole graph built twice."""
+    traced = []
+
+    class CountTraces(keras.layers.Layer):
+        def call(self, x, training=None):
+            if training:
+                traced.append(tuple(x.shape))  # runs only while a graph is being traced
+            return x
+
+    features = keras.Input((4,))
+    model = keras.Model(features, keras.layers.Dense(3, activation="softmax")(
+        CountTraces()(features)))
+    compile_classifier(model, 0.01)
+    rng = np.random.default_rng(0)
+    history = model.fit(rng.random((20, 4), dtype=np.float32), np.arange(20) % 3,
+                        batch_size=8, epochs=2, verbose=0)
+    assert len(history.history["accuracy"]) == 2  # the metrics are there all the same
+    assert traced == [(None, 4)]

@@ -105,7 +105,6 @@ class ReusedHead:
         self.model = build_head(*self.shape, seed=0)
         compile_classifier(self.model, head["learning_rate"],
                            steps_per_execution=STEPS_PER_EXECUTION)
-        self.model.optimizer.build(self.model.trainable_variables)
         self.fresh_optimizer = [v.numpy() for v in self.model.optimizer.variables]
 
     def restart(self, seed: int) -> None:
