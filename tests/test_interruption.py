@@ -293,3 +293,50 @@ def test_leftover_of_a_killed_fetch_never_sits_beside_restored_outputs(workspace
     assert stages_run(result.stdout) == ["split"]
     assert "data/raw is missing: extracting the archive again" in result.stdout
     assert not temporary_outputs(workspace, STAGING)
+
+
+# A command whose module leaves an object that reports its own collection (the interpreter's
+# teardown) and registers an exit handler; `python SCRIPT [thread]` keeps a non-daemon thread
+# running past the command.
+ENDING = """
+import atexit, sys, threading, time
+from pathlib import Path
+from retrain.errors import exits_cleanly
+
+class ReportsTeardown:
+    def __del__(self):
+        Path("teardown").touch()
+
+kept = ReportsTeardown()
+atexit.register(lambda: Path("exit-handler").touch())
+
+@exits_cleanly
+def main():
+    if sys.argv[1:] == ["thread"]:
+        threading.Thread(target=time.sleep, args=(0.5,)).start()
+    print("done", end="")  # left in the buffer: the exit must flush it
+
+if __name__ == "__main__":
+    main()
+    Path("returned").touch()
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_a_script_command_exits_without_the_interpreter_teardown(tmp_path, thread):
+    script = tmp_path / "command.py"
+    script.write_text(ENDING)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, str(script), *(["thread"] if thread else [])],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "done"), done.stderr
+    assert (tmp_path / "exit-handler").exists()
+    left = {path.name for path in tmp_path.iterdir()} - {"command.py", "exit-handler"}
+    # with a thread Python waits for, the usual exit (which waits for it) is kept
+    assert left == ({"returned", "teardown"} if thread else set())
+
+    # Run in-process (runpy, as tests and notebooks do), the command returns to its caller.
+    in_process = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path("
+                                 f"{str(script)!r}, run_name='__main__')"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert in_process.returncode == 0 and (tmp_path / "returned").exists(), in_process.stderr
