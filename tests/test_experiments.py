@@ -117,13 +117,16 @@ def start_queue(workspace: Path) -> None:
 def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
     """A queued sweep over a head param queues one experiment per point; one of them run
     re-runs train_head and everything after it, reusing the features; afterwards a plain
-    `dvc repro` at its value, or back at the committed one, runs nothing: the run-cache
+    `dvc repro` at its params, or back at the committed ones, runs nothing: the run-cache
     restores every stage's outputs. (The second point is dequeued: it would check the same
-    things again at the cost of a second run.)"""
+    things again at the cost of a second run.) The sweep also fine-tunes two replicates, so
+    the same run shows what replicates add (`check_two_replicates`)."""
     baseline, metrics_before = locked_outs(workspace), read_metrics(workspace)
-    committed_dropout = yaml.safe_load((workspace / "params.yaml").read_text())["head"][
-        "dropout"]
-    queued = dvc(workspace, "exp", "run", "--queue", "-n", "sweep", "-S", "head.dropout=0.2,0.5")
+    base_predictions = (workspace / "reports" / "predictions.csv").read_text()
+    committed_params = (workspace / "params.yaml").read_text()
+    committed_dropout = yaml.safe_load(committed_params)["head"]["dropout"]
+    queued = dvc(workspace, "exp", "run", "--queue", "-n", "sweep", "-S", "head.dropout=0.2,0.5",
+                 "-S", "finetune.replicates=2")
     for name in ("sweep-1", "sweep-2"):
         assert f"Queued experiment '{name}'" in queued.stdout, queued.stdout
     dvc(workspace, "queue", "remove", "sweep-2")
@@ -141,6 +144,7 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
     assert stages_run(log) == FROM_TRAIN_HEAD, log
     for stage in UPSTREAM:
         assert f"Stage '{stage}' didn't change, skipping" in log, log
+    assert "2 fine-tuning replicates" in log, log
 
     shown = json.loads(dvc(workspace, "exp", "show", "--json").stdout)
     experiments = {exp["name"]: exp["revs"][0]["data"]
@@ -175,17 +179,54 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
             shown_metrics["finetuned"]["test_accuracy_ci95_high"]] == \
         applied["finetuned"]["test_accuracy_ci95"]
     assert dvc(workspace, "status").stdout.strip() == "Data and pipelines are up to date."
+    check_two_replicates(workspace, base_predictions)
 
-    # Back at the committed value, then at the experiment's, by hand: nothing runs, the
+    # Back at the committed params, then at the experiment's, by hand: nothing runs, the
     # run-cache has every stage's outputs for both (the experiment's from the queued run,
     # which ran in a workspace of its own).
-    for dropout in (committed_dropout, 0.2):
-        set_param(workspace, "head.dropout", dropout)
+    experiment_params = (workspace / "params.yaml").read_text()
+    for params in (committed_params, experiment_params):
+        (workspace / "params.yaml").write_text(params)
         result = dvc(workspace, "repro")
         assert stages_run(result.stdout) == [], result.stdout
         for stage in FROM_TRAIN_HEAD:
             assert f"Stage '{stage}' is cached - skipping run, checking out outputs" \
                 in result.stdout, result.stdout
-        if dropout == committed_dropout:
+        if params == committed_params:
             assert locked_outs(workspace) == baseline
             assert read_metrics(workspace) == metrics_before
+
+
+def check_two_replicates(workspace: Path, base_predictions: str) -> None:
+    """A workspace at an experiment with `finetune.replicates: 2` over a one-replicate
+    commit: finetune wrote the second replicate's weights beside model.keras (replicate 0),
+    evaluate shows the spread in the headline and a column per further replicate, and
+    report's recipe gate weighs them."""
+    from test_recipe_gates import gate_on
+
+    from retrain.report import _read_predictions
+
+    folder = workspace / "models" / "replicates"
+    replicates = json.loads((folder / "replicates.json").read_text())
+    assert [r["replicate"] for r in replicates] == [0, 1]
+    assert replicates[0]["weights"] == "models/model.keras" and replicates[0]["seed"] != \
+        replicates[1]["seed"]
+    assert (folder / replicates[1]["weights"]).is_file()
+
+    headline = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+    spread = headline["finetuned"]["replicates"]
+    assert spread["count"] == 2 and spread["test_accuracy_sd"] >= 0
+    new_predictions = (workspace / "reports" / "predictions.csv").read_text()
+    assert "predicted_replicate_1" in new_predictions.splitlines()[0]
+
+    report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
+                            cwd=workspace, capture_output=True, text=True)
+    assert report.returncode in (0, 1), report.stderr
+    assert "`finetuned.replicates.test_accuracy_sd`" in report.stdout, report.stdout
+    # What the gate weighs, read from both tables as report reads them: the recipe test
+    # over one base replicate and two new ones.
+    base, new = (_read_predictions(text, "predictions.csv")
+                 for text in (base_predictions, new_predictions))
+    recipe = gate_on(base, new).evidence.recipe
+    assert (recipe.base_replicates, recipe.new_replicates) == (1, 2)
+    assert recipe.training_noise_measured

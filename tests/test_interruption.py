@@ -223,9 +223,10 @@ def without_timings(metrics: dict[str, dict]) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_killed_extract_and_killed_finetune_then_repro_finishes_as_the_first_run(workspace):
-    """Every stage re-run (`--force`), two of them killed on the way, ends where the
-    session's first run ended: the same manifests and features byte for byte, and exactly the
-    same figures (speed aside). Nothing a killed run left behind changes a result."""
+    """The stages up to extract re-run (`--force`), then those up to fine-tuning, each run
+    killed on the way, and a last repro end where the session's first run ended: the same
+    manifests and features byte for byte, and exactly the same figures (speed aside).
+    Nothing a killed run left behind changes a result."""
     before_outs, before_metrics = locked_outs(workspace), read_metrics(workspace)
 
     # 1. SIGKILL while extract writes its features (in the staging area, not in data/).
@@ -236,11 +237,10 @@ def test_killed_extract_and_killed_finetune_then_repro_finishes_as_the_first_run
     # and the new ones only ever existed under a temporary name.
     assert not (workspace / "data" / "features" / "test.npy").exists()
 
-    # 2. Every stage again; SIGKILL once fine-tuning has started.
-    kill_repro_when(workspace, lambda: finetune_epoch_started(log), "--force")
-    # every stage before it, the audit among them (it reads only the data and crossval's folds)
-    assert stages_run(log.read_text()) == UPSTREAM + FROM_TRAIN_HEAD[:2] + ["audit",
-                                                                            "finetune"]
+    # 2. Fine-tuning and every stage it needs (not crossval and audit, which it does not
+    # read); SIGKILL once fine-tuning has started.
+    kill_repro_when(workspace, lambda: finetune_epoch_started(log), "--force", "finetune")
+    assert stages_run(log.read_text()) == [*UPSTREAM, "train_head", "finetune"]
     assert not (workspace / "models" / "model.keras").exists()
     assert not (workspace / "reports" / "details" / "finetune.json").exists()
 
