@@ -112,16 +112,20 @@ def _signalled_run(workspace: Path, cmd: str, written: list[str], env: dict,
 def interrupt_stage(workspace: Path, stage: str, tries: int, env: dict,
                     rng: random.Random, reference: float | None = None
                     ) -> tuple[float, list[Try]]:
-    """`tries` counted tries, each signalled at a moment drawn uniformly over `reference`
-    seconds, the stage's run time: an uninterrupted run's when not given. A given one may
-    be too long (measured under more load): a run that ends before its signal shortens it
-    to that run's time, so the next draws fall within the stage."""
+    """`tries` counted tries, each signalled at a moment drawn over `reference` seconds, the
+    stage's run time: an uninterrupted run's when not given. The draws are stratified: the
+    k-th counted try falls uniformly in the k-th of `tries` equal slices of the run, so even
+    two tries reach both its first half (imports, building) and its second (the heavy loop,
+    writing). A given reference may be too long (measured under more load): a run that ends
+    before its signal shortens it to that run's time, so the next draws fall within the
+    stage."""
     if reference is None:
         reference = run_stage(workspace, stage, env).delay
     span = reference
     results: list[Try] = []
-    while len([t for t in results if t.counted]) < tries:
-        done = run_stage(workspace, stage, env, rng.uniform(0.05, 0.95) * span)
+    while (counted := sum(t.counted for t in results)) < tries:
+        low, high = (0.05 + 0.9 * k / tries for k in (counted, counted + 1))
+        done = run_stage(workspace, stage, env, rng.uniform(low, high) * span)
         if done.finished_seconds is not None:
             span = min(span, done.finished_seconds)
         results.append(done)
