@@ -91,15 +91,27 @@ def queue_states(workspace: Path) -> dict[str, str]:
 
 
 def wait_for_queue(workspace: Path, timeout: float) -> dict[str, str]:
-    """Poll `dvc queue status` until no experiment is queued or running."""
+    """Wait until no experiment is queued or running: attached to a running one's log
+    (`dvc queue logs --follow` returns when it ends), polling `dvc queue status` (a second or
+    two of dvc each time, beside the experiment) only while none has started."""
+    from retrain.workspace import pipeline_env
+
     deadline = time.monotonic() + timeout
     while True:
         states = queue_states(workspace)
         if not {"Queued", "Running"} & set(states.values()):
             return states
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise AssertionError(f"queue still busy after {timeout:.0f} s: {states}")
-        time.sleep(5)
+        running = [name for name, state in states.items() if state == "Running"]
+        if running:
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "logs", "--follow",
+                            running[0]], cwd=workspace, env=pipeline_env(workspace),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=left)
+        else:
+            time.sleep(1)
 
 
 def start_queue(workspace: Path) -> None:
