@@ -105,13 +105,15 @@ def wait_for_queue(workspace: Path, timeout: float) -> dict[str, str]:
         if left <= 0:
             raise AssertionError(f"queue still busy after {timeout:.0f} s: {states}")
         running = [name for name, state in states.items() if state == "Running"]
-        if running:
-            subprocess.run([sys.executable, "-m", "dvc", "queue", "logs", "--follow",
-                            running[0]], cwd=workspace, env=pipeline_env(workspace),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=left)
-        else:
-            time.sleep(1)
+        if running:  # returns at once while the run has no log yet, or is being collected
+            try:
+                subprocess.run([sys.executable, "-m", "dvc", "queue", "logs", "--follow",
+                                running[0]], cwd=workspace, env=pipeline_env(workspace),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=left)
+            except subprocess.TimeoutExpired:
+                continue  # the deadline check above reports the states
+        time.sleep(1)
 
 
 def start_queue(workspace: Path) -> None:

@@ -316,25 +316,29 @@ def main():
     if sys.argv[1:] == ["thread"]:
         threading.Thread(target=time.sleep, args=(0.5,)).start()
     print("done", end="")  # left in the buffer: the exit must flush it
+    if sys.argv[1:] == ["status"]:
+        return 3
 
 if __name__ == "__main__":
-    main()
+    status = main()
     Path("returned").touch()
+    sys.exit(status)
 """
 
 
-@pytest.mark.parametrize("thread", [False, True])
-def test_a_script_command_exits_without_the_interpreter_teardown(tmp_path, thread):
+@pytest.mark.parametrize("how", ["plain", "thread", "status"])
+def test_a_script_command_exits_without_the_interpreter_teardown(tmp_path, how):
     script = tmp_path / "command.py"
     script.write_text(ENDING)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, str(script), *(["thread"] if thread else [])],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert (done.returncode, done.stdout) == (0, "done"), done.stderr
+    done = subprocess.run([sys.executable, str(script), how], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    # a command that returns a status (`sys.exit(main())`) exits with it
+    assert (done.returncode, done.stdout) == (3 if how == "status" else 0, "done"), done.stderr
     assert (tmp_path / "exit-handler").exists()
     left = {path.name for path in tmp_path.iterdir()} - {"command.py", "exit-handler"}
     # with a thread Python waits for, the usual exit (which waits for it) is kept
-    assert left == ({"returned", "teardown"} if thread else set())
+    assert left == ({"returned", "teardown"} if how == "thread" else set())
 
     # Run in-process (runpy, as tests and notebooks do), the command returns to its caller.
     in_process = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path("
