@@ -61,6 +61,11 @@ def test_each_seed_and_finetune_change_invalidates_only_its_stages(workspace):
     set_param(workspace, "split.seed", params["split"]["seed"] + 1)
     assert stages_changed(workspace) == {"split", "extract", "finetune"}
     set_param(workspace, "split.seed", params["split"]["seed"])
+    # An export param re-runs export alone (and card, which reads what export writes).
+    count = params["export"]["representative_images"]
+    set_param(workspace, "export.representative_images", count + 4)
+    assert stages_changed(workspace) == {"export"}
+    set_param(workspace, "export.representative_images", count)
     assert stages_changed(workspace) == set()
 
 
@@ -133,8 +138,14 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
     re-runs train_head and everything after it, reusing the features; afterwards a plain
     `dvc repro` at its params, or back at the committed ones, runs nothing: the run-cache
     restores every stage's outputs. (The second point is dequeued: it would check the same
-    things again at the cost of a second run.) The sweep also fine-tunes two replicates, so
-    the same run shows what replicates add (`check_two_replicates`)."""
+    things again at the cost of a second run.) The same run also shows what two fine-tuning
+    replicates add (`check_two_replicates`) and how `report` gates an export figure that
+    the new model changed (`check_int8_gate`)."""
+    # A gate on an export figure beside the default ones, committed: report checks it too.
+    gates = yaml.safe_load((workspace / "params.yaml").read_text())["report"]["gates"]
+    set_param(workspace, "report.gates", [*gates, INT8_GATE])
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit",
+                    "-qam", "gate int8.agreement"], cwd=workspace, check=True)
     baseline, metrics_before = locked_outs(workspace), read_metrics(workspace)
     base_predictions = (workspace / "reports" / "predictions.csv").read_text()
     committed_params = (workspace / "params.yaml").read_text()
@@ -193,7 +204,11 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
             shown_metrics["finetuned"]["test_accuracy_ci95_high"]] == \
         applied["finetuned"]["test_accuracy_ci95"]
     assert dvc(workspace, "status").stdout.strip() == "Data and pipelines are up to date."
-    check_two_replicates(workspace, base_predictions)
+    report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
+                            cwd=workspace, capture_output=True, text=True)
+    assert report.returncode in (0, 1), report.stderr
+    check_two_replicates(workspace, base_predictions, report.stdout)
+    check_int8_gate(metrics_before["metrics/export.json"], workspace, report.stdout)
 
     # Back at the committed params, then at the experiment's, by hand: nothing runs, the
     # run-cache has every stage's outputs for both (the experiment's from the queued run,
@@ -211,11 +226,30 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
             assert read_metrics(workspace) == metrics_before
 
 
-def check_two_replicates(workspace: Path, base_predictions: str) -> None:
+INT8_GATE = {"metric": "int8.agreement", "direction": "higher", "tolerance": 0.05}
+
+
+def check_int8_gate(base_export: dict, workspace: Path, report: str) -> None:
+    """The report's row of INT8_GATE: the base's and the workspace's agreement (another
+    head and fine-tuned model, converted again), failed exactly when it dropped by more
+    than the tolerance."""
+    from retrain.report import RESULT_MARKS
+
+    after = json.loads((workspace / "metrics" / "export.json").read_text())
+    assert after["int8"]["size_bytes"] > 0 and set(after) == set(base_export)
+    rows = [line for line in report.splitlines()
+            if line.startswith("| `int8.agreement` | `metrics/export.json`")]
+    assert len(rows) == 1, report
+    worse = base_export["int8"]["agreement"] - after["int8"]["agreement"]
+    expected = "regression" if worse > INT8_GATE["tolerance"] + 1e-9 else "pass"
+    assert rows[0].rstrip(" |").endswith(RESULT_MARKS[expected]), rows[0]
+
+
+def check_two_replicates(workspace: Path, base_predictions: str, report: str) -> None:
     """A workspace at an experiment with `finetune.replicates: 2` over a one-replicate
     commit: finetune wrote the second replicate's weights beside model.keras (replicate 0),
     evaluate shows the spread in the headline and a column per further replicate, and
-    report's recipe gate weighs them."""
+    `report` (its output given) shows the spread and its recipe gate weighs them."""
     from test_recipe_gates import gate_on
 
     from retrain.report import _read_predictions
@@ -233,10 +267,7 @@ def check_two_replicates(workspace: Path, base_predictions: str) -> None:
     new_predictions = (workspace / "reports" / "predictions.csv").read_text()
     assert "predicted_replicate_1" in new_predictions.splitlines()[0]
 
-    report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
-                            cwd=workspace, capture_output=True, text=True)
-    assert report.returncode in (0, 1), report.stderr
-    assert "`finetuned.replicates.test_accuracy_sd`" in report.stdout, report.stdout
+    assert "`finetuned.replicates.test_accuracy_sd`" in report, report
     # What the gate weighs, read from both tables as report reads them: the recipe test
     # over one base replicate and two new ones.
     base, new = (_read_predictions(text, "predictions.csv")

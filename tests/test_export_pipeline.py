@@ -1,6 +1,6 @@
 """The `export` and `card` stages in the small-profile pipeline: metrics DVC shows and a gate
 can check, a card that matches the workspace, the serving signatures against `evaluate`, and
-an `export.*` change that re-runs nothing before it."""
+(What an `export.*` change re-runs, and a gate on an export figure: test_experiments.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import dvc, set_param, stages_run
+from conftest import dvc
 
 from retrain.card import file_sha256
 
@@ -89,27 +89,3 @@ def test_bytes_signature_gives_the_top1_of_evaluate(pipeline_run):
     expected = predictions.filter(like="prob_").to_numpy()
     assert np.abs(probabilities - expected).max() < 1e-3
 
-
-def test_export_param_change_reruns_only_export_and_card_and_gates(workspace):
-    gates = [{"metric": "int8.agreement", "direction": "higher", "tolerance": 0.05}]
-    set_param(workspace, "report.gates", gates)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit",
-                    "-qam", "gate int8.agreement"], cwd=workspace, check=True)
-    before = json.loads((workspace / "metrics" / "export.json").read_text())
-    count = yaml.safe_load((workspace / "params.yaml").read_text())["export"][
-        "representative_images"]
-    set_param(workspace, "export.representative_images", count + 4)
-
-    result = dvc(workspace, "repro")
-
-    assert stages_run(result.stdout) == ["export", "card"], result.stdout
-    after = json.loads((workspace / "metrics" / "export.json").read_text())
-    assert after["int8"]["size_bytes"] > 0 and set(after) == set(before)
-    report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
-                            cwd=workspace, capture_output=True, text=True)
-    assert report.returncode in (0, 1), report.stderr
-    gate_rows = [line for line in report.stdout.splitlines()
-                 if line.startswith("| `int8.agreement` | `metrics/export.json`")]
-    assert len(gate_rows) == 1, report.stdout
-    worse = before["int8"]["agreement"] - after["int8"]["agreement"]
-    assert (report.returncode == 1) == (worse > 0.05 + 1e-9)
