@@ -12,13 +12,12 @@ average is printed before and after.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from bench_finetune import timed_stages
 from common import PYTHON, REPO, load_average, median, parse_args, write_json
 
 
@@ -41,20 +40,8 @@ def timed_pipeline(source: Path, dest: Path) -> dict[str, float]:
     shutil.rmtree(dest, ignore_errors=True)
     workspace = create_workspace(dest / "ws", source=source, profile="small")
     env = {**pipeline_env(workspace), "RETRAIN_CACHE": str(dest / "cache")}
-    started, begin = {}, time.monotonic()
-    process = subprocess.Popen([PYTHON, "-m", "dvc", "repro"], cwd=workspace, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if found := re.match(r"Running stage '([\w-]+)'", line):
-            started[found[1]] = time.monotonic()
-    if process.wait() != 0:
-        sys.exit("dvc repro failed:\n" + "".join(lines[-30:]))
-    end = time.monotonic()
-    ends = [*list(started.values())[1:], end]
-    seconds = {stage: e - s for (stage, s), e in zip(started.items(), ends)}
-    return {**seconds, "total": end - begin}
+    run = timed_stages([PYTHON, "-m", "dvc", "repro"], workspace, env)
+    return {**run["stages"], "total": run["seconds"]}
 
 
 def main(argv=None) -> None:

@@ -297,8 +297,8 @@ def test_leftover_of_a_killed_fetch_never_sits_beside_restored_outputs(workspace
 
 
 # A command whose module leaves an object that reports its own collection (the interpreter's
-# teardown) and registers an exit handler; `python SCRIPT [thread]` keeps a non-daemon thread
-# running past the command.
+# teardown) and registers an exit handler; `python SCRIPT thread` keeps a non-daemon thread
+# running past the command, `python SCRIPT status` returns status 3.
 ENDING = """
 import atexit, sys, threading, time
 from pathlib import Path
