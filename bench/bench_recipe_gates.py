@@ -22,6 +22,11 @@ each regression's true effect (mean test accuracy against the seed-only revision
 95% interval) says whether it is a regression on this data at all. Part `pair` judges one
 seed-only pair (`--pair 42 7`) in full.
 
+The crossval gate (`metrics/crossval.json:val_accuracy_mean`) judges crossval's folds of
+the default head recipe on the train+val features: unchanged by a seed-only revision or a
+fine-tuning param (crossval reads neither), re-run on a revision's shuffled labels, and on
+its own noise measured by S - 1 `crossval.seed`-only pairs (other folds, other heads).
+
     python bench/bench_recipe_gates.py [--data real|generated] [--images 1000] [--seeds 21]
         [--regressions 5] [--replicates 3] [--parts cost,pair,gates]
 """
@@ -35,14 +40,31 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from common import REAL_PHOTOS, REAL_WEIGHTS, extracted, load_average, parse_args, use_bench_cache
+from common import (
+    REAL_PHOTOS,
+    REAL_WEIGHTS,
+    REPO,
+    extracted,
+    load_average,
+    parse_args,
+    use_bench_cache,
+)
 
 ALPHA_PARAMS = {"backbone": "mobilenet_v2", "weights": str(REAL_WEIGHTS), "image_size": 224,
                 "alpha": 0.35}
-DEFAULT_GATES = [{"metric": "finetuned.test_accuracy", "direction": "higher",
-                  "tolerance": 0.01, "significance": 0.05},
-                 {"metric": "finetuned.macro_f1", "direction": "higher", "tolerance": 0.01,
-                  "significance": 0.05}]
+
+
+def default_params() -> dict:
+    from retrain.params import load_params
+
+    return load_params(REPO / "params.yaml", check_model=False)
+
+
+# `report`'s default gates, as params.yaml holds them: on the fine-tuned model's test
+# metrics, and on crossval's mean (the head recipe over the folds of train+val).
+DEFAULT_GATES = default_params()["report"]["gates"]
+FINETUNED_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("finetuned.")]
+CROSSVAL_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("metrics/crossval.json:")]
 REGRESSIONS = {"lr_factor_10": {"lr_factor": 10.0},
                "labels_shuffled_20pc": {"shuffle": 0.2},
                "labels_shuffled_50pc": {"shuffle": 0.5},
@@ -232,7 +254,7 @@ def verdicts(labels, base, new, level, replicates):
         tables.append(table.astype(str).assign(copy=0))
     sets = TestSets("finetuned", *tables, shared=len(labels))
     out = {}
-    for gate in DEFAULT_GATES:
+    for gate in FINETUNED_GATES:
         metric = gate["metric"].split(".")[1]
 
         def value(predicted, metric=metric):
@@ -242,6 +264,43 @@ def verdicts(labels, base, new, level, replicates):
                             gate["tolerance"], value(base[0]), value(new[0]),
                             gate["significance"], level=level)
         out[gate["metric"]] = replace(result, evidence=gather_evidence(result, sets)).status
+    return out
+
+
+def crossval_folds(data: Data, train_labels: np.ndarray | None = None,
+                   seed: int | None = None) -> dict:
+    """crossval's per-fold scores of the default head recipe on the train+val features
+    (the stage's own function; `crossval.seed` = `seed`, default params.yaml's), with the
+    revision's training labels."""
+    from retrain.crossval import cross_validate_head
+
+    params = default_params()
+    crossval = params["crossval"]
+    train = data.labels[data.parts["train"]] if train_labels is None else train_labels
+    labels = np.concatenate([train, data.labels[data.parts["val"]]])
+    features = np.concatenate([data.features["train"], data.features["val"]])
+    rows = np.concatenate([data.parts["train"], data.parts["val"]])
+    digests = np.array([f"{row:064x}" for row in rows])
+    return cross_validate_head(features, labels, digests, data.classes, params["head"],
+                               folds=crossval["folds"], repeats=crossval["repeats"],
+                               seed=crossval["seed"] if seed is None else seed)
+
+
+def crossval_verdicts(base: dict, new: dict) -> dict:
+    """The crossval gates' statuses for base vs new summaries, as `report` judges them
+    (the same at either level: the folds are the only test a crossval mean has)."""
+    from retrain.report import CROSSVAL_DETAILS, GateResult, fold_evidence
+
+    details = {CROSSVAL_DETAILS: {
+        **{key: {"old": base[key], "new": new[key]} for key in ("folds", "repeats", "seed")},
+        **{f"per_fold.{name}": {"old": base["per_fold"][name], "new": new["per_fold"][name]}
+           for name in base["per_fold"]}}}
+    out = {}
+    for gate in CROSSVAL_GATES:
+        key = gate["metric"].rpartition(":")[2]
+        result = GateResult(gate["metric"], "metrics/crossval.json", gate["direction"],
+                            gate["tolerance"], base[key], new[key], gate["significance"])
+        out[gate["metric"]] = replace(result, evidence=fold_evidence(result, details)).status
     return out
 
 
@@ -297,10 +356,11 @@ def accuracies(predicted, test_labels) -> list[float]:
 LEVELS = {"recipe_K": "recipe", "model_K1": "model"}
 
 
-def judged(test_labels, base, new, replicates) -> dict:
-    """Each level's gate statuses for one pair of revisions."""
-    return {name: verdicts(test_labels, base, new, level,
-                           replicates if level == "recipe" else 1)
+def judged(test_labels, base, new, replicates, crossval=None) -> dict:
+    """Each level's gate statuses for one pair of revisions; `crossval`: the crossval
+    gates' statuses (`crossval_verdicts`), the same at both levels."""
+    return {name: {**verdicts(test_labels, base, new, level,
+                              replicates if level == "recipe" else 1), **(crossval or {})}
             for name, level in LEVELS.items()}
 
 
@@ -364,19 +424,39 @@ def main() -> None:
                 axis=1, ddof=1).mean())),
             "sd_across_revisions_replicate0": float(per_replicate[:, 0].std(ddof=1))}
         pairs = [(s, s + 1) for s in range(1, args.seeds)]
-        statuses = [judged(test_labels, runs[a], runs[b], args.replicates) for a, b in pairs]
+        # crossval does not read `seed`: a seed-only change leaves it as it was (DVC does not
+        # re-run it), so its gate compares identical folds. Its own noise is measured by
+        # changing `crossval.seed` (other folds, other head initialisations) instead.
+        base_crossval = crossval_folds(data)
+        unchanged = crossval_verdicts(base_crossval, base_crossval)
+        statuses = [judged(test_labels, runs[a], runs[b], args.replicates, unchanged)
+                    for a, b in pairs]
         results["false_alarms"] = failure_rates(statuses)
         print(json.dumps(results["false_alarms"], indent=1), flush=True)
+        folds_by_seed = {s: crossval_folds(data, seed=s) for s in range(1, args.seeds + 1)}
+        results["crossval_seed_false_alarms"] = failure_rates(
+            [{name: crossval_verdicts(folds_by_seed[a], folds_by_seed[b]) for name in LEVELS}
+             for a, b in pairs], gates=CROSSVAL_GATES)
+        results["crossval_val_accuracy_by_seed"] = [
+            folds_by_seed[s]["val_accuracy_mean"] for s in folds_by_seed]
+        print("crossval.seed only:", json.dumps(results["crossval_seed_false_alarms"]),
+              flush=True)
         results["detections"], results["effects"] = {}, {}
         for kind in args.changes.split(","):
             change = REGRESSIONS[kind]
             bad_runs, kind_statuses = {}, []
             for i in range(args.regressions):
                 bad_runs[i], spent = revision(101 + i, data, args.replicates, change)
+                crossval = unchanged  # a fine-tuning param: crossval does not re-run
+                if change.get("shuffle"):  # other labels: crossval re-runs on them
+                    crossval = crossval_verdicts(base_crossval, crossval_folds(
+                        data, shuffled(data.labels[data.parts["train"]], change["shuffle"],
+                                       101 + i)))
                 print(f"{kind} #{i}: accuracy per replicate "
-                      f"{accuracies(bad_runs[i], test_labels)} ({spent:.1f} s)", flush=True)
+                      f"{accuracies(bad_runs[i], test_labels)} ({spent:.1f} s); crossval "
+                      f"gate {crossval}", flush=True)
                 kind_statuses.append(judged(test_labels, runs[1 + i], bad_runs[i],
-                                            args.replicates))
+                                            args.replicates, crossval))
             results["detections"][kind] = failure_rates(kind_statuses)
             results["effects"][kind] = effect(runs, bad_runs, test_labels)
             print(kind, json.dumps(results["effects"][kind]),
@@ -390,7 +470,9 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-CHANGES = {"seed": "seed only (seed i vs i + 1)", "lr_factor_10": "`finetune.lr_factor: 10`",
+CHANGES = {"seed": "seed only (seed i vs i + 1)",
+           "crossval_seed": "`crossval.seed` only (i vs i + 1: other folds)",
+           "lr_factor_10": "`finetune.lr_factor: 10`",
            "labels_shuffled_20pc": "20% of training labels shuffled",
            "labels_shuffled_50pc": "50% of training labels shuffled",
            "from_layer_30": "`finetune.from_layer: 30`"}
@@ -403,26 +485,34 @@ def markdown(results: dict) -> str:
         return f"{entry['failed']}/{entry['of']} [{low:.3f}, {high:.3f}]"
 
     k = results["replicates"]
+    crossval = f"recipe_K:{CROSSVAL_GATES[0]['metric']}"
     rows = [f"| change | pairs | effect on test accuracy [95% CI] | recipe level, {k} vs {k} "
-            "replicates: CI failed [95% CI] | model level, one model each: CI failed |",
-            "|---|---|---|---|---|"]
+            "replicates: CI failed [95% CI] | model level, one model each: CI failed | "
+            "of which the crossval gate |",
+            "|---|---|---|---|---|---|"]
     alarms = results["false_alarms"]
     rows.append(f"| {CHANGES['seed']} | {alarms['recipe_K:any']['of']} | 0 (by definition) | "
-                f"{shown(alarms['recipe_K:any'])} | {shown(alarms['model_K1:any'])} |")
+                f"{shown(alarms['recipe_K:any'])} | {shown(alarms['model_K1:any'])} | "
+                f"{shown(alarms[crossval])} |")
+    folds = results["crossval_seed_false_alarms"]
+    rows.append(f"| {CHANGES['crossval_seed']} | {folds[crossval]['of']} | 0 (by definition) "
+                f"| {shown(folds['recipe_K:any'])} | {shown(folds['model_K1:any'])} | "
+                f"{shown(folds[crossval])} |")
     for kind, rates in results["detections"].items():
         effect = results["effects"][kind]
         low, high = effect["ci95"]
         rows.append(f"| {CHANGES[kind]} | {rates['recipe_K:any']['of']} | "
                     f"{effect['accuracy_change']:+.3f} [{low:+.3f}, {high:+.3f}] | "
-                    f"{shown(rates['recipe_K:any'])} | {shown(rates['model_K1:any'])} |")
+                    f"{shown(rates['recipe_K:any'])} | {shown(rates['model_K1:any'])} | "
+                    f"{shown(rates[crossval])} |")
     return "\n".join(rows)
 
 
-def failure_rates(statuses: list[dict]) -> dict:
-    """Per level, how often each default gate (and any gate: CI fails) called a regression."""
+def failure_rates(statuses: list[dict], gates: list[dict] = DEFAULT_GATES) -> dict:
+    """Per level, how often each gate (and any gate: CI fails) called a regression."""
     rates = {}
     for name in LEVELS:
-        for gate in DEFAULT_GATES:
+        for gate in gates:
             failed = sum(s[name][gate["metric"]] == "regression" for s in statuses)
             rates[f"{name}:{gate['metric']}"] = rate(failed, len(statuses))
         failed_any = sum(any(v == "regression" for v in s[name].values()) for s in statuses)

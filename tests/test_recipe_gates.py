@@ -4,12 +4,14 @@ and cross-validation folds paired with the corrected resampled t-test."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from retrain import uncertainty
+from retrain.report import _evidence_words
 
 CLASSES, IMAGES = 5, 300
 
@@ -219,4 +221,47 @@ def test_crossval_gate_pairs_the_folds_of_both_revisions():
                       evidence=fold_evidence(gate, details([0.8, 0.81, 0.79, 0.8],
                                                            [0.7, 0.7, 0.69, 0.71])))
     assert drop.status == "regression"
-    assert fold_evidence(gate, details(base, new, seed=(42, 7))) is None  # other folds
+    assert evidence.folds.same_folds and "paired by fold" in _evidence_words(
+        replace(gate, evidence=evidence))
+
+
+def test_crossval_gate_on_other_folds_pairs_by_position_and_on_other_counts_not_at_all():
+    """Another crossval.seed draws other folds: fold j against fold j, the same corrected
+    test, and the verdict says the folds differ. Other fold or repeat counts: no test."""
+    from retrain.report import GateResult, fold_evidence
+
+    def details(old, new, seed=(42, 7), folds=(2, 2)):
+        return {"reports/details/crossval.json": {
+            "per_fold.val_accuracy": {"old": old, "new": new},
+            "folds": {"old": folds[0], "new": folds[1]}, "repeats": {"old": 2, "new": 2},
+            "seed": {"old": seed[0], "new": seed[1]}}}
+
+    base, new = [0.80, 0.82, 0.78, 0.81], [0.82, 0.81, 0.81, 0.81]
+    gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.0,
+                      old=0.8025, new=0.8125, significance=0.05)
+    evidence = fold_evidence(gate, details(base, new))
+    assert evidence.folds.t == pytest.approx(0.48990, abs=1e-5)
+    assert not evidence.folds.same_folds
+    assert "other folds (crossval.seed changed), paired by position" in _evidence_words(
+        replace(gate, evidence=evidence))
+    assert fold_evidence(gate, details(base, new, folds=(2, 4))) is None
+    assert fold_evidence(gate, details(base, new[:3])) is None
+
+
+@pytest.mark.parametrize("level", ["recipe", "model"])
+def test_a_crossval_gate_is_judged_by_its_folds_at_either_level(level):
+    """The folds are the only test a crossval mean has: `level: model` uses them too."""
+    from retrain.report import GateResult, fold_evidence
+
+    details = {"reports/details/crossval.json": {
+        "per_fold.val_accuracy": {"old": [0.8, 0.81, 0.79, 0.8], "new": [0.7, 0.7, 0.69, 0.71]},
+        "folds": {"old": 2, "new": 2}, "repeats": {"old": 2, "new": 2},
+        "seed": {"old": 42, "new": 42}}}
+    gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.01,
+                      old=0.8, new=0.7, significance=0.05, level=level)
+    judged = replace(gate, evidence=fold_evidence(gate, details))
+    assert judged.status == "regression"
+    noise = {"reports/details/crossval.json": {
+        **details["reports/details/crossval.json"],
+        "per_fold.val_accuracy": {"old": [0.8, 0.6, 0.9, 0.7], "new": [0.7, 0.65, 0.8, 0.68]}}}
+    assert replace(gate, evidence=fold_evidence(gate, noise)).status == "not significant"

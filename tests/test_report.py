@@ -47,6 +47,16 @@ stages:
           cache: false
     outs:
       - reports/figures
+  crossval:
+    cmd: python -c "pass"
+    metrics:
+      - metrics/crossval.json:
+          cache: false
+  audit:
+    cmd: python -c "pass"
+    metrics:
+      - metrics/audit.json:
+          cache: false
 """
 
 BASE_METRICS = {
@@ -103,6 +113,12 @@ def _make_base_repo(repo: Path) -> Path:
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "metrics").mkdir()
     write_metrics(repo)
+    # What the default crossval and audit gates read (the stages' headlines; no per-fold
+    # details or audit tables here: those gates fall back to their tolerance).
+    (repo / "metrics" / "crossval.json").write_text(
+        json.dumps({"val_accuracy_mean": 0.7, "val_accuracy_sd": 0.05}))
+    (repo / "metrics" / "audit.json").write_text(
+        json.dumps({"label_issues": 3, "label_agreement": 0.8}))
     figures = repo / "reports" / "figures"
     figures.mkdir(parents=True)
     (figures / "confusion.png").write_bytes(b"png-confusion-v1")
@@ -335,6 +351,27 @@ def test_gated_metric_missing_in_both_revisions_is_an_error():
         check_gates(diff_of(0.9, 0.9), [gate("finetuned.no_such_metric")], "base")
 
 
+@pytest.mark.parametrize("base_value", [0.7, None])
+def test_a_gate_on_a_stage_turned_off_is_not_checked_and_says_so(base_value):
+    """`crossval.folds: 0` writes `{"enabled": false}`: the default crossval gate passes
+    unchecked, whether the base had crossval on or off, and the verdict names it."""
+    crossval = {"enabled": {"old": base_value is not None and None, "new": False}}
+    if base_value is not None:
+        crossval["val_accuracy_mean"] = {"old": base_value, "new": None}
+    metrics = {**diff_of(0.9, 0.9), "metrics/crossval.json": crossval}
+    named = "metrics/crossval.json:val_accuracy_mean"
+
+    results = check_gates(metrics, [gate(ACCURACY), gate(named)], "base")
+
+    assert [r.status for r in results] == ["pass", "off"] and all(r.passed for r in results)
+    assert _verdict(results) == ("✅ **pass**: no gated metric got worse beyond its tolerance "
+                                 f"(1 checked); not checked, their stage is off "
+                                 f"(`enabled: false`): `{named}`")
+    # A gate that does not name the file cannot tell an off stage from a typo.
+    with pytest.raises(ReportError, match="no_such_mean"):
+        check_gates(metrics, [gate("no_such_mean")], "base")
+
+
 def test_gated_metric_that_is_not_a_number_is_an_error():
     with pytest.raises(ReportError, match=ACCURACY):
         check_gates(diff_of(0.9, "high"), [gate(ACCURACY)], "base")
@@ -529,3 +566,65 @@ def test_different_test_sets_are_reported_unpaired_and_judged_by_the_tolerance(w
     row = next(line for line in report.markdown.splitlines() if f"`{ACCURACY}`" in line
                and line.startswith("| `finetuned"))
     assert row.count("[") == 2 and "| — |" in row   # both intervals, no McNemar
+
+
+# --- the audit's label agreement, paired by image --------------------------------------------
+
+AGREEMENT_GATE = [{"metric": "metrics/audit.json:label_agreement", "direction": "higher",
+                   "tolerance": 0.01, "significance": 0.05}]
+
+
+def relabel(ws: Path, count: int) -> int:
+    """Give `count` audited images whose label the audit's classifier predicts another label
+    (as a pull request that relabels them would, the classifier unchanged): the table and
+    metrics/audit.json's label_agreement together; the number of images audited."""
+    path = ws / "reports" / "audit" / "label_issues.csv"
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    agreeing = np.flatnonzero((table["label"] == table["suggested_label"]).to_numpy())
+    assert len(agreeing) >= count, "the small profile's audit agrees on too few images"
+    for row in agreeing[:count]:
+        table.loc[row, "label"] = wrong_class(ws, table.loc[row, "label"])
+    path.chmod(0o644)
+    table.to_csv(path, index=False, lineterminator="\n")
+    metrics_path = ws / "metrics" / "audit.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["label_agreement"] = float((table["label"] == table["suggested_label"]).mean())
+    metrics_path.write_text(json.dumps(metrics))
+    return len(table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relabelled", [2, 12])
+def test_relabelled_images_fail_the_label_agreement_gate_paired_by_image(workspace,
+                                                                         relabelled):
+    """The base's audit table is read from the DVC cache at `base`: images that agreed with
+    their label and no longer do are the discordant ones of McNemar's test. Two are noise
+    (p = 0.5); twelve, all one way, are a regression."""
+    _run(["git", "tag", "base"], workspace)
+    audited = relabel(workspace, relabelled)
+
+    report = compose_report("base", AGREEMENT_GATE, workspace)
+
+    p = stats.binomtest(0, relabelled, 0.5).pvalue
+    over = f"over the {audited} images both revisions audited"
+    assert f"McNemar p = {p:.3g} ({over})" in report.verdict, report.markdown
+    assert report.passed is bool(p >= 0.05), report.verdict
+    row = next(line for line in report.markdown.splitlines()
+               if line.startswith("| `metrics/audit.json:label_agreement`"))
+    assert f"| {p:.3g} ({relabelled} vs 0) |" in row, row
+
+
+def test_label_agreement_pairs_images_by_content_whatever_their_label():
+    """A relabelled image is the same image (paired); a replaced one is another (not)."""
+    from retrain.report import agreement_evidence
+
+    def table(agrees, digests):
+        return pd.DataFrame({"sha256": digests, "copy": 0, "agrees": agrees})
+
+    digests = [f"{i:064x}" for i in range(10)]
+    old = table([True] * 10, digests)
+    new = table([False] * 3 + [True] * 7, digests[:9] + ["f" * 64])
+    evidence = agreement_evidence(old, new, 0.95)
+    assert (evidence.mcnemar.base_only, evidence.mcnemar.new_only) == (3, 0)
+    assert evidence.over == "over the 9 images both revisions audited"
+    assert evidence.difference.difference == pytest.approx(-3 / 9)

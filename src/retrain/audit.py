@@ -291,6 +291,15 @@ def test_accuracies(inputs: AuditInputs, probabilities: np.ndarray,
             "leak_free_test_images": int(clean.sum())}
 
 
+def label_agreement(inputs: AuditInputs, probabilities: np.ndarray) -> float | None:
+    """The share of images whose label is the class a classifier that never saw them
+    predicts (`suggested_label` in label_issues.csv, row for row): how well the labels
+    agree with the images. Wrong labels lower it, whatever model the recipe trains, and
+    `report` pairs it image by image between revisions (its default gate)."""
+    labels = inputs.table["label_index"].to_numpy()
+    return _mean(probabilities.argmax(axis=1) == labels)
+
+
 def _mean(values: np.ndarray) -> float | None:
     return round(float(values.mean()), 6) if len(values) else None
 
@@ -308,6 +317,7 @@ def audit(inputs: AuditInputs, params: dict, *, folds: int, seed: int) -> dict:
         "enabled": True,
         "images": len(inputs.table),
         "label_issues": int((issues["flagged"] == "yes").sum()),
+        "label_agreement": label_agreement(inputs, probabilities),
         "near_duplicate_groups": int(len(crossing)),
         "cross_split_groups": int(crossing.sum()),
         "leaked_test_images": len(leaked),

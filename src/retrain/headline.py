@@ -27,7 +27,8 @@ HEADLINE = {
                  "*.balanced_accuracy", "*.balanced_accuracy_ci95",
                  "*.leak_free_test_accuracy", "*.leak_free_test_accuracy_ci95"),
     "export": ("*.agreement", "*.agreement_ci95", "*.size_bytes", "*.latency_ms"),
-    "audit": ("label_issues", "near_duplicate_groups", "cross_split_groups", "outliers"),
+    "audit": ("label_issues", "label_agreement", "near_duplicate_groups", "cross_split_groups",
+              "outliers"),
 }
 
 

@@ -65,6 +65,11 @@ PREDICTIONS = {"finetuned": "reports/predictions.csv", "head": "reports/predicti
 REPLICATE_COLUMN = "predicted_replicate_{}"
 # crossval's per-fold scores, paired by fold for a gate on `<score>_mean` (metrics/crossval).
 CROSSVAL_DETAILS = "reports/details/crossval.json"
+# The audit's label_agreement, and its per-image table (each image's label and the class a
+# classifier that never saw it predicts), paired by image for a gate on it.
+AUDIT_METRICS = "metrics/audit.json"
+AUDIT_AGREEMENT = "label_agreement"
+AUDIT_LABELS = "reports/audit/label_issues.csv"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Evidence:
     # the cross-validation folds of both paired by fold.
     recipe: uncertainty.RecipeDifference | None = None
     folds: uncertainty.FoldComparison | None = None
+    over: str = ""  # what the paired test ran over, where not the test images
 
     @property
     def paired(self) -> bool:
@@ -104,6 +110,8 @@ class Evidence:
         wholly on the worse side of zero."""
         worse_sign = -1 if direction == "higher" else 1
         recipe = self.recipe_test() if level == "recipe" else None
+        if recipe is None and self.difference is None and self.mcnemar is None:
+            recipe = self.folds  # crossval's folds: the one test there is, at either level
         if recipe is not None:
             return bool(np.sign(recipe.difference) == worse_sign) and \
                 recipe.pvalue < significance
@@ -127,6 +135,7 @@ class GateResult:
     significance: float | None = None
     evidence: Evidence | None = None
     level: str = "recipe"  # or "model": which test a significance applies to
+    off: bool = False  # the file's stage is turned off in the workspace (`enabled: false`)
 
     @property
     def change(self) -> float | None:
@@ -141,8 +150,13 @@ class GateResult:
 
         A metric that vanished from the workspace fails: the gate can no longer be checked,
         which is exactly what a broken evaluate stage looks like. One that is new passes,
-        since the pull request that introduces a metric has nothing to compare with.
+        since the pull request that introduces a metric has nothing to compare with. `off`:
+        the stage that writes it is turned off in the workspace (e.g. `crossval.folds: 0`);
+        it passes, and the verdict says the gate was not checked: turning a stage off is a
+        params change the report shows.
         """
+        if self.off:
+            return "off"
         if self.new is None or math.isnan(self.new):
             return "missing"
         if self.old is None:
@@ -158,7 +172,7 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return self.status in ("pass", "new", "not significant")
+        return self.status in ("pass", "new", "not significant", "off")
 
     @property
     def confidence(self) -> float:
@@ -250,6 +264,13 @@ def _present(metrics: dict[str, dict], metric: str) -> list[tuple[str, dict]]:
             if entry.get("old") is not None or entry.get("new") is not None]
 
 
+def _turned_off(metrics: dict[str, dict], metric: str) -> bool:
+    """Whether a gate naming its file (`file:key`) finds that file saying its stage is off
+    in the workspace (`{"enabled": false}`, as crossval and audit write when turned off)."""
+    path, sep, _ = metric.rpartition(":")
+    return bool(sep) and (metrics.get(path, {}).get("enabled") or {}).get("new") is False
+
+
 def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
                 details: dict[str, dict] | None = None) -> list[GateResult]:
     """Evaluate each gate against `dvc metrics diff --all --json` output: the metrics files
@@ -258,6 +279,11 @@ def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
     results = []
     for gate in gates:
         name = gate["metric"]
+        if _turned_off(metrics, name):
+            path = name.rpartition(":")[0]
+            results.append(GateResult(name, path, gate["direction"], float(gate["tolerance"]),
+                                      None, None, gate.get("significance"), off=True))
+            continue
         found = _present(metrics, name) or _present(details or {}, name)
         if not found:
             raise ReportError(f"gated metric {name}: found neither in {base} nor in the workspace")
@@ -410,22 +436,100 @@ def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:
 
 def fold_evidence(result: GateResult, details: dict[str, dict]) -> Evidence | None:
     """For a gate on crossval's `<score>_mean`: both revisions' per-fold scores paired by
-    fold (Nadeau and Bengio's corrected t-test), when both ran the same folds (folds,
-    repeats and seed unchanged); None otherwise."""
+    fold (Nadeau and Bengio's corrected t-test), when both ran as many folds and repeats;
+    None otherwise.
+
+    With another `crossval.seed` (or other data) the folds differ and fold j of one side
+    is paired with fold j of the other: the pairing then removes no variance, and the
+    differences' spread holds both sides' fold-to-fold spread, which is what the corrected
+    variance of a difference of two independent fold means needs, so the test stays
+    valid (`FoldComparison.same_folds` says which case it was)."""
     score = result.metric.rpartition(":")[2].removesuffix("_mean")
     if not (result.path.endswith("crossval.json") and result.metric.endswith("_mean")):
         return None
     entries = details.get(CROSSVAL_DETAILS, {})
     scores = entries.get(f"per_fold.{score}", {})
     old, new = scores.get("old"), scores.get("new")
-    same_folds = all((entries.get(key) or {}).get("old") == (entries.get(key) or {}).get("new")
-                     for key in ("folds", "repeats", "seed"))
+
+    def unchanged(key):
+        return (entries.get(key) or {}).get("old") == (entries.get(key) or {}).get("new")
+
     if not (isinstance(old, list) and isinstance(new, list) and len(old) == len(new) > 1
-            and same_folds):
+            and unchanged("folds") and unchanged("repeats")):
         return None
     folds = uncertainty.corrected_resampled_ttest(
-        old, new, int(entries["folds"]["new"]), result.confidence)
+        old, new, int(entries["folds"]["new"]), result.confidence,
+        same_folds=unchanged("seed"))
     return Evidence(None, None, folds=folds)
+
+
+def _read_agreement(text: str, where: str) -> pd.DataFrame | str:
+    """Per image of an audit table (sha256, its copy number, whether the label is the
+    class predicted without it: `agrees`), or why not."""
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return f"{where} is not an audit table"
+    if not {"path", "sha256", "label", "suggested_label"} <= set(table.columns):
+        return f"{where} lacks the path, sha256, label and suggested_label columns"
+    table = table.assign(agrees=table["label"] == table["suggested_label"])
+    return table.assign(copy=table.sort_values("path").groupby("sha256").cumcount())[
+        ["sha256", "copy", "agrees"]]
+
+
+def agreement_evidence(old: pd.DataFrame, new: pd.DataFrame, confidence: float) -> Evidence:
+    """Two revisions' audit tables (`_read_agreement`) paired by image content: the
+    paired interval of the agreement's change and McNemar's exact test on the images that
+    agree with their label in one revision only. Unlike the test images, an image whose
+    label changed is still the same image: that change is what this gate is for."""
+    def interval(agrees):
+        return uncertainty.metric_interval("test_accuracy", np.ones(len(agrees), int),
+                                           agrees.astype(int))
+
+    aligned = old.merge(new, on=["sha256", "copy"], suffixes=("_old", "_new"))
+    evidence = Evidence(interval(old["agrees"].to_numpy()), interval(new["agrees"].to_numpy()))
+    if len(aligned) < 2:
+        return evidence
+    base, now = (aligned[f"agrees_{side}"].to_numpy() for side in ("old", "new"))
+    difference = uncertainty.paired_difference(
+        "test_accuracy", np.ones(len(aligned), int), base.astype(int), now.astype(int),
+        confidence)
+    return replace(evidence, difference=difference, mcnemar=uncertainty.mcnemar_exact(base, now),
+                   over=f"over the {len(aligned)} images both revisions audited")
+
+
+def _base_output(base: str, path: str, repo_dir: Path) -> str | None:
+    """A DVC-cached output as it was at `base` (from the cache or the default remote, as
+    `dvc metrics diff` reads the details files), or None when DVC cannot read it."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return dvc.api.read(path, repo=str(repo_dir), rev=base, encoding="utf-8")
+    except (DvcException, OSError):
+        return None
+
+
+def label_agreement_evidence(result: GateResult, base: str,
+                             repo_dir: str | Path) -> Evidence | None:
+    """For a gate on the audit's label_agreement: both revisions' audit tables paired by
+    image (`agreement_evidence`); None where either cannot be read."""
+    if not (result.path == AUDIT_METRICS
+            and result.metric.rpartition(":")[2] == AUDIT_AGREEMENT):
+        return None
+    repo_dir = Path(repo_dir)
+    base_text = _base_output(base, AUDIT_LABELS, repo_dir)
+    try:
+        new_text = (repo_dir / AUDIT_LABELS).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    if base_text is None:
+        return None
+    old = _read_agreement(base_text, f"{AUDIT_LABELS} at {base}")
+    new = _read_agreement(new_text, f"{AUDIT_LABELS} in the workspace")
+    if isinstance(old, str) or isinstance(new, str):
+        return None
+    return agreement_evidence(old, new, result.confidence)
 
 
 def _evaluated_model(result: GateResult) -> str | None:
@@ -438,13 +542,19 @@ def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path,
                  details: dict[str, dict] | None = None
                  ) -> tuple[list[GateResult], dict[str, TestSets]]:
     """Each gate with its evidence, and the test sets read for them (by model); `details`
-    (the diff of the details files) holds crossval's per-fold scores."""
+    (the diff of the details files) holds crossval's per-fold scores; the audit's tables
+    are read at `base` and in the workspace."""
     test_sets = {model: load_test_sets(model, base, repo_dir)
                  for model in dict.fromkeys(filter(None, map(_evaluated_model, results)))}
-    results = [replace(r, evidence=gather_evidence(r, test_sets[model]))
-               if (model := _evaluated_model(r))
-               else replace(r, evidence=fold_evidence(r, details or {})) for r in results]
-    return results, test_sets
+
+    def evidence(r: GateResult) -> Evidence | None:
+        if r.off:
+            return None
+        if model := _evaluated_model(r):
+            return gather_evidence(r, test_sets[model])
+        return fold_evidence(r, details or {}) or label_agreement_evidence(r, base, repo_dir)
+
+    return [replace(r, evidence=evidence(r)) for r in results], test_sets
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -546,7 +656,9 @@ def _evidence_words(r: GateResult) -> str:
     if not e.paired:
         return "test sets differ: tolerance only"
     if e.folds is not None:
-        return (f"corrected resampled t-test over {e.folds.pairs} folds paired by fold: "
+        paired = "paired by fold" if e.folds.same_folds else \
+            "other folds (crossval.seed changed), paired by position"
+        return (f"corrected resampled t-test over {e.folds.pairs} folds {paired}: "
                 f"{r.confidence:.0%} interval {_interval(e.folds.interval)}, "
                 f"p = {e.folds.pvalue:.3g}")
     recipe = e.recipe_test() if r.level == "recipe" else None
@@ -561,7 +673,7 @@ def _evidence_words(r: GateResult) -> str:
     words = f"{r.confidence:.0%} paired interval {_interval(e.difference.interval)}"
     if e.mcnemar is not None:
         words += f", McNemar p = {e.mcnemar.pvalue:.3g}"
-    return words
+    return words + (f" ({e.over})" if e.over else "")
 
 
 def _detectable_words(r: GateResult) -> str:
@@ -599,8 +711,12 @@ def _verdict(results: list[GateResult]) -> str:
 def _gate_verdict(results: list[GateResult]) -> str:
     failed = [r for r in results if not r.passed]
     if not failed:
-        checked = f"{len(results)} checked"
+        checked = f"{sum(r.status != 'off' for r in results)} checked"
         verdict = f"✅ **pass**: no gated metric got worse beyond its tolerance ({checked})"
+        off = [r for r in results if r.status == "off"]
+        if off:
+            verdict += "; not checked, their stage is off (`enabled: false`): " + ", ".join(
+                f"`{r.metric}`" for r in off)
         noise = [r for r in results if r.status == "not significant"]
         if noise:
             verdict += "; not significant: " + "; ".join(
@@ -661,7 +777,7 @@ def _metrics_section(metrics: dict[str, dict]) -> list[str]:
 
 
 RESULT_MARKS = {"pass": "✅", "new": "✅ new", "not significant": "✅ not significant",
-                "regression": "❌", "missing": "❌ missing"}
+                "regression": "❌", "missing": "❌ missing", "off": "✅ off"}
 
 
 def _with_interval(value: float | None, interval: list[float] | None) -> str:

@@ -309,6 +309,7 @@ class FoldComparison:
     pairs: int
     t: float
     df: int
+    same_folds: bool = True  # False: each side drew its own folds, paired by position
 
     def detectable(self, significance: float, power: float = POWER) -> float:
         """The smallest change of the fold mean this test catches `power` of the time."""
@@ -316,7 +317,8 @@ class FoldComparison:
 
 
 def corrected_resampled_ttest(base_scores, new_scores, folds: int,
-                              confidence: float = CONFIDENCE) -> FoldComparison:
+                              confidence: float = CONFIDENCE,
+                              same_folds: bool = True) -> FoldComparison:
     """Two revisions' scores on the same k folds (repeated r times), paired by fold.
 
     Folds share most of their training rows, so the k * r differences are correlated and
@@ -333,4 +335,4 @@ def corrected_resampled_ttest(base_scores, new_scores, folds: int,
     se = float(np.sqrt((1 / pairs + 1 / (folds - 1)) * differences.var(ddof=1)))
     interval, pvalue = _t_verdict(mean, se, pairs - 1, confidence)
     return FoldComparison(mean, interval, pvalue, confidence, pairs,
-                          mean / se if se else 0.0, pairs - 1)
+                          mean / se if se else 0.0, pairs - 1, same_folds)
