@@ -65,6 +65,7 @@ def default_params() -> dict:
 DEFAULT_GATES = default_params()["report"]["gates"]
 FINETUNED_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("finetuned.")]
 CROSSVAL_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("metrics/crossval.json:")]
+AUDIT_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("metrics/audit.json:")]
 REGRESSIONS = {"lr_factor_10": {"lr_factor": 10.0},
                "labels_shuffled_20pc": {"shuffle": 0.2},
                "labels_shuffled_50pc": {"shuffle": 0.5},
@@ -125,14 +126,14 @@ class MemoEngine:
 
 
 def pooled_features(images, parts) -> dict:
-    """The frozen backbone's pooled features of the train and val images (what `extract`
-    writes), computed once for every head the benchmark trains."""
+    """The frozen backbone's pooled features of every split (what `extract` writes),
+    computed once for every head and audit the benchmark runs."""
     from retrain.base import build_base
     from retrain.features import pooled_model
 
     extractor = pooled_model(build_base(ALPHA_PARAMS))
     return {k: extractor.predict(images[v].astype("float32"), verbose=0)
-            for k, v in parts.items() if k != "test"}
+            for k, v in parts.items()}
 
 
 def trained_head(features, labels, parts, classes, seed=0, train_labels=None):
@@ -304,6 +305,52 @@ def crossval_verdicts(base: dict, new: dict) -> dict:
     return out
 
 
+def audit_agreement(data: Data, train_labels: np.ndarray | None = None,
+                    seed: int | None = None):
+    """The audit's per-image label agreement (the stage's own out-of-fold classifier, on
+    crossval's folds with `crossval.seed` = `seed`) with the revision's training labels:
+    the table `report` pairs by image."""
+    import pandas as pd
+
+    from retrain.audit import AuditInputs, out_of_fold_probabilities
+
+    crossval = default_params()["crossval"]
+    names = ("train", "val", "test")
+    labels = np.concatenate([data.labels[data.parts["train"]] if train_labels is None
+                             else train_labels,
+                             *(data.labels[data.parts[n]] for n in names[1:])])
+    rows = np.concatenate([data.parts[n] for n in names])
+    table = pd.DataFrame({"label_index": labels, "sha256": [f"{r:064x}" for r in rows],
+                          "split": np.repeat(names, [len(data.parts[n]) for n in names])})
+    features = np.concatenate([data.features[n] for n in names])
+    probabilities = out_of_fold_probabilities(
+        AuditInputs(table, features, [str(c) for c in range(data.classes)]),
+        crossval["folds"], crossval["seed"] if seed is None else seed)
+    return table.assign(copy=0, agrees=probabilities.argmax(axis=1) == labels)
+
+
+def audit_verdicts(base, new) -> dict:
+    """The audit gates' statuses for base vs new tables (`audit_agreement`), as `report`
+    judges them: paired by image, McNemar (the same at either level)."""
+    from retrain.report import AUDIT_METRICS, GateResult, agreement_evidence
+
+    out = {}
+    for gate in AUDIT_GATES:
+        result = GateResult(gate["metric"], AUDIT_METRICS, gate["direction"], gate["tolerance"],
+                            float(base["agrees"].mean()), float(new["agrees"].mean()),
+                            gate["significance"])
+        out[gate["metric"]] = replace(result, evidence=agreement_evidence(
+            base, new, result.confidence)).status
+    return out
+
+
+def data_verdicts(data: Data, base: tuple, train_labels=None, seed=None) -> dict:
+    """The crossval and audit gates for a revision with these training labels and
+    `crossval.seed` against `base` (its crossval summary and audit table)."""
+    return {**crossval_verdicts(base[0], crossval_folds(data, train_labels, seed)),
+            **audit_verdicts(base[1], audit_agreement(data, train_labels, seed))}
+
+
 def rate(failures: int, total: int) -> dict:
     from scipy.stats import binomtest
 
@@ -356,11 +403,11 @@ def accuracies(predicted, test_labels) -> list[float]:
 LEVELS = {"recipe_K": "recipe", "model_K1": "model"}
 
 
-def judged(test_labels, base, new, replicates, crossval=None) -> dict:
-    """Each level's gate statuses for one pair of revisions; `crossval`: the crossval
-    gates' statuses (`crossval_verdicts`), the same at both levels."""
+def judged(test_labels, base, new, replicates, data_gates=None) -> dict:
+    """Each level's gate statuses for one pair of revisions; `data_gates`: the crossval
+    and audit gates' statuses (`data_verdicts`), the same at both levels."""
     return {name: {**verdicts(test_labels, base, new, level,
-                              replicates if level == "recipe" else 1), **(crossval or {})}
+                              replicates if level == "recipe" else 1), **(data_gates or {})}
             for name, level in LEVELS.items()}
 
 
@@ -424,21 +471,27 @@ def main() -> None:
                 axis=1, ddof=1).mean())),
             "sd_across_revisions_replicate0": float(per_replicate[:, 0].std(ddof=1))}
         pairs = [(s, s + 1) for s in range(1, args.seeds)]
-        # crossval does not read `seed`: a seed-only change leaves it as it was (DVC does not
-        # re-run it), so its gate compares identical folds. Its own noise is measured by
-        # changing `crossval.seed` (other folds, other head initialisations) instead.
-        base_crossval = crossval_folds(data)
-        unchanged = crossval_verdicts(base_crossval, base_crossval)
+        # crossval and the audit do not read `seed`: a seed-only change leaves them as they
+        # were (DVC does not re-run them), so their gates compare identical outputs. Their
+        # own noise is measured by changing `crossval.seed` (other folds, other heads and
+        # out-of-fold classifiers) instead.
+        base_data = (crossval_folds(data), audit_agreement(data))
+        unchanged = {**crossval_verdicts(base_data[0], base_data[0]),
+                     **audit_verdicts(base_data[1], base_data[1])}
         statuses = [judged(test_labels, runs[a], runs[b], args.replicates, unchanged)
                     for a, b in pairs]
         results["false_alarms"] = failure_rates(statuses)
         print(json.dumps(results["false_alarms"], indent=1), flush=True)
-        folds_by_seed = {s: crossval_folds(data, seed=s) for s in range(1, args.seeds + 1)}
+        by_seed = {s: (crossval_folds(data, seed=s), audit_agreement(data, seed=s))
+                   for s in range(1, args.seeds + 1)}
         results["crossval_seed_false_alarms"] = failure_rates(
-            [{name: crossval_verdicts(folds_by_seed[a], folds_by_seed[b]) for name in LEVELS}
-             for a, b in pairs], gates=CROSSVAL_GATES)
+            [{name: {**crossval_verdicts(by_seed[a][0], by_seed[b][0]),
+                     **audit_verdicts(by_seed[a][1], by_seed[b][1])} for name in LEVELS}
+             for a, b in pairs], gates=CROSSVAL_GATES + AUDIT_GATES)
         results["crossval_val_accuracy_by_seed"] = [
-            folds_by_seed[s]["val_accuracy_mean"] for s in folds_by_seed]
+            by_seed[s][0]["val_accuracy_mean"] for s in by_seed]
+        results["label_agreement_by_crossval_seed"] = [
+            float(by_seed[s][1]["agrees"].mean()) for s in by_seed]
         print("crossval.seed only:", json.dumps(results["crossval_seed_false_alarms"]),
               flush=True)
         results["detections"], results["effects"] = {}, {}
@@ -447,16 +500,15 @@ def main() -> None:
             bad_runs, kind_statuses = {}, []
             for i in range(args.regressions):
                 bad_runs[i], spent = revision(101 + i, data, args.replicates, change)
-                crossval = unchanged  # a fine-tuning param: crossval does not re-run
-                if change.get("shuffle"):  # other labels: crossval re-runs on them
-                    crossval = crossval_verdicts(base_crossval, crossval_folds(
-                        data, shuffled(data.labels[data.parts["train"]], change["shuffle"],
-                                       101 + i)))
+                data_gates = unchanged  # a fine-tuning param: crossval, audit do not re-run
+                if change.get("shuffle"):  # other labels: both re-run on them
+                    data_gates = data_verdicts(data, base_data, shuffled(
+                        data.labels[data.parts["train"]], change["shuffle"], 101 + i))
                 print(f"{kind} #{i}: accuracy per replicate "
                       f"{accuracies(bad_runs[i], test_labels)} ({spent:.1f} s); crossval "
-                      f"gate {crossval}", flush=True)
+                      f"and audit gates {data_gates}", flush=True)
                 kind_statuses.append(judged(test_labels, runs[1 + i], bad_runs[i],
-                                            args.replicates, crossval))
+                                            args.replicates, data_gates))
             results["detections"][kind] = failure_rates(kind_statuses)
             results["effects"][kind] = effect(runs, bad_runs, test_labels)
             print(kind, json.dumps(results["effects"][kind]),
@@ -485,26 +537,29 @@ def markdown(results: dict) -> str:
         return f"{entry['failed']}/{entry['of']} [{low:.3f}, {high:.3f}]"
 
     k = results["replicates"]
-    crossval = f"recipe_K:{CROSSVAL_GATES[0]['metric']}"
+    gates = [f"recipe_K:{g['metric']}" for g in (*FINETUNED_GATES[:1], *CROSSVAL_GATES,
+                                                  *AUDIT_GATES)]
     rows = [f"| change | pairs | effect on test accuracy [95% CI] | recipe level, {k} vs {k} "
             "replicates: CI failed [95% CI] | model level, one model each: CI failed | "
-            "of which the crossval gate |",
+            "of which: test accuracy, crossval, label agreement (recipe level) |",
             "|---|---|---|---|---|---|"]
-    alarms = results["false_alarms"]
-    rows.append(f"| {CHANGES['seed']} | {alarms['recipe_K:any']['of']} | 0 (by definition) | "
-                f"{shown(alarms['recipe_K:any'])} | {shown(alarms['model_K1:any'])} | "
-                f"{shown(alarms[crossval])} |")
+
+    def row(name, rates, effect="0 (by definition)"):
+        which = ", ".join(f"{rates[g]['failed']}" for g in gates)
+        return (f"| {name} | {rates['recipe_K:any']['of']} | {effect} | "
+                f"{shown(rates['recipe_K:any'])} | {shown(rates['model_K1:any'])} | {which} |")
+
+    rows.append(row(CHANGES["seed"], results["false_alarms"]))
     folds = results["crossval_seed_false_alarms"]
-    rows.append(f"| {CHANGES['crossval_seed']} | {folds[crossval]['of']} | 0 (by definition) "
-                f"| {shown(folds['recipe_K:any'])} | {shown(folds['model_K1:any'])} | "
-                f"{shown(folds[crossval])} |")
+    rows.append(f"| {CHANGES['crossval_seed']} | {folds['recipe_K:any']['of']} | "
+                f"0 (by definition) | {shown(folds['recipe_K:any'])} | "
+                f"{shown(folds['model_K1:any'])} | "
+                + ", ".join(["-"] + [f"{folds[g]['failed']}" for g in gates[1:]]) + " |")
     for kind, rates in results["detections"].items():
         effect = results["effects"][kind]
         low, high = effect["ci95"]
-        rows.append(f"| {CHANGES[kind]} | {rates['recipe_K:any']['of']} | "
-                    f"{effect['accuracy_change']:+.3f} [{low:+.3f}, {high:+.3f}] | "
-                    f"{shown(rates['recipe_K:any'])} | {shown(rates['model_K1:any'])} | "
-                    f"{shown(rates[crossval])} |")
+        rows.append(row(CHANGES[kind], rates,
+                        f"{effect['accuracy_change']:+.3f} [{low:+.3f}, {high:+.3f}]"))
     return "\n".join(rows)
 
 
