@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -430,6 +431,49 @@ def test_excluding_a_flagged_image_reruns_split_and_what_depends_on_it(audited, 
     reason = excluded.set_index("path").loc[target, "reason"]
     assert reason.startswith("excluded by user (data/exclude.txt:")
     assert target not in set(read_csv(ws, "label_issues.csv")["path"])
+
+
+@pytest.mark.xdist_group("audited")
+def test_wrong_relabels_fail_the_label_agreement_gate_paired_by_image(audited, tmp_path):
+    """A pull request that relabels a dozen images wrongly (data/relabel.csv): split,
+    extract and audit re-run, and `report`'s label agreement gate, reading the base's audit
+    table from the DVC cache, pairs the images by content and fails on McNemar's test."""
+    from scipy.stats import binomtest
+
+    from retrain.report import compose_report
+
+    ws = tmp_path / "ws"
+    shutil.copytree(audited["workspace"], ws, symlinks=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=ws, check=True)
+    subprocess.run([*git, "commit", "-qm", "audited"], cwd=ws, check=True)
+    base = read_csv(ws, "label_issues.csv")
+    agreeing = base[(base["label"] == base["suggested_label"])
+                    & (base["label"] == "class_002")].head(12)
+    assert len(agreeing) == 12, base  # precondition: the audit agrees on class_002 images
+    (ws / "data" / "relabel.csv").write_text(
+        "sha256,class\n" + "".join(f"{digest},class_003\n" for digest in agreeing["sha256"]))
+
+    assert stages_run(dvc(ws, "repro", "audit").stdout) == ["split", "extract", "audit"]
+    report = compose_report("HEAD", [{"metric": "metrics/audit.json:label_agreement",
+                                      "direction": "higher", "tolerance": 0.01,
+                                      "significance": 0.05}], ws)
+
+    new = read_csv(ws, "label_issues.csv")
+    paired = base.merge(new, on="sha256", suffixes=("_old", "_new"))
+    agreed = {side: paired[f"label_{side}"] == paired[f"suggested_label_{side}"]
+              for side in ("old", "new")}
+    lost, gained = int((agreed["old"] & ~agreed["new"]).sum()), int(
+        (~agreed["old"] & agreed["new"]).sum())
+    # Most relabelled images now disagree (a classifier fitted on the wrong labels may
+    # learn some of them), and the refit moves a few others either way.
+    assert lost - gained >= 8, (lost, gained)
+    p = binomtest(gained, lost + gained, 0.5).pvalue
+    assert not report.passed, report.markdown
+    assert (f"McNemar p = {p:.3g} (over the {len(paired)} images both revisions audited)"
+            in report.verdict), report.verdict
+    headline = json.loads((ws / "metrics" / "audit.json").read_text())
+    assert headline["label_agreement"] == pytest.approx(agreed["new"].mean(), abs=1e-6)
 
 
 @pytest.mark.xdist_group("audited")

@@ -568,50 +568,7 @@ def test_different_test_sets_are_reported_unpaired_and_judged_by_the_tolerance(w
     assert row.count("[") == 2 and "| — |" in row   # both intervals, no McNemar
 
 
-# --- the audit's label agreement, paired by image --------------------------------------------
-
-AGREEMENT_GATE = [{"metric": "metrics/audit.json:label_agreement", "direction": "higher",
-                   "tolerance": 0.01, "significance": 0.05}]
-
-
-def relabel(ws: Path, count: int) -> int:
-    """Give `count` audited images whose label the audit's classifier predicts another label
-    (as a pull request that relabels them would, the classifier unchanged): the table and
-    metrics/audit.json's label_agreement together; the number of images audited."""
-    path = ws / "reports" / "audit" / "label_issues.csv"
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    agreeing = np.flatnonzero((table["label"] == table["suggested_label"]).to_numpy())
-    assert len(agreeing) >= count, "the small profile's audit agrees on too few images"
-    for row in agreeing[:count]:
-        table.loc[row, "label"] = wrong_class(ws, table.loc[row, "label"])
-    path.chmod(0o644)
-    table.to_csv(path, index=False, lineterminator="\n")
-    metrics_path = ws / "metrics" / "audit.json"
-    metrics = json.loads(metrics_path.read_text())
-    metrics["label_agreement"] = float((table["label"] == table["suggested_label"]).mean())
-    metrics_path.write_text(json.dumps(metrics))
-    return len(table)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("relabelled", [2, 12])
-def test_relabelled_images_fail_the_label_agreement_gate_paired_by_image(workspace,
-                                                                         relabelled):
-    """The base's audit table is read from the DVC cache at `base`: images that agreed with
-    their label and no longer do are the discordant ones of McNemar's test. Two are noise
-    (p = 0.5); twelve, all one way, are a regression."""
-    _run(["git", "tag", "base"], workspace)
-    audited = relabel(workspace, relabelled)
-
-    report = compose_report("base", AGREEMENT_GATE, workspace)
-
-    p = stats.binomtest(0, relabelled, 0.5).pvalue
-    over = f"over the {audited} images both revisions audited"
-    assert f"McNemar p = {p:.3g} ({over})" in report.verdict, report.markdown
-    assert report.passed is bool(p >= 0.05), report.verdict
-    row = next(line for line in report.markdown.splitlines()
-               if line.startswith("| `metrics/audit.json:label_agreement`"))
-    assert f"| {p:.3g} ({relabelled} vs 0) |" in row, row
+# --- the audit's label agreement, paired by image (end to end: tests/test_audit.py) ---
 
 
 def test_label_agreement_pairs_images_by_content_whatever_their_label():
