@@ -13,6 +13,10 @@ metric of metrics/evaluate.json also gets a paired comparison on those files: th
 with its paired bootstrap interval and, for accuracy, McNemar's exact test. A gate with a
 `significance` level then fails only when the drop exceeds its tolerance *and* the paired
 test calls it real at that level; without a shared test set the tolerance alone decides.
+Two default gates weigh more than the test images: crossval's mean (the folds of both
+revisions, Nadeau and Bengio's corrected t-test) and the audit's label agreement (every
+image, paired by content whatever its label, McNemar's test), the gate for labels gone
+wrong.
 
 Exit status: 0 pass, 1 regression, 2 usage error (bad params, unknown revision, dvc failure).
 """
@@ -351,7 +355,12 @@ def _read_predictions(text: str, where: str) -> pd.DataFrame | str:
     replicates = _replicate_columns(table)
     if "sha256" not in table.columns:
         return table[["path", "actual", "predicted", *replicates]]
-    table = table[["path", "sha256", "actual", "predicted", *replicates]]
+    return _with_copy_numbers(table[["path", "sha256", "actual", "predicted", *replicates]])
+
+
+def _with_copy_numbers(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with each sha256's copy number (in path order): identical copies, which one
+    class may hold, pair one to one."""
     return table.assign(copy=table.sort_values("path").groupby("sha256").cumcount())
 
 
@@ -472,9 +481,8 @@ def _read_agreement(text: str, where: str) -> pd.DataFrame | str:
         return f"{where} is not an audit table"
     if not {"path", "sha256", "label", "suggested_label"} <= set(table.columns):
         return f"{where} lacks the path, sha256, label and suggested_label columns"
-    table = table.assign(agrees=table["label"] == table["suggested_label"])
-    return table.assign(copy=table.sort_values("path").groupby("sha256").cumcount())[
-        ["sha256", "copy", "agrees"]]
+    table = _with_copy_numbers(table.assign(agrees=table["label"] == table["suggested_label"]))
+    return table[["sha256", "copy", "agrees"]]
 
 
 def agreement_evidence(old: pd.DataFrame, new: pd.DataFrame, confidence: float) -> Evidence:
