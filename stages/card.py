@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--tflite", required=True, help="folder of the exported .tflite files")
     parser.add_argument("--evaluate", required=True, help="evaluate's figures (details)")
     parser.add_argument("--export", required=True, help="export's figures (details)")
+    parser.add_argument("--audit", required=True, help="the data audit's figures (details)")
     parser.add_argument("--out", required=True, help="the card as Markdown")
     parser.add_argument("--json", required=True, help="the card as JSON (read by predict)")
     args = parser.parse_args()
@@ -37,6 +38,7 @@ def main() -> None:
         export=json.loads(Path(args.export).read_text()),
         files={Path(os.path.relpath(path, card_dir)).as_posix(): path for path in models},
         training=training_recipe(params),
+        audit=json.loads(Path(args.audit).read_text()),
     )
     write_json(args.json, card)
     write_text(args.out, card_markdown(card))

@@ -502,3 +502,26 @@ def test_a_slower_or_less_accurate_int8_does_not_dominate_but_may_still_ship():
     worse = card_of(made_up_export(int8_agreement=0.99, int8_accuracy=0.80))
     assert worse["recommendation"]["dominated_by"] == {"float32": "float16"}
     assert worse["recommendation"]["ship"] == "int8"
+
+
+def test_card_says_how_far_the_labels_agree_or_that_nothing_checked_them():
+    """The Data section carries the audit: a model trained on wrong labels scores as well
+    as one trained on right ones, so the card says how many labels look wrong."""
+    from retrain.card import build_card, card_markdown
+
+    def card_with(audit):
+        return card_markdown(build_card(
+            classes=CLASSES, model_params={"backbone": "mobilenet_v2", "weights": "imagenet",
+                                           "alpha": 0.35, "image_size": SIZE},
+            data_sha256="ab" * 32, split_sizes={"train": 144, "val": 40, "test": 16},
+            evaluate={}, export=made_up_export(0.99), files={}, audit=audit))
+
+    figures = {"enabled": True, "images": 200, "label_issues": 14, "label_agreement": 0.8,
+               "near_duplicate_groups": 1, "cross_split_groups": 1, "leaked_test_images": 1,
+               "outliers": 2, "test_accuracy": 0.8}
+    assert ("- data audit (`reports/audit/`): labels agree on 80.0% of the 200 images with a "
+            "classifier that never saw them; 14 flagged as likely mislabelled; 2 as out of "
+            "scope; 1 near-duplicate groups (1 across splits, 1 test images with a near-copy "
+            "in train or val)") in card_with(figures)
+    assert "data audit: off (`audit.enabled: false`)" in card_with({"enabled": False})
+    assert "data audit" not in card_with(None)

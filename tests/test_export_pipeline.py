@@ -52,6 +52,11 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
     assert card["training"]["seed"] == params["seed"]  # the recipe of this workspace's run
     assert card["training"]["finetune"]["from_layer"] == params["finetune"]["from_layer"]
     assert card["training"]["finetune"]["augment"] == params["finetune"]["augment"]
+    audit = json.loads((ws / "reports" / "details" / "audit.json").read_text())
+    assert card["dataset"]["audit"]["label_agreement"] == audit["label_agreement"]
+    assert card["dataset"]["audit"]["label_issues"] == audit["label_issues"]
+    assert "- data audit (`reports/audit/`): labels agree on" in (
+        ws / "models" / "model_card.md").read_text()
 
 
 def test_predict_takes_the_class_names_from_the_card(pipeline_run):

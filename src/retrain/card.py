@@ -69,12 +69,20 @@ def training_recipe(params: dict) -> dict:
     }
 
 
+# What the card says of the data audit (reports/details/audit.json): how far the labels
+# are to be trusted, and what may have leaked into the test figures.
+AUDIT_FIGURES = ("images", "label_agreement", "label_issues", "outliers",
+                 "near_duplicate_groups", "cross_split_groups", "leaked_test_images")
+
+
 def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
                split_sizes: dict[str, int], evaluate: dict, export: dict,
-               files: dict[str, Path], training: dict | None = None) -> dict:
+               files: dict[str, Path], training: dict | None = None,
+               audit: dict | None = None) -> dict:
     """The card as a dict. `files`: path as written in the card (relative to the card's
     folder) -> the file, for each model file the card describes; `training`: the recipe
-    (`training_recipe`)."""
+    (`training_recipe`); `audit`: the audit's figures (None: not given, as for a model
+    trained before the audit existed)."""
     finetuned = evaluate.get("finetuned", {})
     size = model_params["image_size"]
     return {
@@ -96,7 +104,8 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
             "alpha": model_params["alpha"],
             "image_size": size,
         },
-        "dataset": {"sha256": data_sha256, "split_sizes": dict(split_sizes)},
+        "dataset": {"sha256": data_sha256, "split_sizes": dict(split_sizes),
+                    "audit": _audit(audit)},
         "training": training,
         "test_metrics": {key: value for key, value in finetuned.items()
                          if key in TEST_METRICS or key.endswith("_ci95")},
@@ -107,6 +116,33 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
         "loading": LOADING,
         "recommendation": recommend_format(export),
     }
+
+
+def _audit(figures: dict | None) -> dict | None:
+    if figures is None:
+        return None
+    if not figures.get("enabled", True):
+        return {"enabled": False}
+    return {key: figures[key] for key in AUDIT_FIGURES if key in figures}
+
+
+def _audit_markdown(audit: dict | None) -> list[str]:
+    """The Data section's line on the audit: the labels' agreement first, since a model
+    that learned wrong labels looks as good as one that learned right ones."""
+    if audit is None:
+        return []
+    if not audit.get("enabled", True):
+        return ["- data audit: off (`audit.enabled: false`): nothing says how many labels "
+                "are wrong"]
+    agreement = audit.get("label_agreement")
+    words = [f"labels agree on {agreement:.1%} of the {audit.get('images')} images with a "
+             "classifier that never saw them" if agreement is not None else None,
+             f"{audit.get('label_issues')} flagged as likely mislabelled",
+             f"{audit.get('outliers')} as out of scope",
+             f"{audit.get('near_duplicate_groups')} near-duplicate groups "
+             f"({audit.get('cross_split_groups')} across splits, "
+             f"{audit.get('leaked_test_images')} test images with a near-copy in train or val)"]
+    return ["- data audit (`reports/audit/`): " + "; ".join(filter(None, words))]
 
 
 def _replicates(spread: dict | None) -> dict | None:
@@ -183,6 +219,7 @@ def card_markdown(card: dict) -> str:
         f"- archive sha256 `{dataset['sha256']}`",
         "- images per split: " + ", ".join(f"{split} {count}" for split, count
                                            in dataset["split_sizes"].items()),
+        *_audit_markdown(dataset.get("audit")),
         "",
         *_training_markdown(card.get("training")),
         "## Test metrics (fine-tuned Keras model)",
