@@ -290,18 +290,14 @@ def crossval_folds(data: Data, train_labels: np.ndarray | None = None,
 def crossval_verdicts(base: dict, new: dict) -> dict:
     """The crossval gates' statuses for base vs new summaries, as `report` judges them
     (the same at either level: the folds are the only test a crossval mean has)."""
-    from retrain.report import CROSSVAL_DETAILS, GateResult, fold_evidence
+    from retrain.report import GateResult, fold_evidence
 
-    details = {CROSSVAL_DETAILS: {
-        **{key: {"old": base[key], "new": new[key]} for key in ("folds", "repeats", "seed")},
-        **{f"per_fold.{name}": {"old": base["per_fold"][name], "new": new["per_fold"][name]}
-           for name in base["per_fold"]}}}
     out = {}
     for gate in CROSSVAL_GATES:
         key = gate["metric"].rpartition(":")[2]
         result = GateResult(gate["metric"], "metrics/crossval.json", gate["direction"],
                             gate["tolerance"], base[key], new[key], gate["significance"])
-        out[gate["metric"]] = replace(result, evidence=fold_evidence(result, details)).status
+        out[gate["metric"]] = replace(result, evidence=fold_evidence(result, base, new)).status
     return out
 
 

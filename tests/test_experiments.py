@@ -27,6 +27,8 @@ from conftest import (
     stages_run,
 )
 
+from retrain.report import CROSSVAL_DETAILS
+
 pytestmark = pytest.mark.slow
 
 # The compact `dvc exp show` of the README's Experiments section: the swept params and the
@@ -147,6 +149,7 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit",
                     "-qam", "gate int8.agreement"], cwd=workspace, check=True)
     baseline, metrics_before = locked_outs(workspace), read_metrics(workspace)
+    base_crossval = json.loads((workspace / CROSSVAL_DETAILS).read_text())
     base_predictions = (workspace / "reports" / "predictions.csv").read_text()
     committed_params = (workspace / "params.yaml").read_text()
     committed_dropout = yaml.safe_load(committed_params)["head"]["dropout"]
@@ -209,6 +212,7 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
     assert report.returncode in (0, 1), report.stderr
     check_two_replicates(workspace, base_predictions, report.stdout)
     check_int8_gate(metrics_before["metrics/export.json"], workspace, report.stdout)
+    check_data_gates(base_crossval, workspace, report.stdout)
 
     # Back at the committed params, then at the experiment's, by hand: nothing runs, the
     # run-cache has every stage's outputs for both (the experiment's from the queued run,
@@ -243,6 +247,26 @@ def check_int8_gate(base_export: dict, workspace: Path, report: str) -> None:
     worse = base_export["int8"]["agreement"] - after["int8"]["agreement"]
     expected = "regression" if worse > INT8_GATE["tolerance"] + 1e-9 else "pass"
     assert rows[0].rstrip(" |").endswith(RESULT_MARKS[expected]), rows[0]
+
+
+def check_data_gates(base_crossval: dict, workspace: Path, report: str) -> None:
+    """The default crossval and label agreement gates on a head param change: crossval
+    re-ran, and its gate shows the corrected t-test over both revisions' per-fold scores
+    (read from the details files, the base's from the DVC cache); the audit did not re-run,
+    so its gate pairs identical tables and passes."""
+    from retrain.report import RESULT_MARKS, _interval
+    from retrain.uncertainty import corrected_resampled_ttest
+
+    new = json.loads((workspace / CROSSVAL_DETAILS).read_text())
+    folds = corrected_resampled_ttest(base_crossval["per_fold"]["val_accuracy"],
+                                      new["per_fold"]["val_accuracy"], new["folds"], 0.95)
+    [crossval] = [line for line in report.splitlines()
+                  if line.startswith("| `metrics/crossval.json:val_accuracy_mean`")]
+    assert f" {_interval(folds.interval)} |" in crossval, (crossval, folds)
+    [agreement] = [line for line in report.splitlines()
+                   if line.startswith("| `metrics/audit.json:label_agreement`")]
+    assert "| 1 (0 vs 0) |" in agreement and agreement.rstrip(" |").endswith(
+        RESULT_MARKS["pass"]), agreement
 
 
 def check_two_replicates(workspace: Path, base_predictions: str, report: str) -> None:

@@ -202,23 +202,27 @@ def test_report_flags_a_real_recipe_regression_and_notes_unmeasured_training_noi
     assert "training noise not measured" in _verdict([single])
 
 
+def summaries(old, new, seed=(42, 42), folds=(2, 2)) -> tuple[dict, dict]:
+    """Two revisions' crossval details (as the stage writes them) with these val_accuracy
+    fold scores (2 repeats)."""
+    return tuple({"folds": k, "repeats": 2, "seed": s, "per_fold": {"val_accuracy": scores}}
+                 for scores, s, k in zip((old, new), seed, folds, strict=True))
+
+
 def test_crossval_gate_pairs_the_folds_of_both_revisions():
     from retrain.report import GateResult, fold_evidence
 
     def details(old, new, seed=(42, 42)):
-        return {"reports/details/crossval.json": {
-            "per_fold.val_accuracy": {"old": old, "new": new},
-            "folds": {"old": 2, "new": 2}, "repeats": {"old": 2, "new": 2},
-            "seed": {"old": seed[0], "new": seed[1]}}}
+        return summaries(old, new, seed)
 
     gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.0,
                       old=0.8025, new=0.8125, significance=0.05)
     base, new = [0.80, 0.82, 0.78, 0.81], [0.82, 0.81, 0.81, 0.81]
-    evidence = fold_evidence(gate, details(base, new))
+    evidence = fold_evidence(gate, *details(base, new))
     assert evidence.folds.t == pytest.approx(0.48990, abs=1e-5)
     drop = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.0,
                       old=0.8, new=0.7, significance=0.05,
-                      evidence=fold_evidence(gate, details([0.8, 0.81, 0.79, 0.8],
+                      evidence=fold_evidence(gate, *details([0.8, 0.81, 0.79, 0.8],
                                                            [0.7, 0.7, 0.69, 0.71])))
     assert drop.status == "regression"
     assert evidence.folds.same_folds and "paired by fold" in _evidence_words(
@@ -231,21 +235,18 @@ def test_crossval_gate_on_other_folds_pairs_by_position_and_on_other_counts_not_
     from retrain.report import GateResult, fold_evidence
 
     def details(old, new, seed=(42, 7), folds=(2, 2)):
-        return {"reports/details/crossval.json": {
-            "per_fold.val_accuracy": {"old": old, "new": new},
-            "folds": {"old": folds[0], "new": folds[1]}, "repeats": {"old": 2, "new": 2},
-            "seed": {"old": seed[0], "new": seed[1]}}}
+        return summaries(old, new, seed, folds)
 
     base, new = [0.80, 0.82, 0.78, 0.81], [0.82, 0.81, 0.81, 0.81]
     gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.0,
                       old=0.8025, new=0.8125, significance=0.05)
-    evidence = fold_evidence(gate, details(base, new))
+    evidence = fold_evidence(gate, *details(base, new))
     assert evidence.folds.t == pytest.approx(0.48990, abs=1e-5)
     assert not evidence.folds.same_folds
     assert "other folds (crossval.seed changed), paired by position" in _evidence_words(
         replace(gate, evidence=evidence))
-    assert fold_evidence(gate, details(base, new, folds=(2, 4))) is None
-    assert fold_evidence(gate, details(base, new[:3])) is None
+    assert fold_evidence(gate, *details(base, new, folds=(2, 4))) is None
+    assert fold_evidence(gate, *details(base, new[:3])) is None
 
 
 @pytest.mark.parametrize("level", ["recipe", "model"])
@@ -253,15 +254,10 @@ def test_a_crossval_gate_is_judged_by_its_folds_at_either_level(level):
     """The folds are the only test a crossval mean has: `level: model` uses them too."""
     from retrain.report import GateResult, fold_evidence
 
-    details = {"reports/details/crossval.json": {
-        "per_fold.val_accuracy": {"old": [0.8, 0.81, 0.79, 0.8], "new": [0.7, 0.7, 0.69, 0.71]},
-        "folds": {"old": 2, "new": 2}, "repeats": {"old": 2, "new": 2},
-        "seed": {"old": 42, "new": 42}}}
+    details = summaries([0.8, 0.81, 0.79, 0.8], [0.7, 0.7, 0.69, 0.71])
     gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.01,
                       old=0.8, new=0.7, significance=0.05, level=level)
-    judged = replace(gate, evidence=fold_evidence(gate, details))
+    judged = replace(gate, evidence=fold_evidence(gate, *details))
     assert judged.status == "regression"
-    noise = {"reports/details/crossval.json": {
-        **details["reports/details/crossval.json"],
-        "per_fold.val_accuracy": {"old": [0.8, 0.6, 0.9, 0.7], "new": [0.7, 0.65, 0.8, 0.68]}}}
-    assert replace(gate, evidence=fold_evidence(gate, noise)).status == "not significant"
+    noise = summaries([0.8, 0.6, 0.9, 0.7], [0.7, 0.65, 0.8, 0.68])
+    assert replace(gate, evidence=fold_evidence(gate, *noise)).status == "not significant"

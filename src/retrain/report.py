@@ -443,10 +443,10 @@ def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:
     return replace(evidence, difference=difference, mcnemar=mcnemar, recipe=recipe)
 
 
-def fold_evidence(result: GateResult, details: dict[str, dict]) -> Evidence | None:
-    """For a gate on crossval's `<score>_mean`: both revisions' per-fold scores paired by
-    fold (Nadeau and Bengio's corrected t-test), when both ran as many folds and repeats;
-    None otherwise.
+def fold_evidence(result: GateResult, old: dict, new: dict) -> Evidence | None:
+    """For a gate on crossval's `<score>_mean`: both revisions' per-fold scores (`old`,
+    `new`: crossval's details as the stage writes them) paired by fold (Nadeau and
+    Bengio's corrected t-test), when both ran as many folds and repeats; None otherwise.
 
     With another `crossval.seed` (or other data) the folds differ and fold j of one side
     is paired with fold j of the other: the pairing then removes no variance, and the
@@ -454,22 +454,34 @@ def fold_evidence(result: GateResult, details: dict[str, dict]) -> Evidence | No
     variance of a difference of two independent fold means needs, so the test stays
     valid (`FoldComparison.same_folds` says which case it was)."""
     score = result.metric.rpartition(":")[2].removesuffix("_mean")
-    if not (result.path.endswith("crossval.json") and result.metric.endswith("_mean")):
-        return None
-    entries = details.get(CROSSVAL_DETAILS, {})
-    scores = entries.get(f"per_fold.{score}", {})
-    old, new = scores.get("old"), scores.get("new")
-
-    def unchanged(key):
-        return (entries.get(key) or {}).get("old") == (entries.get(key) or {}).get("new")
-
-    if not (isinstance(old, list) and isinstance(new, list) and len(old) == len(new) > 1
-            and unchanged("folds") and unchanged("repeats")):
+    old_scores = (old.get("per_fold") or {}).get(score)
+    new_scores = (new.get("per_fold") or {}).get(score)
+    if not (isinstance(old_scores, list) and isinstance(new_scores, list)
+            and len(old_scores) == len(new_scores) > 1
+            and all(old.get(key) == new.get(key) for key in ("folds", "repeats"))):
         return None
     folds = uncertainty.corrected_resampled_ttest(
-        old, new, int(entries["folds"]["new"]), result.confidence,
-        same_folds=unchanged("seed"))
+        old_scores, new_scores, int(new["folds"]), result.confidence,
+        same_folds=old.get("seed") == new.get("seed"))
     return Evidence(None, None, folds=folds)
+
+
+def crossval_evidence(result: GateResult, base: str, repo_dir: str | Path) -> Evidence | None:
+    """`fold_evidence` for a gate on metrics/crossval.json, from crossval's details at
+    `base` (DVC cache or remote) and in the workspace. They are read here, not taken from
+    `dvc metrics diff`, which leaves lists such as the per-fold scores out."""
+    if not (result.path.endswith("crossval.json") and result.metric.endswith("_mean")):
+        return None
+    repo_dir = Path(repo_dir)
+    base_text = _base_output(base, CROSSVAL_DETAILS, repo_dir)
+    try:
+        old = json.loads(base_text) if base_text is not None else None
+        new = json.loads((repo_dir / CROSSVAL_DETAILS).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return None
+    return fold_evidence(result, old, new)
 
 
 def _read_agreement(text: str, where: str) -> pd.DataFrame | str:
@@ -549,9 +561,8 @@ def _evaluated_model(result: GateResult) -> str | None:
 def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path,
                  details: dict[str, dict] | None = None
                  ) -> tuple[list[GateResult], dict[str, TestSets]]:
-    """Each gate with its evidence, and the test sets read for them (by model); `details`
-    (the diff of the details files) holds crossval's per-fold scores; the audit's tables
-    are read at `base` and in the workspace."""
+    """Each gate with its evidence, and the test sets read for them (by model). crossval's
+    per-fold scores and the audit's tables are read at `base` and in the workspace."""
     test_sets = {model: load_test_sets(model, base, repo_dir)
                  for model in dict.fromkeys(filter(None, map(_evaluated_model, results)))}
 
@@ -560,7 +571,8 @@ def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path,
             return None
         if model := _evaluated_model(r):
             return gather_evidence(r, test_sets[model])
-        return fold_evidence(r, details or {}) or label_agreement_evidence(r, base, repo_dir)
+        return crossval_evidence(r, base, repo_dir) or label_agreement_evidence(
+            r, base, repo_dir)
 
     return [replace(r, evidence=evidence(r)) for r in results], test_sets
 
@@ -912,7 +924,7 @@ def compose_report(
         (metrics, stderr), (params, _) = runs[0].result(), runs[1].result()
         details = runs[3].result()[0] if len(runs) > 3 else {}
         results, test_sets = add_evidence(check_gates(metrics, gates, base, details), base,
-                                          repo_dir, details)
+                                          repo_dir)
         figure_lines = _figures_or_why_not(runs[2], base, repo_dir, figures_dir, link_prefix)
     finally:
         for run in runs:
