@@ -83,7 +83,8 @@ def shuffle_training_labels(ws, fraction: float, seed: int) -> int:
     import numpy as np
     import pandas as pd
 
-    train = pd.read_csv(ws / "data" / "manifests" / "train.csv")
+    # One row per image: identical copies share a sha256, and a relabel names each once.
+    train = pd.read_csv(ws / "data" / "manifests" / "train.csv").drop_duplicates("sha256")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(train), int(fraction * len(train)), replace=False)
     labels = train["label"].to_numpy()[picked]

@@ -111,7 +111,7 @@ def main() -> None:
     write_json(args.metrics, select(counts, HEADLINE["audit"]))
     print(f"audit: {counts['images']} images: {counts['label_issues']} label issues "
           f"(labels agree with a classifier that never saw them on "
-          f"{counts['label_agreement']:.1%}), "
+          f"{(counts['label_agreement'] or 0):.1%}), "
           f"{counts['near_duplicate_groups']} near-duplicate groups "
           f"({counts['cross_split_groups']} across splits, {counts['leaked_test_images']} "
           f"test images leaked), {counts['outliers']} outliers; "

@@ -467,8 +467,12 @@ def test_excluding_and_relabelling_images_rerun_split_and_the_label_gate_reads_t
     assert lost - gained >= 12, (lost, gained)
     p = binomtest(gained, lost + gained, 0.5).pvalue
     assert not report.passed, report.markdown
-    assert (f"McNemar p = {p:.3g} (over the {len(paired)} images both revisions audited)"
+    relabelled = paired["label_old"] != paired["label_new"]
+    lost_relabelled = int((agreed["old"] & ~agreed["new"] & relabelled).sum())
+    assert (f"McNemar p = {p:.3g} (over the {len(paired)} images both revisions audited: "
+            f"agreement lost by {lost} ({lost_relabelled} relabelled), gained by {gained}"
             in report.verdict), report.verdict
+    assert lost_relabelled >= 12, lost_relabelled  # most of the twenty it relabelled
     headline = json.loads((ws / "metrics" / "audit.json").read_text())
     assert headline["label_agreement"] == pytest.approx(agreed["new"].mean(), abs=1e-6)
 

@@ -156,3 +156,20 @@ def test_pipeline_cross_validates_train_and_val_only(pipeline_run):
         assert 0 <= metrics[f"{name}_sd"] <= 1
     classes = len((pipeline_run / "data" / "manifests" / "classes.txt").read_text().split())
     assert metrics["val_accuracy_mean"] > 1.5 / classes  # chance is 1 / classes
+
+
+def test_the_folds_digest_names_the_folds_and_changes_with_the_labels_or_the_seed():
+    """`report` pairs two crossval runs fold by fold only when they ran the same folds."""
+    from retrain.crossval import fold_indices, folds_digest
+
+    labels = np.repeat(np.arange(3), 10)
+    digests = np.array([f"{i:064x}" for i in range(30)])
+
+    def digest(labels, seed):
+        return folds_digest(fold_indices(labels, digests, 5, 2, seed), digests)
+
+    relabelled = labels.copy()
+    relabelled[[0, 1]] = 2
+    assert digest(labels, 42) == digest(labels.copy(), 42)
+    assert digest(labels, 42) != digest(labels, 7)
+    assert digest(labels, 42) != digest(relabelled, 42)

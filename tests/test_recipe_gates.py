@@ -205,7 +205,8 @@ def test_report_flags_a_real_recipe_regression_and_notes_unmeasured_training_noi
 def summaries(old, new, seed=(42, 42), folds=(2, 2)) -> tuple[dict, dict]:
     """Two revisions' crossval details (as the stage writes them) with these val_accuracy
     fold scores (2 repeats)."""
-    return tuple({"folds": k, "repeats": 2, "seed": s, "per_fold": {"val_accuracy": scores}}
+    return tuple({"folds": k, "repeats": 2, "seed": s, "folds_digest": f"folds-{s}",
+                  "per_fold": {"val_accuracy": scores}}
                  for scores, s, k in zip((old, new), seed, folds, strict=True))
 
 
@@ -243,8 +244,8 @@ def test_crossval_gate_on_other_folds_pairs_by_position_and_on_other_counts_not_
     evidence = fold_evidence(gate, *details(base, new))
     assert evidence.folds.t == pytest.approx(0.48990, abs=1e-5)
     assert not evidence.folds.same_folds
-    assert "other folds (crossval.seed changed), paired by position" in _evidence_words(
-        replace(gate, evidence=evidence))
+    assert ("other folds (crossval.seed or the images changed), paired by position"
+            in _evidence_words(replace(gate, evidence=evidence)))
     assert fold_evidence(gate, *details(base, new, folds=(2, 4))) is None
     assert fold_evidence(gate, *details(base, new[:3])) is None
 

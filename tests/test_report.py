@@ -351,13 +351,10 @@ def test_gated_metric_missing_in_both_revisions_is_an_error():
         check_gates(diff_of(0.9, 0.9), [gate("finetuned.no_such_metric")], "base")
 
 
-@pytest.mark.parametrize("base_value", [0.7, None])
-def test_a_gate_on_a_stage_turned_off_is_not_checked_and_says_so(base_value):
-    """`crossval.folds: 0` writes `{"enabled": false}`: the default crossval gate passes
-    unchecked, whether the base had crossval on or off, and the verdict names it."""
-    crossval = {"enabled": {"old": base_value is not None and None, "new": False}}
-    if base_value is not None:
-        crossval["val_accuracy_mean"] = {"old": base_value, "new": None}
+def test_a_gate_on_a_stage_off_on_both_sides_is_not_checked_and_says_so():
+    """`crossval.folds: 0` writes `{"enabled": false}`: with crossval off at the base too,
+    the default crossval gate passes unchecked, and the verdict names it."""
+    crossval = {"enabled": {"old": False, "new": False}}
     metrics = {**diff_of(0.9, 0.9), "metrics/crossval.json": crossval}
     named = "metrics/crossval.json:val_accuracy_mean"
 
@@ -367,6 +364,26 @@ def test_a_gate_on_a_stage_turned_off_is_not_checked_and_says_so(base_value):
     assert _verdict(results) == ("✅ **pass**: no gated metric got worse beyond its tolerance "
                                  f"(1 checked); not checked, their stage is off "
                                  f"(`enabled: false`): `{named}`")
+
+
+def test_a_pull_request_that_turns_a_gated_stage_off_fails():
+    """Otherwise a pull request could switch off the check it would fail."""
+    crossval = {"enabled": {"old": None, "new": False},
+                "val_accuracy_mean": {"old": 0.7, "new": None}}
+    metrics = {**diff_of(0.9, 0.9), "metrics/crossval.json": crossval}
+    named = "metrics/crossval.json:val_accuracy_mean"
+
+    results = check_gates(metrics, [gate(ACCURACY), gate(named)], "base")
+
+    assert [r.status for r in results] == ["pass", "turned off"]
+    assert _verdict(results) == (f"❌ **regression**: `{named}` (metrics/crossval.json) not "
+                                 "checked: this revision turned its stage off "
+                                 "(`enabled: false`; was 0.7)")
+
+
+def test_a_gate_that_does_not_name_its_file_is_an_error_when_missing():
+    crossval = {"enabled": {"old": False, "new": False}}
+    metrics = {**diff_of(0.9, 0.9), "metrics/crossval.json": crossval}
     # A gate that does not name the file cannot tell an off stage from a typo.
     with pytest.raises(ReportError, match="no_such_mean"):
         check_gates(metrics, [gate("no_such_mean")], "base")
@@ -576,12 +593,39 @@ def test_label_agreement_pairs_images_by_content_whatever_their_label():
     from retrain.report import agreement_evidence
 
     def table(agrees, digests):
-        return pd.DataFrame({"sha256": digests, "copy": 0, "agrees": agrees})
+        return pd.DataFrame({"sha256": digests, "copy": 0, "label": "a", "agrees": agrees})
 
     digests = [f"{i:064x}" for i in range(10)]
     old = table([True] * 10, digests)
     new = table([False] * 3 + [True] * 7, digests[:9] + ["f" * 64])
     evidence = agreement_evidence(old, new, 0.95)
     assert (evidence.mcnemar.base_only, evidence.mcnemar.new_only) == (3, 0)
-    assert evidence.over == "over the 9 images both revisions audited"
+    assert evidence.over == ("over the 9 images both revisions audited: agreement lost by 3 "
+                             "(0 relabelled), gained by 0 (0 relabelled)")
+    assert evidence.added.images == 1  # the replaced image, tested on its own
     assert evidence.difference.difference == pytest.approx(-3 / 9)
+
+
+def test_label_agreement_tests_the_images_only_the_workspace_holds():
+    """Mislabelled images that come with new data lower the agreement without touching
+    the images both revisions hold: a binomial test against the base's rate catches them,
+    each test at half the significance."""
+    from retrain.report import GateResult, agreement_evidence
+
+    digests = [f"{i:064x}" for i in range(260)]
+    old = pd.DataFrame({"sha256": digests[:200], "copy": 0, "label": "a",
+                        "agrees": [True] * 160 + [False] * 40})
+    new = pd.concat([old, pd.DataFrame({"sha256": digests[200:], "copy": 0, "label": "a",
+                                        "agrees": [True] * 40 + [False] * 20})])
+    evidence = agreement_evidence(old, new, 0.95)
+    assert (evidence.added.images, evidence.added.agreeing) == (60, 40)
+    assert evidence.added.pvalue == pytest.approx(
+        stats.binomtest(40, 60, 0.8, alternative="less").pvalue)
+    result = GateResult("metrics/audit.json:label_agreement", "metrics/audit.json", "higher",
+                        0.01, 0.8, float(new["agrees"].mean()), 0.05, evidence=evidence)
+    assert result.status == ("regression" if evidence.added.pvalue < 0.025
+                             else "not significant")
+    assert "the 60 images only in the workspace: 40 agree (66.7% against the base's 80.0%)" \
+        in _verdict([result])
+    same = agreement_evidence(old, old, 0.95)
+    assert same.added is None and "agreement lost by 0 (0 relabelled)" in same.over

@@ -71,7 +71,21 @@ def cross_validate_head(features: np.ndarray, labels: np.ndarray, digests: np.nd
         fit, watched = (early_stopping_split(train, labels, digests, seed + index)
                         if head["early_stopping_patience"] else (train, None))
         per_fold.append(score_fold(reused, features, labels, fit, val, seed + index, watched))
-    return summarise(per_fold, folds, repeats, seed)
+    return {**summarise(per_fold, folds, repeats, seed),
+            "folds_digest": folds_digest(splits, digests)}
+
+
+def folds_digest(splits: list[tuple[np.ndarray, np.ndarray]], digests: np.ndarray) -> str:
+    """One sha256 of which images each fold validated on, in fold order: two runs with the
+    same digest ran the same folds, so `report` pairs their scores fold by fold. Another
+    seed, or any change to the images or their labels (the folds are stratified), gives
+    another digest."""
+    import hashlib
+
+    hashed = hashlib.sha256()
+    for _, val in splits:
+        hashed.update(",".join(sorted(digests[val])).encode() + b";")
+    return hashed.hexdigest()
 
 
 def early_stopping_split(train: np.ndarray, labels: np.ndarray, digests: np.ndarray,

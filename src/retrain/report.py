@@ -77,11 +77,25 @@ AUDIT_LABELS = "reports/audit/label_issues.csv"
 
 
 @dataclass(frozen=True)
-class Evidence:
-    """What the test images say about one gated metric's change.
+class AddedImages:
+    """The images only the workspace audited, against the base's agreement rate: a one-sided
+    binomial test of "they agree with their labels no less often than the base's did"."""
 
-    `difference` and `mcnemar` exist only when both revisions predicted the same test files;
-    the two revisions' own intervals whenever both predictions tables could be read.
+    images: int
+    agreeing: int
+    base_rate: float
+    pvalue: float
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the paired data say about one gated metric's change.
+
+    For evaluate.json's metrics, `difference` and `mcnemar` exist only when both revisions
+    predicted the same test files, the two revisions' own intervals whenever both
+    predictions tables could be read; for the audit's label agreement, they are over the
+    images both audits hold, and `added` tests the images only the workspace holds; for
+    crossval's means, `folds` holds the fold test.
     """
 
     old_interval: list[float] | None
@@ -93,6 +107,7 @@ class Evidence:
     recipe: uncertainty.RecipeDifference | None = None
     folds: uncertainty.FoldComparison | None = None
     over: str = ""  # what the paired test ran over, where not the test images
+    added: AddedImages | None = None
 
     @property
     def paired(self) -> bool:
@@ -108,10 +123,12 @@ class Evidence:
                      ) -> bool:
         """Whether the test rejects "no change" at `significance` in the worse direction.
 
-        Recipe level (where the revisions have replicates or folds): the recipe test's p.
-        Model level, or where training noise was not measured: McNemar's exact test for
-        accuracy, else the paired bootstrap interval (at confidence 1 - significance) lying
-        wholly on the worse side of zero."""
+        Recipe level (where the revisions have replicates or folds): the recipe test's p;
+        crossval's folds decide at either level, being its only test. Model level, or where
+        training noise was not measured: McNemar's exact test for accuracy, else the paired
+        bootstrap interval (at confidence 1 - significance) lying wholly on the worse side
+        of zero. With images only the workspace audited (`added`), McNemar's test and theirs
+        each run at half the significance (Bonferroni), and either can call the drop real."""
         worse_sign = -1 if direction == "higher" else 1
         recipe = self.recipe_test() if level == "recipe" else None
         if recipe is None and self.difference is None and self.mcnemar is None:
@@ -121,7 +138,10 @@ class Evidence:
                 recipe.pvalue < significance
         if self.mcnemar is not None:
             got_worse = np.sign(self.mcnemar.new_only - self.mcnemar.base_only) == worse_sign
-            return bool(got_worse) and self.mcnemar.pvalue < significance
+            if self.added is None:
+                return bool(got_worse) and self.mcnemar.pvalue < significance
+            return (bool(got_worse) and self.mcnemar.pvalue < significance / 2) or \
+                self.added.pvalue < significance / 2
         low, high = self.difference.interval
         return high < 0 if worse_sign < 0 else low > 0
 
@@ -155,12 +175,13 @@ class GateResult:
         A metric that vanished from the workspace fails: the gate can no longer be checked,
         which is exactly what a broken evaluate stage looks like. One that is new passes,
         since the pull request that introduces a metric has nothing to compare with. `off`:
-        the stage that writes it is turned off in the workspace (e.g. `crossval.folds: 0`);
-        it passes, and the verdict says the gate was not checked: turning a stage off is a
-        params change the report shows.
+        the stage that writes it is turned off in the workspace (e.g. `crossval.folds: 0`)
+        and was off (or absent) at the base too: nothing to check, and the verdict says so.
+        `turned off`: the base had the figure and the workspace turned its stage off, which
+        fails, or a pull request could switch off the checks it would fail.
         """
         if self.off:
-            return "off"
+            return "off" if self.old is None else "turned off"
         if self.new is None or math.isnan(self.new):
             return "missing"
         if self.old is None:
@@ -284,9 +305,11 @@ def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
     for gate in gates:
         name = gate["metric"]
         if _turned_off(metrics, name):
-            path = name.rpartition(":")[0]
+            path, _, key = name.rpartition(":")
+            old = (metrics.get(path, {}).get(key) or {}).get("old")
             results.append(GateResult(name, path, gate["direction"], float(gate["tolerance"]),
-                                      None, None, gate.get("significance"), off=True))
+                                      _number(old, name), None, gate.get("significance"),
+                                      level=gate.get("level", "recipe"), off=True))
             continue
         found = _present(metrics, name) or _present(details or {}, name)
         if not found:
@@ -448,11 +471,12 @@ def fold_evidence(result: GateResult, old: dict, new: dict) -> Evidence | None:
     `new`: crossval's details as the stage writes them) paired by fold (Nadeau and
     Bengio's corrected t-test), when both ran as many folds and repeats; None otherwise.
 
-    With another `crossval.seed` (or other data) the folds differ and fold j of one side
-    is paired with fold j of the other: the pairing then removes no variance, and the
-    differences' spread holds both sides' fold-to-fold spread, which is what the corrected
-    variance of a difference of two independent fold means needs, so the test stays
-    valid (`FoldComparison.same_folds` says which case it was)."""
+    The folds are the same when both details carry the same `folds_digest` (which images
+    each fold validated on). With another `crossval.seed`, or other images or labels, they
+    differ and fold j of one side is paired with fold j of the other: the pairing then
+    removes none of the fold-to-fold variance, which the differences' spread counts in
+    full, so the test is conservative (it loses power; it does not call noise real more
+    often). `FoldComparison.same_folds` says which case it was."""
     score = result.metric.rpartition(":")[2].removesuffix("_mean")
     old_scores = (old.get("per_fold") or {}).get(score)
     new_scores = (new.get("per_fold") or {}).get(score)
@@ -462,7 +486,8 @@ def fold_evidence(result: GateResult, old: dict, new: dict) -> Evidence | None:
         return None
     folds = uncertainty.corrected_resampled_ttest(
         old_scores, new_scores, int(new["folds"]), result.confidence,
-        same_folds=old.get("seed") == new.get("seed"))
+        same_folds=old.get("folds_digest") is not None
+        and old.get("folds_digest") == new.get("folds_digest"))
     return Evidence(None, None, folds=folds)
 
 
@@ -494,7 +519,7 @@ def _read_agreement(text: str, where: str) -> pd.DataFrame | str:
     if not {"path", "sha256", "label", "suggested_label"} <= set(table.columns):
         return f"{where} lacks the path, sha256, label and suggested_label columns"
     table = _with_copy_numbers(table.assign(agrees=table["label"] == table["suggested_label"]))
-    return table[["sha256", "copy", "agrees"]]
+    return table[["sha256", "copy", "label", "agrees"]]
 
 
 def agreement_evidence(old: pd.DataFrame, new: pd.DataFrame, confidence: float) -> Evidence:
@@ -507,26 +532,47 @@ def agreement_evidence(old: pd.DataFrame, new: pd.DataFrame, confidence: float) 
                                            agrees.astype(int))
 
     aligned = old.merge(new, on=["sha256", "copy"], suffixes=("_old", "_new"))
-    evidence = Evidence(interval(old["agrees"].to_numpy()), interval(new["agrees"].to_numpy()))
+    evidence = Evidence(interval(old["agrees"].to_numpy()), interval(new["agrees"].to_numpy()),
+                        added=_added_images(old, new))
     if len(aligned) < 2:
-        return evidence
+        return replace(evidence, over="no image in both audits")
     base, now = (aligned[f"agrees_{side}"].to_numpy() for side in ("old", "new"))
     difference = uncertainty.paired_difference(
         "test_accuracy", np.ones(len(aligned), int), base.astype(int), now.astype(int),
         confidence)
+    relabelled = (aligned["label_old"] != aligned["label_new"]).to_numpy()
+    lost, gained = base & ~now, ~base & now
+    over = (f"over the {len(aligned)} images both revisions audited: agreement lost by "
+            f"{lost.sum()} ({(lost & relabelled).sum()} relabelled), gained by {gained.sum()} "
+            f"({(gained & relabelled).sum()} relabelled)")
     return replace(evidence, difference=difference, mcnemar=uncertainty.mcnemar_exact(base, now),
-                   over=f"over the {len(aligned)} images both revisions audited")
+                   over=over)
+
+
+def _added_images(old: pd.DataFrame, new: pd.DataFrame) -> AddedImages | None:
+    """The images only `new` holds, tested against `old`'s agreement rate; None if none."""
+    from scipy.stats import binomtest
+
+    added = new.merge(old[["sha256", "copy"]], on=["sha256", "copy"], how="left",
+                      indicator=True)
+    added = added[added["_merge"] == "left_only"]
+    if added.empty or old.empty:
+        return None
+    rate, agreeing = float(old["agrees"].mean()), int(added["agrees"].sum())
+    pvalue = binomtest(agreeing, len(added), rate, alternative="less").pvalue if rate else 1.0
+    return AddedImages(len(added), agreeing, rate, float(pvalue))
 
 
 def _base_output(base: str, path: str, repo_dir: Path) -> str | None:
     """A DVC-cached output as it was at `base` (from the cache or the default remote, as
     `dvc metrics diff` reads the details files), or None when DVC cannot read it."""
     import dvc.api
-    from dvc.exceptions import DvcException
 
     try:
         return dvc.api.read(path, repo=str(repo_dir), rev=base, encoding="utf-8")
-    except (DvcException, OSError):
+    except Exception:  # noqa: BLE001  (not in the cache, no remote, a remote's own errors)
+        # Evidence only sharpens a gate: without it the tolerance decides, as the verdict
+        # says ("no paired test"), and the report must not stop on the way.
         return None
 
 
@@ -674,10 +720,10 @@ def _evidence_words(r: GateResult) -> str:
         # metrics with intervals); say so rather than let the level suggest a test ran.
         return "no paired test for this metric: tolerance only" if r.significance else ""
     if not e.paired:
-        return "test sets differ: tolerance only"
+        return f"{e.over or 'test sets differ'}: tolerance only"
     if e.folds is not None:
         paired = "paired by fold" if e.folds.same_folds else \
-            "other folds (crossval.seed changed), paired by position"
+            "other folds (crossval.seed or the images changed), paired by position"
         return (f"corrected resampled t-test over {e.folds.pairs} folds {paired}: "
                 f"{r.confidence:.0%} interval {_interval(e.folds.interval)}, "
                 f"p = {e.folds.pvalue:.3g}")
@@ -693,7 +739,13 @@ def _evidence_words(r: GateResult) -> str:
     words = f"{r.confidence:.0%} paired interval {_interval(e.difference.interval)}"
     if e.mcnemar is not None:
         words += f", McNemar p = {e.mcnemar.pvalue:.3g}"
-    return words + (f" ({e.over})" if e.over else "")
+    words += f" ({e.over})" if e.over else ""
+    if e.added is not None:
+        a = e.added
+        words += (f"; the {a.images} images only in the workspace: {a.agreeing} agree "
+                  f"({a.agreeing / a.images:.1%} against the base's {a.base_rate:.1%}), "
+                  f"binomial p = {a.pvalue:.3g}; each test at half the significance")
+    return words
 
 
 def _detectable_words(r: GateResult) -> str:
@@ -749,6 +801,10 @@ def _gate_verdict(results: list[GateResult]) -> str:
         if r.status == "missing":
             parts.append(f"{where} is missing in the workspace (was {_fmt(r.old)})")
             continue
+        if r.status == "turned off":
+            parts.append(f"{where} not checked: this revision turned its stage off "
+                         f"(`enabled: false`; was {_fmt(r.old)})")
+            continue
         evidence = _evidence_words(r)
         rule = f"tolerance {_fmt(r.tolerance)}"
         if r.significance is not None:
@@ -797,7 +853,8 @@ def _metrics_section(metrics: dict[str, dict]) -> list[str]:
 
 
 RESULT_MARKS = {"pass": "✅", "new": "✅ new", "not significant": "✅ not significant",
-                "regression": "❌", "missing": "❌ missing", "off": "✅ off"}
+                "regression": "❌", "missing": "❌ missing", "off": "✅ off",
+                "turned off": "❌ turned off"}
 
 
 def _with_interval(value: float | None, interval: list[float] | None) -> str:
