@@ -894,13 +894,20 @@ def _gates_section(results: list[GateResult]) -> list[str]:
                   "gate with a significance fails when the metric is worse beyond its "
                   "tolerance and the paired test calls the drop real (p or the interval's "
                   "level); without a shared test set the tolerance alone decides."]
+    if any(r.evidence is not None and r.evidence.over for r in results):
+        lines += ["", "Label agreement (the audit): old and new over each revision's audited "
+                  "images; change over the images both audited, paired by content whatever "
+                  "their label; McNemar p on the images whose label stopped vs started "
+                  "agreeing with the audit's out-of-fold classifier, beside a binomial test "
+                  "of the images only the workspace audited."]
     if any(r.evidence is not None and r.evidence.recipe_test() is not None for r in results):
         lines += ["", "Recipe gates (`level: recipe`, the default) decide by the test that "
                   "also weighs training noise: fine-tuning replicates of both revisions "
                   "(mean change, its interval over the test images and the seeds, t-test) "
-                  "or crossval's folds paired by fold (Nadeau and Bengio's corrected "
-                  "resampled t-test). The paired change and McNemar p compare one model of "
-                  "each (replicate 0: the shipped one); `level: model` gates on those."]
+                  "or crossval's folds paired by fold (by position where the folds "
+                  "differ; Nadeau and Bengio's corrected resampled t-test). The paired "
+                  "change and McNemar p compare one model of each (replicate 0: the "
+                  "shipped one); `level: model` gates on those."]
     return lines
 
 
