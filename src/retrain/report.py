@@ -493,20 +493,29 @@ def fold_evidence(result: GateResult, old: dict, new: dict) -> Evidence | None:
 
 def crossval_evidence(result: GateResult, base: str, repo_dir: str | Path) -> Evidence | None:
     """`fold_evidence` for a gate on metrics/crossval.json, from crossval's details at
-    `base` (DVC cache or remote) and in the workspace. They are read here, not taken from
-    `dvc metrics diff`, which leaves lists such as the per-fold scores out."""
+    `base` and in the workspace. They are read here, not taken from `dvc metrics diff`,
+    which leaves lists such as the per-fold scores out."""
     if not (result.path.endswith("crossval.json") and result.metric.endswith("_mean")):
         return None
-    repo_dir = Path(repo_dir)
-    base_text = _base_output(base, CROSSVAL_DETAILS, repo_dir)
+    texts = _both_revisions(CROSSVAL_DETAILS, base, repo_dir)
     try:
-        old = json.loads(base_text) if base_text is not None else None
-        new = json.loads((repo_dir / CROSSVAL_DETAILS).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        old, new = (json.loads(text) for text in texts) if texts else (None, None)
+    except json.JSONDecodeError:
         return None
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return None
     return fold_evidence(result, old, new)
+
+
+def _both_revisions(path: str, base: str, repo_dir: str | Path) -> tuple[str, str] | None:
+    """A DVC-cached output's text at `base` and in the workspace; None if either cannot
+    be read (the gate then falls back to its tolerance)."""
+    base_text = _base_output(base, path, Path(repo_dir))
+    try:
+        new_text = (Path(repo_dir) / path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return None if base_text is None else (base_text, new_text)
 
 
 def _read_agreement(text: str, where: str) -> pd.DataFrame | str:
@@ -583,16 +592,11 @@ def label_agreement_evidence(result: GateResult, base: str,
     if not (result.path == AUDIT_METRICS
             and result.metric.rpartition(":")[2] == AUDIT_AGREEMENT):
         return None
-    repo_dir = Path(repo_dir)
-    base_text = _base_output(base, AUDIT_LABELS, repo_dir)
-    try:
-        new_text = (repo_dir / AUDIT_LABELS).read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    texts = _both_revisions(AUDIT_LABELS, base, repo_dir)
+    if texts is None:
         return None
-    if base_text is None:
-        return None
-    old = _read_agreement(base_text, f"{AUDIT_LABELS} at {base}")
-    new = _read_agreement(new_text, f"{AUDIT_LABELS} in the workspace")
+    old, new = (_read_agreement(text, f"{AUDIT_LABELS} {where}")
+                for text, where in zip(texts, (f"at {base}", "in the workspace"), strict=True))
     if isinstance(old, str) or isinstance(new, str):
         return None
     return agreement_evidence(old, new, result.confidence)
