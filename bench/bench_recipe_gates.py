@@ -33,6 +33,7 @@ its own noise measured by S - 1 `crossval.seed`-only pairs (other folds, other h
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -54,7 +55,9 @@ ALPHA_PARAMS = {"backbone": "mobilenet_v2", "weights": str(REAL_WEIGHTS), "image
                 "alpha": 0.35}
 
 
+@functools.cache
 def default_params() -> dict:
+    """params.yaml, read once: every revision's crossval and audit read it."""
     from retrain.params import load_params
 
     return load_params(REPO / "params.yaml", check_model=False)
