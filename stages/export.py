@@ -5,8 +5,6 @@ import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exi
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import UserError, exits_cleanly
 from retrain.headline import HEADLINE, select
@@ -33,8 +31,6 @@ def main() -> None:
     export, size, seed = params["export"], params["model"]["image_size"], params["seed"]
     classes = read_classes(args.manifests)
     train, val, test = (read_split(args.manifests, split) for split in ("train", "val", "test"))
-    # Agreement with Keras needs no labels: every image the model did not train on counts.
-    held_out = pd.concat([val, test], ignore_index=True)
 
     import keras
     import numpy as np
@@ -46,6 +42,7 @@ def main() -> None:
         export_formats,
         latency_rounds_ms,
         measure,
+        measured_rows,
         representative_rows,
         short_layer_name,
     )
@@ -55,6 +52,11 @@ def main() -> None:
     if not litert_available():
         raise UserError("export needs the LiteRT interpreter: pip install ai-edge-litert")
     raw = Path(args.raw)
+    # Agreement with Keras needs no labels: any image the model did not train on counts.
+    held_out = measured_rows(val, test, export["held_out_images"])
+    measured_on = f"{len(held_out)} held-out images" + (
+        f" (of {len(val) + len(test)}: those whose sha256 sorts first)"
+        if len(held_out) < len(val) + len(test) else "")
     model = keras.models.load_model(args.model)
     calibration = representative_rows(train, export["representative_images"], seed)
     representative = np.stack([load_image(raw / p, size) for p in calibration["path"]])
@@ -63,7 +65,7 @@ def main() -> None:
     images = image_rows(cached_image_array([raw / p for p in held_out["path"]],
                                            held_out["sha256"], size, user_cache_dir("images")))
     labels = held_out["label_index"].to_numpy()
-    test_rows = np.arange(len(held_out)) >= len(val)
+    test_rows = (held_out["split"] == "test").to_numpy()
     keras_probabilities = predict_images(model, images)
 
     results = {}
@@ -75,8 +77,9 @@ def main() -> None:
             results[name] = measure(path, images, labels, classes, keras_probabilities,
                                     test_rows)
             results[name]["latency_ms"] = float(np.median(latencies[name]))
+            results[name]["held_out_images"] = len(val) + len(test)
             print(f"export: {name} {path.name}: agreement {results[name]['agreement']:.4f} "
-                  f"on {len(held_out)} held-out images, "
+                  f"on {measured_on}, "
                   f"accuracy {results[name]['accuracy']:.4f}, "
                   f"{results[name]['size_bytes'] / 1e6:.1f} MB, "
                   f"{results[name]['latency_ms']:.2f} ms per image")

@@ -92,7 +92,8 @@ def test_each_format_converts_loads_and_agrees_with_keras(trained, exported):
     for name, entry in results.items():
         assert set(entry) - {"float_layers"} == {
             "accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
-            "size_bytes"}, name
+            "size_bytes", "images"}, name
+        assert entry["images"] == len(images)
         low, high = entry["agreement_ci95"]
         assert low <= entry["agreement"] <= high
         assert entry["size_bytes"] == paths[name].stat().st_size
@@ -197,6 +198,39 @@ def test_representative_rows_are_seeded_training_rows():
     assert first["path"].tolist() != representative_rows(train, 10, seed=2)["path"].tolist()
     assert first.index.is_monotonic_increasing and len(set(first["path"])) == 10
     assert len(representative_rows(train, 500, seed=1)) == 50
+
+
+def held_out_frames(count: int, start: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    import hashlib
+
+    rows = pd.DataFrame({"path": [f"c/{i}.jpg" for i in range(start, start + count)]})
+    rows["sha256"] = [hashlib.sha256(p.encode()).hexdigest() for p in rows["path"]]
+    return rows.iloc[: count // 3].copy(), rows.iloc[count // 3:].copy()
+
+
+def test_formats_are_measured_on_a_sample_drawn_by_content_beyond_the_limit():
+    from retrain.export import measured_rows
+
+    val, test = held_out_frames(300)
+    everything = measured_rows(val, test, 0)
+    assert everything["path"].tolist() == val["path"].tolist() + test["path"].tolist()
+    assert everything["split"].tolist() == ["val"] * len(val) + ["test"] * len(test)
+    assert measured_rows(val, test, 300)["path"].tolist() == everything["path"].tolist()
+
+    sample = measured_rows(val, test, 50)
+    assert len(sample) == 50 and set(sample["path"]) <= set(everything["path"])
+    assert sorted(sample["sha256"]) == sorted(everything["sha256"])[:50]
+    # manifest order kept: validation rows first, then test, each as in its manifest
+    order = {path: i for i, path in enumerate(everything["path"])}
+    assert sample["path"].map(order).is_monotonic_increasing
+    assert set(sample["split"]) == {"val", "test"}
+    # the same images whatever else the split holds: more images only displace those
+    # whose digests sort after theirs
+    more_val, more_test = held_out_frames(300, start=1000)
+    grown = measured_rows(pd.concat([val, more_val]), pd.concat([test, more_test]), 50)
+    assert set(grown["path"]) & set(everything["path"]) <= set(sample["path"])
+    assert sorted(grown["sha256"]) == sorted(
+        [*everything["sha256"], *more_val["sha256"], *more_test["sha256"]])[:50]
 
 
 # --- the image-bytes signature ---------------------------------------------------------------
@@ -452,6 +486,21 @@ def test_card_states_the_training_recipe_from_the_params():
     assert "contrast" not in markdown.split("augmentation while fine-tuning")[1].splitlines()[0]
     assert f"seed {params['seed']}; 3 fine-tuning replicates" in markdown
     assert markdown.index("## Training") < markdown.index("## Test metrics")
+
+
+def test_card_says_which_held_out_images_the_formats_were_measured_on():
+    from retrain.card import card_markdown
+
+    export = made_up_export(0.99)
+    for entry in export.values():
+        entry.update(images=5000, held_out_images=28000)
+    text = card_markdown(card_of(export))
+    assert "5,000 of the 28,000 held-out images" in text and "sha256 sorts first" in text
+    for entry in export.values():
+        entry.update(images=56, held_out_images=56)
+    text = card_markdown(card_of(export))
+    assert "on the 56 held-out images (validation and test)" in text
+    assert "sorts first" not in text
 
 
 def test_card_recommends_float16_when_int8_does_not_hold():

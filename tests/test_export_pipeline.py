@@ -19,7 +19,7 @@ from retrain.card import file_sha256
 pytestmark = pytest.mark.slow
 
 EXPORT_KEYS = {"accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
-               "size_bytes", "latency_ms"}
+               "size_bytes", "latency_ms", "images", "held_out_images"}
 
 
 def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
@@ -27,11 +27,15 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
     params = yaml.safe_load((ws / "params.yaml").read_text())
     export = json.loads((ws / "reports" / "details" / "export.json").read_text())
     assert list(export) == params["export"]["formats"]
+    sizes = {s: len(pd.read_csv(ws / "data" / "manifests" / f"{s}.csv")) for s in
+             ("train", "val", "test")}
     for name, entry in export.items():
         assert set(entry) - {"float_layers"} == EXPORT_KEYS, name
         assert 0 <= entry["agreement"] <= 1 and 0 <= entry["accuracy"] <= 1
         low, high = entry["agreement_ci95"]
         assert low <= entry["agreement"] <= high
+        # the small profile holds fewer held-out images than the sample: all measured
+        assert entry["images"] == entry["held_out_images"] == sizes["val"] + sizes["test"]
     # As many layers from the input as the size budget allows, at most the count asked.
     assert 0 < export["int8"]["float_layers"] <= params["export"]["int8_float_layers"]
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
@@ -40,8 +44,6 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
     card = json.loads((ws / "models" / "model_card.json").read_text())
     assert card["classes"] == (ws / "data" / "manifests" / "classes.txt").read_text().split()
     assert card["dataset"]["sha256"] == params["data"]["sha256"]
-    sizes = {s: len(pd.read_csv(ws / "data" / "manifests" / f"{s}.csv")) for s in
-             ("train", "val", "test")}
     assert card["dataset"]["split_sizes"] == sizes
     evaluate = json.loads((ws / "metrics" / "evaluate.json").read_text())["finetuned"]
     assert card["test_metrics"]["test_accuracy"] == evaluate["test_accuracy"]

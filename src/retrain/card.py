@@ -35,7 +35,7 @@ LOADING = ("model.keras needs the retrain package: its preprocessing is a retrai
 # plus any `*_ci95`.
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
 FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
-                  "size_bytes", "latency_ms", "float_layers")
+                  "size_bytes", "latency_ms", "float_layers", "images", "held_out_images")
 # A format is recommended only if it agrees top-1 with the Keras model on at least this
 # share of the held-out images (float32, the reference, always may be).
 SHIP_MIN_AGREEMENT = 0.98
@@ -233,8 +233,8 @@ def card_markdown(card: dict) -> str:
         "## Exported formats (against the Keras model)",
         "",
         "Accuracy and macro F1 on the test split; top-1 agreement with the Keras model (and "
-        "its 95% Clopper-Pearson interval) and the largest probability difference on the "
-        "held-out images (validation and test).",
+        f"its 95% Clopper-Pearson interval) and the largest probability difference on "
+        f"{_measured_on(card['formats'])}.",
         "",
         "| format | accuracy | macro F1 | top-1 agreement | agreement 95% | max prob. diff "
         "| size (MB) | latency (ms, 1 image) | layers in float |",
@@ -254,6 +254,18 @@ def card_markdown(card: dict) -> str:
         f"Loading: {card.get('loading', LOADING)}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _measured_on(formats: dict[str, dict]) -> str:
+    """Which held-out images export measured the formats on (export.measured_rows)."""
+    entry = next(iter(formats.values()), {})
+    measured, total = entry.get("images"), entry.get("held_out_images")
+    if measured is None:  # an export from before the counts were recorded
+        return "the held-out images (validation and test)"
+    if total is None or measured >= total:
+        return f"the {measured:,} held-out images (validation and test)"
+    return (f"{measured:,} of the {total:,} held-out images (validation and test: those whose "
+            "sha256 sorts first, `export.held_out_images`)")
 
 
 def _augmentation_words(augment: dict) -> str:
