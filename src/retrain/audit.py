@@ -196,9 +196,12 @@ def near_duplicate_components(space: NeighbourSpace, similarity: float,
     for start in range(0, rows, block_rows):
         candidates = index.radius_neighbors_graph(space.reduced[start:start + block_rows],
                                                   mode="connectivity").tocoo()
-        pairs = (candidates.row + start, candidates.col)
-        later = pairs[1] > pairs[0]  # each pair once, no row with itself
-        found = _confirmed_pairs(pairs[0][later], pairs[1][later], space.unit, similarity)
+        one, other = candidates.row + start, candidates.col
+        # Each pair once, no row with itself, and none already linked through others: when
+        # most images are alike nearly every candidate is, and confirming each on the full
+        # features would cost rows squared times 1,280 products.
+        unlinked = (other > one) & (component[one] != component[other])
+        found = _confirmed_pairs(one[unlinked], other[unlinked], space.unit, similarity)
         if len(found[0]):
             component = _merged(component, *found)
     return component
