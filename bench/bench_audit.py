@@ -7,6 +7,11 @@ peak RSS is its own; the load average before and after each says how busy the ma
 
     .venv/bin/python bench/bench_audit.py          # 3,670 x 1,280, then 100,000 x 1,280
     .venv/bin/python bench/bench_audit.py --rows 3670 --dims 1280
+    .venv/bin/python bench/bench_audit.py --workspace WS --rows 36700 100000
+
+With `--workspace`, the features are a pipeline workspace's (data/features and
+data/manifests after `extract`), each size a seeded draw of that many of its rows: the cost
+per row of one data set at several sizes, in one sitting. Each part's wall and CPU seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,17 +55,33 @@ def generated_inputs(rows: int, dims: int, seed: int = 0):
     return AuditInputs(table, features, names)
 
 
-def measure(rows: int, dims: int) -> dict:
+def workspace_inputs(workspace: Path, rows: int):
+    """`rows` of a workspace's audit inputs, a seeded draw kept in table order."""
+    from retrain.audit import AuditInputs, read_inputs
+
+    inputs = read_inputs(workspace / "data" / "features", workspace / "data" / "manifests")
+    total = len(inputs.table)
+    if rows > total:
+        raise SystemExit(f"{workspace} holds {total} images, fewer than {rows}")
+    keep = np.sort(np.random.default_rng(0).choice(total, rows, replace=False))
+    return AuditInputs(inputs.table.iloc[keep].reset_index(drop=True), inputs.features[keep],
+                       inputs.classes)
+
+
+def measure(rows: int, dims: int, workspace: Path | None = None) -> dict:
     from retrain import audit
 
-    inputs = generated_inputs(rows, dims)
-    parts = {}
+    inputs = workspace_inputs(workspace, rows) if workspace else generated_inputs(rows, dims)
+    dims = inputs.features.shape[1]
+    parts, cpu = {}, {}
 
     def timed(name, function, *args):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = function(*args)
         parts[name] = round(time.perf_counter() - start, 1)
-        print(f"{rows} x {dims}: {name} {parts[name]} s", file=sys.stderr, flush=True)
+        cpu[name] = round(time.process_time() - start_cpu, 1)
+        print(f"{rows} x {dims}: {name} {parts[name]} s, CPU {cpu[name]} s", file=sys.stderr,
+              flush=True)
         return result
 
     probabilities = timed("out_of_fold_fits", audit.out_of_fold_probabilities, inputs, 5, 42)
@@ -72,7 +94,8 @@ def measure(rows: int, dims: int) -> dict:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"rows": rows, "dims": dims, "neighbour_dims": space.reduced.shape[1],
             "seconds": round(sum(parts.values()), 1),
-            "parts_s": parts, "peak_rss_mb": round(peak_mb),
+            "cpu_seconds": round(sum(cpu.values()), 1),
+            "parts_s": parts, "parts_cpu_s": cpu, "peak_rss_mb": round(peak_mb),
             "tensorflow_imported": "tensorflow" in sys.modules,
             "label_issues": int((issues["flagged"] == "yes").sum()),
             "near_duplicate_groups": int(groups["group"].nunique())}
@@ -80,17 +103,22 @@ def measure(rows: int, dims: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int)
+    parser.add_argument("--rows", type=int, nargs="+")
     parser.add_argument("--dims", type=int, default=1280)
+    parser.add_argument("--workspace", type=Path,
+                        help="measure on this workspace's features, not generated ones")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
-    if args.rows:
-        print(json.dumps(measure(args.rows, args.dims)))
+    if args.one:
+        print(json.dumps(measure(args.rows[0], args.dims, args.workspace)))
         return
-    for rows, dims in SIZES:
+    sizes = [(rows, args.dims) for rows in args.rows] if args.rows else SIZES
+    for rows, dims in sizes:
         # Other work on the machine slows every part: the load says how much there was.
         print(f"load average before: {os.getloadavg()}", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, __file__, "--rows", str(rows), "--dims", str(dims)],
-                       check=True)
+        subprocess.run([sys.executable, __file__, "--one", "--rows", str(rows), "--dims",
+                        str(dims), *(["--workspace", str(args.workspace)] if args.workspace
+                                     else [])], check=True)
         print(f"load average after: {os.getloadavg()}", file=sys.stderr, flush=True)
 
 

@@ -12,7 +12,6 @@ import pandas as pd
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import exits_cleanly
 from retrain.headline import HEADLINE, select
-from retrain.manifests import SPLITS, load_split_arrays, read_classes, read_split
 from retrain.params import load_params
 from retrain.raw import ensure_raw
 
@@ -27,18 +26,6 @@ GALLERY_PIXELS = 160
 GROUP_IMAGES = 6  # members of a near-duplicate group shown side by side
 # crossval.folds: 0 turns cross-validation off, not the audit, which then uses this many.
 DEFAULT_FOLDS = 5
-
-
-def read_inputs(features_dir: str, manifests_dir: str):
-    from retrain.audit import AuditInputs
-
-    tables, features = [], []
-    for split in SPLITS:
-        split_features, _ = load_split_arrays(features_dir, manifests_dir, split)
-        tables.append(read_split(manifests_dir, split).assign(split=split))
-        features.append(split_features)
-    return AuditInputs(pd.concat(tables, ignore_index=True), np.concatenate(features),
-                       read_classes(manifests_dir))
 
 
 def write_table(frame: pd.DataFrame, dest: Path) -> None:
@@ -100,6 +87,8 @@ def main() -> None:
     from retrain.audit import audit
 
     start = time.perf_counter()
+    from retrain.audit import read_inputs
+
     inputs = read_inputs(args.features, args.manifests)
     folds = params["crossval"]["folds"] or DEFAULT_FOLDS
     results = audit(inputs, settings, folds=folds, seed=params["crossval"]["seed"])

@@ -23,6 +23,7 @@ near-duplicate pairs are then confirmed on the full features, so the groups are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from sklearn.preprocessing import StandardScaler, normalize
 
 from retrain.crossval import fold_indices
 from retrain.evaluate import FIT_SPLITS, leaked_test_images  # train, val: what classifiers see
+from retrain.manifests import SPLITS, load_split_arrays, read_classes, read_split
 
 # Ties and rounding aside, a fold fit converges well within this many lbfgs steps.
 MAX_ITERATIONS = 300
@@ -77,6 +79,17 @@ class AuditInputs:
     table: pd.DataFrame  # path, label, label_index, sha256, split
     features: np.ndarray  # float32 (rows, feature size), row for row as `table`
     classes: list[str]
+
+
+def read_inputs(features_dir: str | Path, manifests_dir: str | Path) -> AuditInputs:
+    """Every split's manifest rows and cached features, in one table."""
+    tables, features = [], []
+    for split in SPLITS:
+        split_features, _ = load_split_arrays(features_dir, manifests_dir, split)
+        tables.append(read_split(manifests_dir, split).assign(split=split))
+        features.append(split_features)
+    return AuditInputs(pd.concat(tables, ignore_index=True), np.concatenate(features),
+                       read_classes(manifests_dir))
 
 
 def classifier(seed: int):
