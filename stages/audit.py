@@ -84,11 +84,9 @@ def main() -> None:
         print("audit: off (audit.enabled is false)")
         return
 
-    from retrain.audit import audit
+    from retrain.audit import audit, read_inputs
 
     start = time.perf_counter()
-    from retrain.audit import read_inputs
-
     inputs = read_inputs(args.features, args.manifests)
     folds = params["crossval"]["folds"] or DEFAULT_FOLDS
     results = audit(inputs, settings, folds=folds, seed=params["crossval"]["seed"])
