@@ -273,6 +273,50 @@ def test_outlier_scores_on_the_projection_follow_cleanlabs_on_the_full_features(
     assert np.abs(full - ours).max() < 0.02
 
 
+def test_outliers_sought_among_a_reference_draw_still_find_the_strays():
+    """Beyond OUTLIER_REFERENCE_ROWS rows each image's neighbours come from a seeded draw:
+    the strays still score lowest, and the scores rank the images as the search among all
+    rows does."""
+    from scipy.stats import spearmanr
+
+    from retrain.audit import AuditInputs, neighbour_space, outliers
+
+    inputs = wide_inputs(rows=600)
+    rng = np.random.default_rng(3)
+    strays = np.abs(rng.normal(size=(4, inputs.features.shape[1]))).astype(np.float32) * 3
+    table = pd.concat([inputs.table, inputs.table.iloc[:4].assign(
+        path=[f"stray_{i}.jpg" for i in range(4)], sha256=["d" * 63 + str(i) for i in range(4)])],
+        ignore_index=True)
+    inputs = AuditInputs(table, np.concatenate([inputs.features, strays]), inputs.classes)
+    space = neighbour_space(inputs.features, exact_rows=0)
+    every = outliers(inputs, 0.01, 10, space).set_index("path")["ood_score"]
+    drawn = outliers(inputs, 0.01, 10, space, seed=5, reference_rows=200)
+    assert set(drawn["path"].head(4)) == {f"stray_{i}.jpg" for i in range(4)}
+    again = outliers(inputs, 0.01, 10, space, seed=5, reference_rows=200)
+    assert again.equals(drawn)  # the draw is seeded
+    scores = drawn.set_index("path")["ood_score"].loc[every.index]
+    assert spearmanr(every, scores).statistic > 0.9
+
+
+@pytest.mark.parametrize("reference_size", [30, 120])
+def test_nearest_in_reference_rows_leaves_each_row_itself_out(reference_size):
+    from retrain.audit import _nearest_in_reference
+
+    rng = np.random.default_rng(reference_size)
+    points = rng.normal(size=(120, 6)).astype(np.float32)
+    points[7] = points[3]  # an exact copy: both at distance 0 from each row of the pair
+    reference = np.sort(rng.choice(120, reference_size, replace=False))
+    reference = np.union1d(reference, [3, 7])
+    found = _nearest_in_reference(points, reference, wide=5)
+    distances = np.linalg.norm(points[:, None] - points[None, reference], axis=2)
+    distances[reference[None, :] == np.arange(120)[:, None]] = np.inf  # not itself
+    expected = np.sort(distances, axis=1)[:, :5]
+    got = np.linalg.norm(points[:, None] - points[found], axis=2)
+    assert np.allclose(np.sort(got, axis=1), expected, atol=1e-5)
+    assert not (found == np.arange(120)[:, None]).any() and np.isin(found, reference).all()
+    assert 7 in found[3] and 3 in found[7]
+
+
 def test_planted_reencoded_copies_share_a_split_under_group_near_duplicates(tmp_path):
     from retrain.manifests import build_manifests
 

@@ -71,6 +71,13 @@ DUPLICATE_BLOCK_ROWS = 256
 # worst) a rank correlation of 0.97 and 30 of the 37 flagged images in common (with 4 times
 # as many: 0.94 and 27).
 CANDIDATE_NEIGHBOURS = 8
+# Beyond this many rows, the outlier score's neighbours are sought among a seeded draw of this
+# many rows (the reference), not among all: a search against all rows costs rows squared
+# (97 CPU-s at 100,000 rows, 19 at 36,700), one against the reference grows with the rows.
+# The score asks how far an image is from the others; a draw of 20,000 answers that for
+# any image with a few dozen like it in the set (an image's neighbours in the draw are about
+# a fifth as many as in a set of 100,000).
+OUTLIER_REFERENCE_ROWS = 20_000
 
 
 @dataclass
@@ -250,15 +257,17 @@ def cross_split_groups(groups: pd.DataFrame) -> pd.Series:
 
 
 def outliers(inputs: AuditInputs, fraction: float, neighbours: int,
-             space: NeighbourSpace | None = None) -> pd.DataFrame:
+             space: NeighbourSpace | None = None, seed: int = 0,
+             reference_rows: int = OUTLIER_REFERENCE_ROWS) -> pd.DataFrame:
     """cleanlab's out-of-distribution score of every image from its `neighbours` nearest
     neighbours' cosine distances (near 1: typical; near 0: far from every other image); the
-    lowest `fraction` flagged. Lowest score first."""
+    lowest `fraction` flagged. Lowest score first. Beyond `reference_rows` rows the
+    neighbours are sought among a seeded draw of that many (OUTLIER_REFERENCE_ROWS)."""
     from cleanlab.outlier import OutOfDistribution
 
     space = space or neighbour_space(inputs.features)
     k = max(1, min(neighbours, len(inputs.table) - 1))
-    graph = _cosine_knn_graph(space, k)
+    graph = _cosine_knn_graph(space, k, _reference(len(inputs.table), reference_rows, seed))
     # cleanlab scores a fitted neighbour index; a precomputed one reads the graph as it is.
     knn = NearestNeighbors(n_neighbors=k, metric="precomputed").fit(graph)
     scores = OutOfDistribution(params={"knn": knn, "k": k}).score(features=graph)
@@ -270,9 +279,18 @@ def outliers(inputs: AuditInputs, fraction: float, neighbours: int,
     return frame
 
 
-def _cosine_knn_graph(space: NeighbourSpace, k: int):
+def _reference(rows: int, reference_rows: int, seed: int) -> np.ndarray | None:
+    """The rows the outlier search looks among: None for all of them, else a seeded draw of
+    `reference_rows`, in row order."""
+    if rows <= reference_rows:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(rows, reference_rows, replace=False))
+
+
+def _cosine_knn_graph(space: NeighbourSpace, k: int, reference: np.ndarray | None = None):
     """Each row's k nearest other rows by cosine distance (1 - cosine similarity, the
-    distance cleanlab uses on features), as a sparse graph weighted by that distance.
+    distance cleanlab uses on features), as a sparse graph weighted by that distance; with
+    `reference` (row numbers), the k nearest among those rows.
 
     The CANDIDATE_NEIGHBOURS * k nearest on the projection (Euclidean: scikit-learn computes
     it as one matrix product per block of rows) are re-ranked by their cosine distance on the
@@ -281,8 +299,12 @@ def _cosine_knn_graph(space: NeighbourSpace, k: int):
     """
     rows = len(space.unit)
     projected = space.reduced is not space.unit
-    wide = min(rows - 1, CANDIDATE_NEIGHBOURS * k if projected else k)
-    _, candidates = NearestNeighbors(n_neighbors=wide).fit(space.reduced).kneighbors()
+    among = rows if reference is None else len(reference)
+    wide = min(among - 1, CANDIDATE_NEIGHBOURS * k if projected else k)
+    if reference is None:  # the rows themselves: scikit-learn leaves each row's own out
+        _, candidates = NearestNeighbors(n_neighbors=wide).fit(space.reduced).kneighbors()
+    else:
+        candidates = _nearest_in_reference(space.reduced, reference, wide)
     distances = np.empty(candidates.shape, dtype=np.float64)
     for start in range(0, rows, 512):  # bounded memory: a block of rows' candidates at once
         block = slice(start, start + 512)
@@ -293,6 +315,18 @@ def _cosine_knn_graph(space: NeighbourSpace, k: int):
     indices = np.take_along_axis(candidates, nearest, axis=1)
     return sparse.csr_matrix((distances.ravel(), indices.ravel(), np.arange(0, rows * k + 1, k)),
                              shape=(rows, rows))
+
+
+def _nearest_in_reference(points: np.ndarray, reference: np.ndarray, wide: int) -> np.ndarray:
+    """Each row's `wide` nearest reference rows (row numbers, nearest first), itself left out
+    where it is one of them."""
+    _, found = NearestNeighbors(n_neighbors=wide + 1).fit(points[reference]).kneighbors(points)
+    found = reference[found]
+    # A row's own entry goes last (a stable sort keeps the others' order), then is cut; a row
+    # outside the reference loses its farthest candidate instead.
+    itself = found == np.arange(len(points))[:, None]
+    order = np.argsort(itself, axis=1, kind="stable")
+    return np.take_along_axis(found, order, axis=1)[:, :wide]
 
 
 def test_accuracies(inputs: AuditInputs, probabilities: np.ndarray,
@@ -328,7 +362,8 @@ def audit(inputs: AuditInputs, params: dict, *, folds: int, seed: int) -> dict:
     groups = near_duplicate_groups(inputs, params["duplicate_similarity"], space)
     crossing = cross_split_groups(groups)
     leaked = leaked_test_images(groups)
-    odd = outliers(inputs, params["outlier_fraction"], params["outlier_neighbours"], space)
+    odd = outliers(inputs, params["outlier_fraction"], params["outlier_neighbours"], space,
+                   seed)
     counts = {
         "enabled": True,
         "images": len(inputs.table),
