@@ -13,11 +13,13 @@ the first fold, while lbfgs fits a fold of flower-sized features in about a seco
 gives the same probabilities on every machine. The ranking (cleanlab) only needs
 calibrated-enough out-of-fold probabilities, not the head's exact ones.
 
-Both neighbour searches (near-duplicates, outliers) compare every image with every other, so
-beyond EXACT_SEARCH_ROWS images they run on the features projected to NEIGHBOUR_DIMENSIONS
-principal components, where each comparison is ten times cheaper than on 1,280 features;
-near-duplicate pairs are then confirmed on the full features, so the groups are exact (see
-`neighbour_space`), and outlier scores use exact distances to the neighbours found.
+The near-duplicate search compares every image with every other; the outlier search compares
+every image with a seeded draw of at most OUTLIER_REFERENCE_ROWS, so its cost per image stays
+flat. Beyond EXACT_SEARCH_ROWS images both run on the features projected to
+NEIGHBOUR_DIMENSIONS principal components, where each comparison is ten times cheaper than on
+1,280 features; near-duplicate pairs are then confirmed on the full features, so the groups
+are exact (see `neighbour_space`), and outlier scores use exact distances to the neighbours
+found.
 """
 
 from __future__ import annotations
