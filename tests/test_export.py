@@ -499,7 +499,7 @@ def test_card_says_which_held_out_images_the_formats_were_measured_on():
     for entry in export.values():
         entry.update(images=56, held_out_images=56)
     text = card_markdown(card_of(export))
-    assert "on the 56 held-out images (validation and test)" in text
+    assert "Measured on the 56 held-out images (validation and test)" in text
     assert "sorts first" not in text
 
 

@@ -232,9 +232,9 @@ def card_markdown(card: dict) -> str:
         "",
         "## Exported formats (against the Keras model)",
         "",
-        "Accuracy and macro F1 on the test split; top-1 agreement with the Keras model (and "
-        f"its 95% Clopper-Pearson interval) and the largest probability difference on "
-        f"{_measured_on(card['formats'])}.",
+        f"Measured on {_measured_on(card['formats'])}: top-1 agreement with the Keras model "
+        "(and its 95% Clopper-Pearson interval) and the largest probability difference on all "
+        "of them, accuracy and macro F1 on the test images among them.",
         "",
         "| format | accuracy | macro F1 | top-1 agreement | agreement 95% | max prob. diff "
         "| size (MB) | latency (ms, 1 image) | layers in float |",
