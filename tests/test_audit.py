@@ -247,21 +247,28 @@ def test_blockwise_duplicate_search_finds_the_components_of_all_pairs(rows, chai
     assert len(set(zip(component, expected))) == len(set(component)) == len(set(expected))
 
 
+def with_strays(inputs, seed: int, count: int = 4):
+    """`inputs` and `count` rows far from every cluster (stray_0.jpg, ...), appended."""
+    from retrain.audit import AuditInputs
+
+    rng = np.random.default_rng(seed)
+    strays = np.abs(rng.normal(size=(count, inputs.features.shape[1]))).astype(np.float32) * 3
+    table = pd.concat([inputs.table, inputs.table.iloc[:count].assign(
+        path=[f"stray_{i}.jpg" for i in range(count)],
+        sha256=["d" * 63 + str(i) for i in range(count)])], ignore_index=True)
+    return AuditInputs(table, np.concatenate([inputs.features, strays]), inputs.classes)
+
+
 def test_outlier_scores_on_the_projection_follow_cleanlabs_on_the_full_features():
     """Strays far from every cluster score lowest, and every score is close to cleanlab's
     own on the full features."""
     from cleanlab.outlier import OutOfDistribution
     from scipy.stats import spearmanr
 
-    from retrain.audit import AuditInputs, neighbour_space, outliers
+    from retrain.audit import neighbour_space, outliers
 
-    inputs = wide_inputs()
-    rng = np.random.default_rng(2)
-    strays = np.abs(rng.normal(size=(4, inputs.features.shape[1]))).astype(np.float32) * 3
-    table = pd.concat([inputs.table, inputs.table.iloc[:4].assign(
-        path=[f"stray_{i}.jpg" for i in range(4)], sha256=["d" * 63 + str(i) for i in range(4)])],
-        ignore_index=True)
-    inputs = AuditInputs(table, np.concatenate([inputs.features, strays]), inputs.classes)
+    inputs = with_strays(wide_inputs(), seed=2)
+    table = inputs.table
     ranked = outliers(inputs, fraction=0.01, neighbours=10,
                       space=neighbour_space(inputs.features, exact_rows=0))
     assert set(ranked["path"].head(4)) == {f"stray_{i}.jpg" for i in range(4)}
@@ -279,15 +286,9 @@ def test_outliers_sought_among_a_reference_draw_still_find_the_strays():
     rows does."""
     from scipy.stats import spearmanr
 
-    from retrain.audit import AuditInputs, neighbour_space, outliers
+    from retrain.audit import neighbour_space, outliers
 
-    inputs = wide_inputs(rows=600)
-    rng = np.random.default_rng(3)
-    strays = np.abs(rng.normal(size=(4, inputs.features.shape[1]))).astype(np.float32) * 3
-    table = pd.concat([inputs.table, inputs.table.iloc[:4].assign(
-        path=[f"stray_{i}.jpg" for i in range(4)], sha256=["d" * 63 + str(i) for i in range(4)])],
-        ignore_index=True)
-    inputs = AuditInputs(table, np.concatenate([inputs.features, strays]), inputs.classes)
+    inputs = with_strays(wide_inputs(rows=600), seed=3)
     space = neighbour_space(inputs.features, exact_rows=0)
     every = outliers(inputs, 0.01, 10, space).set_index("path")["ood_score"]
     drawn = outliers(inputs, 0.01, 10, space, seed=5, reference_rows=200)
