@@ -101,7 +101,10 @@ def main() -> None:
           f"{(counts['label_agreement'] or 0):.1%}), "
           f"{counts['near_duplicate_groups']} near-duplicate groups "
           f"({counts['cross_split_groups']} across splits, {counts['leaked_test_images']} "
-          f"test images leaked), {counts['outliers']} outliers; "
+          f"test images leaked), {counts['outliers']} outliers"
+          + (f" (neighbours sought among a seeded draw of {counts['outlier_reference_images']:,}"
+             " images)" if counts["outlier_reference_images"] < counts["images"] else "")
+          + "; "
           f"{time.perf_counter() - start:.1f} s (see {out}/)")
 
 

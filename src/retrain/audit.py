@@ -375,6 +375,8 @@ def audit(inputs: AuditInputs, params: dict, *, folds: int, seed: int) -> dict:
         "cross_split_groups": int(crossing.sum()),
         "leaked_test_images": len(leaked),
         "outliers": int((odd["flagged"] == "yes").sum()),
+        # the images the outlier search looked among (a seeded draw beyond OUTLIER_REFERENCE_ROWS)
+        "outlier_reference_images": min(len(inputs.table), OUTLIER_REFERENCE_ROWS),
         **test_accuracies(inputs, probabilities, leaked),
     }
     return {"label_issues": issues, "near_duplicates": groups, "outliers": odd,
