@@ -1,5 +1,6 @@
 """Stage `export`: LiteRT models of the fine-tuned classifier, each measured on held-out images
-(agreement with Keras on validation + test, accuracy on test)."""
+(agreement with Keras on validation + test, accuracy on test; at most
+`export.held_out_images` of them)."""
 
 import retrain.interrupts  # noqa: F401, E402  # isort: skip  (first: Ctrl-C exits 130)
 import argparse
@@ -61,7 +62,7 @@ def main() -> None:
     calibration = representative_rows(train, export["representative_images"], seed)
     representative = np.stack([load_image(raw / p, size) for p in calibration["path"]])
     # Read by positioned reads, not through the memory map: each format's pass over every
-    # held-out image would otherwise keep the whole file resident (4.5 GB at 30,000 images).
+    # held-out image would otherwise keep the whole file resident (4.2 GB at 28,000 images).
     images = image_rows(cached_image_array([raw / p for p in held_out["path"]],
                                            held_out["sha256"], size, user_cache_dir("images")))
     labels = held_out["label_index"].to_numpy()

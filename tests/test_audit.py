@@ -281,21 +281,27 @@ def test_outlier_scores_on_the_projection_follow_cleanlabs_on_the_full_features(
 
 
 def test_outliers_sought_among_a_reference_draw_still_find_the_strays():
-    """Beyond OUTLIER_REFERENCE_ROWS rows each image's neighbours come from a seeded draw:
-    the strays still score lowest, and the scores rank the images as the search among all
-    rows does."""
+    """Beyond OUTLIER_REFERENCE_ROWS rows each image's neighbours come from the rows whose
+    sha256 sorts first: only those are neighbours, the strays (outside it) still score
+    lowest, and the scores rank the images as the search among all rows does."""
     from scipy.stats import spearmanr
 
-    from retrain.audit import neighbour_space, outliers
+    from retrain.audit import _cosine_knn_graph, neighbour_space, outlier_reference, outliers
 
     inputs = with_strays(wide_inputs(rows=600), seed=3)
+    table = inputs.table
+    assert outlier_reference(table, 604) is None  # small enough: searched whole
+    reference = outlier_reference(table, 200)
+    assert sorted(table["sha256"].iloc[reference]) == sorted(table["sha256"])[:200]
+    assert not table["path"].iloc[reference].str.startswith("stray").any()
+
     space = neighbour_space(inputs.features, exact_rows=0)
+    assert np.isin(_cosine_knn_graph(space, 10, reference).indices, reference).all()
     every = outliers(inputs, 0.01, 10, space).set_index("path")["ood_score"]
-    drawn = outliers(inputs, 0.01, 10, space, seed=5, reference_rows=200)
+    drawn = outliers(inputs, 0.01, 10, space, reference)
     assert set(drawn["path"].head(4)) == {f"stray_{i}.jpg" for i in range(4)}
-    again = outliers(inputs, 0.01, 10, space, seed=5, reference_rows=200)
-    assert again.equals(drawn)  # the draw is seeded
     scores = drawn.set_index("path")["ood_score"].loc[every.index]
+    assert not np.allclose(every, scores)  # the reference changed the neighbours
     assert spearmanr(every, scores).statistic > 0.9
 
 

@@ -92,8 +92,8 @@ def test_each_format_converts_loads_and_agrees_with_keras(trained, exported):
     for name, entry in results.items():
         assert set(entry) - {"float_layers"} == {
             "accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
-            "size_bytes", "images"}, name
-        assert entry["images"] == len(images)
+            "size_bytes", "images", "test_images"}, name
+        assert entry["images"] == entry["test_images"] == len(images)  # all test rows here
         low, high = entry["agreement_ci95"]
         assert low <= entry["agreement"] <= high
         assert entry["size_bytes"] == paths[name].stat().st_size
@@ -217,20 +217,21 @@ def test_formats_are_measured_on_a_sample_drawn_by_content_beyond_the_limit():
     assert everything["split"].tolist() == ["val"] * len(val) + ["test"] * len(test)
     assert measured_rows(val, test, 300)["path"].tolist() == everything["path"].tolist()
 
-    sample = measured_rows(val, test, 50)
-    assert len(sample) == 50 and set(sample["path"]) <= set(everything["path"])
-    assert sorted(sample["sha256"]) == sorted(everything["sha256"])[:50]
+    sample = measured_rows(val, test, 60)  # 100 val and 200 test rows: 20 and 40 of them
+    assert len(sample) == 60 and set(sample["path"]) <= set(everything["path"])
+    for split, rows, share in (("val", val, 20), ("test", test, 40)):
+        drawn = sample[sample["split"] == split]
+        assert sorted(drawn["sha256"]) == sorted(rows["sha256"])[:share], split
     # manifest order kept: validation rows first, then test, each as in its manifest
     order = {path: i for i, path in enumerate(everything["path"])}
     assert sample["path"].map(order).is_monotonic_increasing
-    assert set(sample["split"]) == {"val", "test"}
-    # the same images whatever else the split holds: more images only displace those
-    # whose digests sort after theirs
+    # more images only displace those whose digests sort after theirs
     more_val, more_test = held_out_frames(300, start=1000)
-    grown = measured_rows(pd.concat([val, more_val]), pd.concat([test, more_test]), 50)
+    grown = measured_rows(pd.concat([val, more_val]), pd.concat([test, more_test]), 60)
     assert set(grown["path"]) & set(everything["path"]) <= set(sample["path"])
-    assert sorted(grown["sha256"]) == sorted(
-        [*everything["sha256"], *more_val["sha256"], *more_test["sha256"]])[:50]
+    # a test split far smaller than its share still gives the test metrics a row
+    few = measured_rows(pd.concat([val, test]), test.iloc[:1], 100)
+    assert (few["split"] == "test").sum() == 1 and len(few) == 100
 
 
 # --- the image-bytes signature ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from retrain.card import file_sha256
 pytestmark = pytest.mark.slow
 
 EXPORT_KEYS = {"accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
-               "size_bytes", "latency_ms", "images", "held_out_images"}
+               "size_bytes", "latency_ms", "images", "test_images", "held_out_images"}
 
 
 def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
@@ -36,6 +36,7 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
         assert low <= entry["agreement"] <= high
         # the small profile holds fewer held-out images than the sample: all measured
         assert entry["images"] == entry["held_out_images"] == sizes["val"] + sizes["test"]
+        assert entry["test_images"] == sizes["test"]
     # As many layers from the input as the size budget allows, at most the count asked.
     assert 0 < export["int8"]["float_layers"] <= params["export"]["int8_float_layers"]
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)

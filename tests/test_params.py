@@ -76,6 +76,10 @@ BAD_VALUES = [
     ("export.int8_float_layers", 2.5, "export.int8_float_layers"),
     ("export.int8_size_budget", 0, "export.int8_size_budget: expected a number in (0, 1]"),
     ("export.int8_size_budget", 1.5, "export.int8_size_budget"),
+    ("export.held_out_images", 50, "export.held_out_images: expected 0 (all held-out images) or "
+                                   "an integer >= 100"),
+    ("export.held_out_images", -1, "export.held_out_images"),
+    ("export.held_out_images", True, "export.held_out_images"),
     ("prefilter.imagenet_classes", [1000], "prefilter.imagenet_classes"),
     ("report.gates", [{"metric": "x", "direction": "up", "tolerance": 0}], "report.gates"),
     ("report.gates", [{"metric": "x", "direction": "higher", "tolerance": 0,

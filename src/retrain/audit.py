@@ -14,8 +14,8 @@ gives the same probabilities on every machine. The ranking (cleanlab) only needs
 calibrated-enough out-of-fold probabilities, not the head's exact ones.
 
 The near-duplicate search compares every image with every other; the outlier search compares
-every image with a seeded draw of at most OUTLIER_REFERENCE_ROWS, so its cost per image stays
-flat. Beyond EXACT_SEARCH_ROWS images both run on the features projected to
+every image with at most OUTLIER_REFERENCE_ROWS of them (those whose sha256 sorts first), so
+its cost per image stays flat. Beyond EXACT_SEARCH_ROWS images both run on the features projected to
 NEIGHBOUR_DIMENSIONS principal components, where each comparison is ten times cheaper than on
 1,280 features; near-duplicate pairs are then confirmed on the full features, so the groups
 are exact (see `neighbour_space`), and outlier scores use exact distances to the neighbours
@@ -73,12 +73,12 @@ DUPLICATE_BLOCK_ROWS = 256
 # worst) a rank correlation of 0.97 and 30 of the 37 flagged images in common (with 4 times
 # as many: 0.94 and 27).
 CANDIDATE_NEIGHBOURS = 8
-# Beyond this many rows, the outlier score's neighbours are sought among a seeded draw of this
-# many rows (the reference), not among all: a search against all rows costs rows squared
-# (97 CPU-s at 100,000 rows, 19 at 36,700), one against the reference grows with the rows.
-# The score asks how far an image is from the others; a draw of 20,000 answers that for
-# any image with a few dozen like it in the set (an image's neighbours in the draw are about
-# a fifth as many as in a set of 100,000).
+# Beyond this many rows, the outlier score's neighbours are sought among this many rows (the
+# reference: those whose sha256 sorts first, a uniform draw that depends on the images alone),
+# not among all: a search against all rows costs rows squared (95 CPU-s at 100,000 rows,
+# 18.5 at 36,700), one against the reference grows with the rows. The score asks how far an
+# image is from the others; a draw of 20,000 answers that for any image with a few dozen
+# like it in the set (an image's neighbours in the draw are a fifth as many as in 100,000).
 OUTLIER_REFERENCE_ROWS = 20_000
 
 
@@ -259,17 +259,17 @@ def cross_split_groups(groups: pd.DataFrame) -> pd.Series:
 
 
 def outliers(inputs: AuditInputs, fraction: float, neighbours: int,
-             space: NeighbourSpace | None = None, seed: int = 0,
-             reference_rows: int = OUTLIER_REFERENCE_ROWS) -> pd.DataFrame:
+             space: NeighbourSpace | None = None,
+             reference: np.ndarray | None = None) -> pd.DataFrame:
     """cleanlab's out-of-distribution score of every image from its `neighbours` nearest
     neighbours' cosine distances (near 1: typical; near 0: far from every other image); the
-    lowest `fraction` flagged. Lowest score first. Beyond `reference_rows` rows the
-    neighbours are sought among a seeded draw of that many (OUTLIER_REFERENCE_ROWS)."""
+    lowest `fraction` flagged. Lowest score first. With `reference` (row numbers, see
+    `outlier_reference`), the neighbours are sought among those rows only."""
     from cleanlab.outlier import OutOfDistribution
 
     space = space or neighbour_space(inputs.features)
     k = max(1, min(neighbours, len(inputs.table) - 1))
-    graph = _cosine_knn_graph(space, k, _reference(len(inputs.table), reference_rows, seed))
+    graph = _cosine_knn_graph(space, k, reference)
     # cleanlab scores a fitted neighbour index; a precomputed one reads the graph as it is.
     knn = NearestNeighbors(n_neighbors=k, metric="precomputed").fit(graph)
     scores = OutOfDistribution(params={"knn": knn, "k": k}).score(features=graph)
@@ -281,12 +281,15 @@ def outliers(inputs: AuditInputs, fraction: float, neighbours: int,
     return frame
 
 
-def _reference(rows: int, reference_rows: int, seed: int) -> np.ndarray | None:
-    """The rows the outlier search looks among: None for all of them, else a seeded draw of
-    `reference_rows`, in row order."""
-    if rows <= reference_rows:
+def outlier_reference(table: pd.DataFrame, limit: int | None = None) -> np.ndarray | None:
+    """The rows the outlier search looks among: None for all of them (up to `limit`, default
+    OUTLIER_REFERENCE_ROWS), else the `limit` rows whose sha256 sorts first, in row order, so
+    that a row stays in it whatever the seed and until images sorting before it are added."""
+    limit = limit or OUTLIER_REFERENCE_ROWS
+    if len(table) <= limit:
         return None
-    return np.sort(np.random.default_rng(seed).choice(rows, reference_rows, replace=False))
+    first = np.lexsort((table["path"].to_numpy(), table["sha256"].to_numpy()))[:limit]
+    return np.sort(first)
 
 
 def _cosine_knn_graph(space: NeighbourSpace, k: int, reference: np.ndarray | None = None):
@@ -364,8 +367,9 @@ def audit(inputs: AuditInputs, params: dict, *, folds: int, seed: int) -> dict:
     groups = near_duplicate_groups(inputs, params["duplicate_similarity"], space)
     crossing = cross_split_groups(groups)
     leaked = leaked_test_images(groups)
+    reference = outlier_reference(inputs.table)
     odd = outliers(inputs, params["outlier_fraction"], params["outlier_neighbours"], space,
-                   seed)
+                   reference)
     counts = {
         "enabled": True,
         "images": len(inputs.table),
@@ -375,8 +379,8 @@ def audit(inputs: AuditInputs, params: dict, *, folds: int, seed: int) -> dict:
         "cross_split_groups": int(crossing.sum()),
         "leaked_test_images": len(leaked),
         "outliers": int((odd["flagged"] == "yes").sum()),
-        # the images the outlier search looked among (a seeded draw beyond OUTLIER_REFERENCE_ROWS)
-        "outlier_reference_images": min(len(inputs.table), OUTLIER_REFERENCE_ROWS),
+        # the images the outlier search looked among (outlier_reference)
+        "outlier_reference_images": len(inputs.table) if reference is None else len(reference),
         **test_accuracies(inputs, probabilities, leaked),
     }
     return {"label_issues": issues, "near_duplicates": groups, "outliers": odd,

@@ -35,7 +35,8 @@ LOADING = ("model.keras needs the retrain package: its preprocessing is a retrai
 # plus any `*_ci95`.
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
 FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
-                  "size_bytes", "latency_ms", "float_layers", "images", "held_out_images")
+                  "size_bytes", "latency_ms", "float_layers", "images", "test_images",
+                  "held_out_images")
 # A format is recommended only if it agrees top-1 with the Keras model on at least this
 # share of the held-out images (float32, the reference, always may be).
 SHIP_MIN_AGREEMENT = 0.98
@@ -341,7 +342,8 @@ def _recommendation_markdown(card: dict) -> list[str]:
             lines.append(f"- Its agreement's 95% interval reaches down to {_number(low)}: "
                          f"these held-out images cannot show that it agrees on "
                          f"{advice['min_agreement']:.0%}; check it on more images before "
-                         "relying on it.")
+                         "relying on it (more held-out images, or `export.held_out_images` "
+                         "raised or 0 for all of them).")
     for name, better in advice["dominated_by"].items():
         lines.append(f"- {name} is not better than {better} on any axis: {better} is at "
                      "least as accurate, no larger and no slower.")

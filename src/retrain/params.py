@@ -190,7 +190,8 @@ SCHEMA: dict[str, Any] = {
         "representative_images": _number(1, 100000, integer=True),
         "int8_float_layers": _number(0, 100000, integer=True),
         "int8_size_budget": _number(0, 1, lo_open=True),
-        "held_out_images": _number(0, 10_000_000, integer=True),
+        "held_out_images": Field(int, lambda v: not isinstance(v, bool) and (v == 0 or v >= 100),
+                                 "0 (all held-out images) or an integer >= 100"),
     },
     "prefilter": {
         "enabled": Field(bool, expect="true or false"),
