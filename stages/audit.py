@@ -102,8 +102,9 @@ def main() -> None:
           f"{counts['near_duplicate_groups']} near-duplicate groups "
           f"({counts['cross_split_groups']} across splits, {counts['leaked_test_images']} "
           f"test images leaked), {counts['outliers']} outliers"
-          + (f" (neighbours sought among the {counts['outlier_reference_images']:,}"
-             " images whose sha256 sorts first)" if counts["outlier_reference_images"] < counts["images"] else "")
+          + (f" (neighbours sought among the {counts['outlier_reference_images']:,} images "
+             "whose sha256 sorts first)"
+             if counts["outlier_reference_images"] < counts["images"] else "")
           + "; "
           f"{time.perf_counter() - start:.1f} s (see {out}/)")
 
