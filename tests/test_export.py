@@ -495,13 +495,16 @@ def test_card_says_which_held_out_images_the_formats_were_measured_on():
     export = made_up_export(0.99)
     for entry in export.values():
         entry.update(images=5000, held_out_images=28000)
+    export["int8"]["agreement_ci95"] = [0.97, 1.0]  # too wide to show 98%
     text = card_markdown(card_of(export))
     assert "5,000 of the 28,000 held-out images" in text and "sha256 sorts first" in text
+    assert "`export.held_out_images: 0` measures all of them" in text
     for entry in export.values():
         entry.update(images=56, held_out_images=56)
     text = card_markdown(card_of(export))
     assert "Measured on the 56 held-out images (validation and test)" in text
-    assert "sorts first" not in text
+    assert "check it on more images" in text  # the interval is still too wide
+    assert "sorts first" not in text and "held_out_images" not in text
 
 
 def test_card_recommends_float16_when_int8_does_not_hold():

@@ -257,6 +257,15 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _more_images(entry: dict) -> str:
+    """Where more images to measure on are: the held-out images left out of the sample."""
+    measured, total = entry.get("images"), entry.get("held_out_images")
+    if measured is None or total is None or measured >= total:
+        return ""
+    return (f" (it was measured on {measured:,} of {total:,} held-out images: "
+            "`export.held_out_images: 0` measures all of them)")
+
+
 def _measured_on(formats: dict[str, dict]) -> str:
     """Which held-out images export measured the formats on (export.measured_rows)."""
     entry = next(iter(formats.values()), {})
@@ -342,8 +351,7 @@ def _recommendation_markdown(card: dict) -> list[str]:
             lines.append(f"- Its agreement's 95% interval reaches down to {_number(low)}: "
                          f"these held-out images cannot show that it agrees on "
                          f"{advice['min_agreement']:.0%}; check it on more images before "
-                         "relying on it (more held-out images, or `export.held_out_images` "
-                         "raised or 0 for all of them).")
+                         "relying on it" + _more_images(formats[advice["ship"]]) + ".")
     for name, better in advice["dominated_by"].items():
         lines.append(f"- {name} is not better than {better} on any axis: {better} is at "
                      "least as accurate, no larger and no slower.")
