@@ -39,7 +39,13 @@ from sklearn.preprocessing import StandardScaler, normalize
 
 from retrain.crossval import fold_indices
 from retrain.evaluate import FIT_SPLITS, leaked_test_images  # train, val: what classifiers see
-from retrain.manifests import SPLITS, load_split_arrays, read_classes, read_split
+from retrain.manifests import (
+    SPLITS,
+    first_by_digest,
+    load_split_arrays,
+    read_classes,
+    read_split,
+)
 
 # Ties and rounding aside, a fold fit converges well within this many lbfgs steps.
 MAX_ITERATIONS = 300
@@ -283,13 +289,9 @@ def outliers(inputs: AuditInputs, fraction: float, neighbours: int,
 
 def outlier_reference(table: pd.DataFrame, limit: int | None = None) -> np.ndarray | None:
     """The rows the outlier search looks among: None for all of them (up to `limit`, default
-    OUTLIER_REFERENCE_ROWS), else the `limit` rows whose sha256 sorts first, in row order, so
-    that a row stays in it whatever the seed and until images sorting before it are added."""
+    OUTLIER_REFERENCE_ROWS), else the `limit` rows whose sha256 sorts first (row order)."""
     limit = limit or OUTLIER_REFERENCE_ROWS
-    if len(table) <= limit:
-        return None
-    first = np.lexsort((table["path"].to_numpy(), table["sha256"].to_numpy()))[:limit]
-    return np.sort(first)
+    return None if len(table) <= limit else first_by_digest(table, limit)
 
 
 def _cosine_knn_graph(space: NeighbourSpace, k: int, reference: np.ndarray | None = None):

@@ -257,25 +257,30 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sample(entry: dict) -> tuple[int, int] | None:
+    """(measured, held-out) where export measured a format on a sample of the held-out
+    images (export.measured_rows); None where it measured all, or did not say."""
+    measured, total = entry.get("images"), entry.get("held_out_images")
+    return None if measured is None or total is None or measured >= total else (measured, total)
+
+
 def _more_images(entry: dict) -> str:
     """Where more images to measure on are: the held-out images left out of the sample."""
-    measured, total = entry.get("images"), entry.get("held_out_images")
-    if measured is None or total is None or measured >= total:
+    if (sample := _sample(entry)) is None:
         return ""
-    return (f" (it was measured on {measured:,} of {total:,} held-out images: "
+    return (f" (it was measured on {sample[0]:,} of {sample[1]:,} held-out images: "
             "`export.held_out_images: 0` measures all of them)")
 
 
 def _measured_on(formats: dict[str, dict]) -> str:
-    """Which held-out images export measured the formats on (export.measured_rows)."""
+    """Which held-out images export measured the formats on."""
     entry = next(iter(formats.values()), {})
-    measured, total = entry.get("images"), entry.get("held_out_images")
-    if measured is None:  # an export from before the counts were recorded
+    if (sample := _sample(entry)) is not None:
+        return (f"{sample[0]:,} of the {sample[1]:,} held-out images (validation and test: "
+                "those whose sha256 sorts first, `export.held_out_images`)")
+    if entry.get("images") is None:  # an export from before the counts were recorded
         return "the held-out images (validation and test)"
-    if total is None or measured >= total:
-        return f"the {measured:,} held-out images (validation and test)"
-    return (f"{measured:,} of the {total:,} held-out images (validation and test: those whose "
-            "sha256 sorts first, `export.held_out_images`)")
+    return f"the {entry['images']:,} held-out images (validation and test)"
 
 
 def _augmentation_words(augment: dict) -> str:

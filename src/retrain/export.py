@@ -20,6 +20,7 @@ from scipy.stats import binomtest
 
 from retrain import litert
 from retrain.evaluate import classification_metrics
+from retrain.manifests import first_by_digest
 
 # Format name (the `export.formats` values, the keys of export's figures) -> file name.
 FILES = {"float32": "model.tflite", "float16": "model_fp16.tflite", "int8": "model_int8.tflite"}
@@ -56,17 +57,9 @@ def measured_rows(val: pd.DataFrame, test: pd.DataFrame, limit: int) -> pd.DataF
     else:
         test_quota = min(len(test), max(1 if len(test) else 0, round(limit * len(test) / total)))
         quotas = (limit - test_quota, test_quota)
-    parts = [_first_by_digest(rows, quota).assign(split=name)
+    parts = [rows.iloc[first_by_digest(rows, quota)].assign(split=name)
              for rows, quota, name in zip((val, test), quotas, ("val", "test"), strict=True)]
     return pd.concat(parts, ignore_index=True)
-
-
-def _first_by_digest(rows: pd.DataFrame, count: int) -> pd.DataFrame:
-    """The `count` rows whose sha256 (then path) sorts first, in their original order."""
-    if count >= len(rows):
-        return rows
-    first = np.lexsort((rows["path"].to_numpy(), rows["sha256"].to_numpy()))[:count]
-    return rows.iloc[np.sort(first)]
 
 
 def export_formats(model, formats: list[str], representative: np.ndarray,

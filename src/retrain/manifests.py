@@ -541,6 +541,14 @@ def write_manifests(manifests: Manifests, out_dir: str | Path) -> None:
         manifests.excluded.to_csv(tmp / "excluded.csv", index=False, lineterminator="\n")
 
 
+def first_by_digest(table: pd.DataFrame, count: int) -> np.ndarray:
+    """Positions of the `count` rows whose sha256 (then path) sorts first, in row order: a
+    uniform draw that depends on the images alone, so a row stays in it whatever the seed,
+    until images whose digests sort before it are added."""
+    first = np.lexsort((table["path"].to_numpy(), table["sha256"].to_numpy()))[:count]
+    return np.sort(first)
+
+
 def read_split(manifest_dir: str | Path, split: str) -> pd.DataFrame:
     path = Path(manifest_dir) / f"{split}.csv"
     if not path.exists():

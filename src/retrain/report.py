@@ -367,18 +367,26 @@ class TestSets:
 def _read_predictions(text: str, where: str) -> pd.DataFrame | str:
     """The path, actual and predicted columns of an evaluate predictions CSV, with sha256 and
     each sha256's copy number where it has them; or why not."""
-    try:
-        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-        return f"{where} is not a predictions CSV"
-    if not {"path", "actual", "predicted"} <= set(table.columns):
-        return f"{where} lacks the path, actual and predicted columns"
+    table = _read_csv(text, where, "a predictions CSV", ["path", "actual", "predicted"])
+    if isinstance(table, str):
+        return table
     if table["path"].duplicated().any():
         return f"{where} names a test file twice"
     replicates = _replicate_columns(table)
     if "sha256" not in table.columns:
         return table[["path", "actual", "predicted", *replicates]]
     return _with_copy_numbers(table[["path", "sha256", "actual", "predicted", *replicates]])
+
+
+def _read_csv(text: str, where: str, what: str, columns: list[str]) -> pd.DataFrame | str:
+    """A CSV's text as strings, holding at least `columns`; or why not."""
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return f"{where} is not {what}"
+    if not set(columns) <= set(table.columns):
+        return f"{where} lacks the {', '.join(columns[:-1])} and {columns[-1]} columns"
+    return table
 
 
 def _with_copy_numbers(table: pd.DataFrame) -> pd.DataFrame:
@@ -521,12 +529,9 @@ def _both_revisions(path: str, base: str, repo_dir: str | Path) -> tuple[str, st
 def _read_agreement(text: str, where: str) -> pd.DataFrame | str:
     """Per image of an audit table (sha256, its copy number, whether the label is the
     class predicted without it: `agrees`), or why not."""
-    try:
-        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-        return f"{where} is not an audit table"
-    if not {"path", "sha256", "label", "suggested_label"} <= set(table.columns):
-        return f"{where} lacks the path, sha256, label and suggested_label columns"
+    table = _read_csv(text, where, "an audit table", ["path", "sha256", "label", "suggested_label"])
+    if isinstance(table, str):
+        return table
     table = _with_copy_numbers(table.assign(agrees=table["label"] == table["suggested_label"]))
     return table[["sha256", "copy", "label", "agrees"]]
 
@@ -608,8 +613,7 @@ def _evaluated_model(result: GateResult) -> str | None:
     return model if result.path == EVALUATE_METRICS and model in PREDICTIONS else None
 
 
-def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path,
-                 details: dict[str, dict] | None = None
+def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path
                  ) -> tuple[list[GateResult], dict[str, TestSets]]:
     """Each gate with its evidence, and the test sets read for them (by model). crossval's
     per-fold scores and the audit's tables are read at `base` and in the workspace."""
