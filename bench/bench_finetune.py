@@ -57,7 +57,7 @@ def run_stages_to_head(raw, scratch, env: dict) -> None:
     """split, extract and train_head in `scratch` (its params.yaml), as dvc.yaml runs them."""
     stage = REPO / "stages"
     for script, *rest in (
-            ("split.py", "--raw", raw, "--out", "manifests", "--metrics", "data.json",
+            ("split.py", "--raw", raw, "--out", "manifests", "--metrics", "metrics",
              "--details", "data-details.json"),
             ("extract.py", "--raw", raw, "--manifests", "manifests", "--out", "features",
              "--details", "extract.json"),

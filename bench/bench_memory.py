@@ -48,7 +48,7 @@ def measure(workdir: Path, images: int, env: dict) -> dict:
     manifests = scratch / "manifests"
     if not (manifests / "train.csv").exists():
         timed_run([PYTHON, REPO / "stages" / "split.py", "--raw", raw, "--out", manifests,
-                   "--metrics", scratch / "data.json", "--details", scratch / "details.json"],
+                   "--metrics", scratch / "metrics", "--details", scratch / "details.json"],
                   scratch, env)
     seconds, out = timed_run(
         [PYTHON, "-c", PEAK_RSS, PYTHON, REPO / "stages" / "extract.py", "--raw", raw,

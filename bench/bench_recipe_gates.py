@@ -22,7 +22,7 @@ each regression's true effect (mean test accuracy against the seed-only revision
 95% interval) says whether it is a regression on this data at all. Part `pair` judges one
 seed-only pair (`--pair 42 7`) in full.
 
-The crossval gate (`metrics/crossval.json:val_accuracy_mean`) judges crossval's folds of
+The crossval gate (`metrics/crossval.json:accuracy`) judges crossval's folds of
 the default head recipe on the train+val features: unchanged by a seed-only revision or a
 fine-tuning param (crossval reads neither), re-run on a revision's shuffled labels, and on
 its own noise measured by S - 1 `crossval.seed`-only pairs (other folds, other heads).
@@ -63,12 +63,22 @@ def default_params() -> dict:
     return load_params(REPO / "params.yaml", check_model=False)
 
 
+def stage_figure(gate: dict) -> tuple[str, str]:
+    """(details file, dotted key) of the stage figure a default gate's headline figure
+    copies (retrain.headline.source)."""
+    from retrain.headline import source
+
+    return source(*gate["metric"].rsplit(":", 1))
+
+
 # `report`'s default gates, as params.yaml holds them: on the fine-tuned model's test
-# metrics, and on crossval's mean (the head recipe over the folds of train+val).
+# metrics, on crossval's mean (the head recipe over the folds of train+val) and on the
+# audit's label agreement.
 DEFAULT_GATES = default_params()["report"]["gates"]
-FINETUNED_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("finetuned.")]
-CROSSVAL_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("metrics/crossval.json:")]
-AUDIT_GATES = [g for g in DEFAULT_GATES if g["metric"].startswith("metrics/audit.json:")]
+FINETUNED_GATES = [g for g in DEFAULT_GATES
+                   if stage_figure(g)[1].startswith("finetuned.")]
+CROSSVAL_GATES = [g for g in DEFAULT_GATES if stage_figure(g)[0].endswith("/crossval.json")]
+AUDIT_GATES = [g for g in DEFAULT_GATES if stage_figure(g)[0].endswith("/audit.json")]
 REGRESSIONS = {"lr_factor_10": {"lr_factor": 10.0},
                "labels_shuffled_20pc": {"shuffle": 0.2},
                "labels_shuffled_50pc": {"shuffle": 0.5},
@@ -259,12 +269,12 @@ def verdicts(labels, base, new, level, replicates):
     sets = TestSets("finetuned", *tables, shared=len(labels))
     out = {}
     for gate in FINETUNED_GATES:
-        metric = gate["metric"].split(".")[1]
+        metric = stage_figure(gate)[1].split(".")[1]
 
         def value(predicted, metric=metric):
             return float(METRICS[metric](confusion_counts(labels, predicted, len(classes))))
 
-        result = GateResult(gate["metric"], "metrics/evaluate.json", "higher",
+        result = GateResult(gate["metric"], gate["metric"].rpartition(":")[0], "higher",
                             gate["tolerance"], value(base[0]), value(new[0]),
                             gate["significance"], level=level)
         out[gate["metric"]] = replace(result, evidence=gather_evidence(result, sets)).status
@@ -297,8 +307,8 @@ def crossval_verdicts(base: dict, new: dict) -> dict:
 
     out = {}
     for gate in CROSSVAL_GATES:
-        key = gate["metric"].rpartition(":")[2]
-        result = GateResult(gate["metric"], "metrics/crossval.json", gate["direction"],
+        key = stage_figure(gate)[1]
+        result = GateResult(gate["metric"], gate["metric"].rpartition(":")[0], gate["direction"],
                             gate["tolerance"], base[key], new[key], gate["significance"])
         out[gate["metric"]] = replace(result, evidence=fold_evidence(result, base, new)).status
     return out
@@ -331,11 +341,12 @@ def audit_agreement(data: Data, train_labels: np.ndarray | None = None,
 def audit_verdicts(base, new) -> dict:
     """The audit gates' statuses for base vs new tables (`audit_agreement`), as `report`
     judges them: paired by image, McNemar (the same at either level)."""
-    from retrain.report import AUDIT_METRICS, GateResult, agreement_evidence
+    from retrain.report import GateResult, agreement_evidence
 
     out = {}
     for gate in AUDIT_GATES:
-        result = GateResult(gate["metric"], AUDIT_METRICS, gate["direction"], gate["tolerance"],
+        result = GateResult(gate["metric"], gate["metric"].rpartition(":")[0], gate["direction"],
+                            gate["tolerance"],
                             float(base["agrees"].mean()), float(new["agrees"].mean()),
                             gate["significance"])
         out[gate["metric"]] = replace(result, evidence=agreement_evidence(

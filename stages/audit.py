@@ -11,7 +11,7 @@ import pandas as pd
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import exits_cleanly
-from retrain.headline import HEADLINE, select
+from retrain.headline import AUDIT_ROWS, audit_rows, turned_off, write_rows
 from retrain.params import load_params
 from retrain.raw import ensure_raw
 
@@ -66,8 +66,8 @@ def main() -> None:
     parser.add_argument("--features", required=True)
     parser.add_argument("--manifests", required=True)
     parser.add_argument("--out", required=True, help="folder for the CSVs and galleries")
-    parser.add_argument("--metrics", required=True, help="headline counts (JSON; what DVC "
-                        "shows)")
+    parser.add_argument("--metrics", required=True, help="folder for the headline rows: one "
+                        "per finding (JSON files; what DVC shows, retrain.headline)")
     parser.add_argument("--details", required=True, help="every count (JSON)")
     args = parser.parse_args()
     params = load_params()
@@ -80,7 +80,7 @@ def main() -> None:
             write_table(frame, out / f"{name}.csv")
         draw_galleries(args.raw, empty, settings["gallery_size"], out)
         write_json(args.details, {"enabled": False})
-        write_json(args.metrics, {"enabled": False})
+        write_rows(args.metrics, turned_off(AUDIT_ROWS))
         print("audit: off (audit.enabled is false)")
         return
 
@@ -95,7 +95,7 @@ def main() -> None:
     draw_galleries(args.raw, results, settings["gallery_size"], out)
     counts = results["metrics"]
     write_json(args.details, counts)
-    write_json(args.metrics, select(counts, HEADLINE["audit"]))
+    write_rows(args.metrics, audit_rows(counts))
     print(f"audit: {counts['images']} images: {counts['label_issues']} label issues "
           f"(labels agree with a classifier that never saw them on "
           f"{(counts['label_agreement'] or 0):.1%}), "

@@ -8,7 +8,7 @@ import numpy as np
 
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
-from retrain.headline import HEADLINE, select
+from retrain.headline import crossval_row
 from retrain.manifests import load_split_arrays, read_classes, read_split
 from retrain.params import load_params
 
@@ -44,7 +44,7 @@ def main() -> None:
                                   folds=crossval["folds"], repeats=crossval["repeats"],
                                   seed=crossval["seed"])
     write_json(args.details, summary)
-    write_json(args.metrics, select(summary, HEADLINE["crossval"]))
+    write_json(args.metrics, crossval_row(summary))
     print(f"crossval: {crossval['folds']} folds x {crossval['repeats']} repeats of "
           f"{len(labels)} train+val images: val_accuracy {summary['val_accuracy_mean']:.4f} "
           f"(sd {summary['val_accuracy_sd']:.4f} across folds), macro_f1 "

@@ -10,7 +10,7 @@ import pandas as pd
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import DataError, exits_cleanly
-from retrain.headline import evaluate_headline
+from retrain.headline import model_rows, write_rows
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
 from retrain.raw import ensure_raw
@@ -30,7 +30,8 @@ def main() -> None:
                         help="finetune's replicates folder: replicates.json and the weights "
                              "of replicates 1..K-1 (replicate 0 is --model)")
     parser.add_argument("--metrics", required=True,
-                        help="headline figures (JSON; what DVC shows)")
+                        help="folder for the headline rows: one per model (JSON files; "
+                        "what DVC shows, retrain.headline)")
     parser.add_argument("--details", required=True,
                         help="every figure (JSON): loss, per-class precision, recall, F1")
     parser.add_argument("--predictions", required=True, help="fine-tuned model's predictions")
@@ -93,7 +94,7 @@ def main() -> None:
     results["finetuned"]["replicates"] = replicate_figures(
         [model_probabilities, *other_replicates], labels, [r["seed"] for r in replicates])
     write_json(args.details, results)
-    write_json(args.metrics, evaluate_headline(results))
+    write_rows(args.metrics, model_rows(results))
     print("\n".join(summary_lines(results, len(test))))
     if len(replicates) > 1:
         spread = results["finetuned"]["replicates"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import UserError, exits_cleanly
-from retrain.headline import HEADLINE, select
+from retrain.headline import format_rows, write_rows
 from retrain.manifests import read_classes, read_split
 from retrain.params import load_params
 from retrain.raw import ensure_raw
@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="fine-tuned model (.keras)")
     parser.add_argument("--out", required=True, help="folder for the .tflite files")
     parser.add_argument("--metrics", required=True,
-                        help="agreement, size and latency per format (JSON; what DVC shows)")
+                        help="folder for the headline rows: one per format (JSON files; "
+                        "what DVC shows, retrain.headline)")
     parser.add_argument("--details", required=True, help="every figure per format (JSON)")
     args = parser.parse_args()
     params = load_params()
@@ -88,7 +89,7 @@ def main() -> None:
                 print(f"export: {name} layers kept in float: "
                       + ", ".join(short_layer_name(n) for n in float_layer_names(path)))
     write_json(args.details, results)
-    write_json(args.metrics, select(results, HEADLINE["export"]))
+    write_rows(args.metrics, format_rows(results))
 
 
 if __name__ == "__main__":

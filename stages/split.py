@@ -6,7 +6,7 @@ import sys
 
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
-from retrain.headline import data_headline
+from retrain.headline import data_rows, write_rows
 from retrain.manifests import build_manifests, data_metrics, read_user_edits, write_manifests
 from retrain.params import load_params
 from retrain.prefilter import check_prefilter_params, make_prefilter
@@ -21,7 +21,8 @@ def main() -> None:
                         "and restored from the archive if missing (retrain.raw)")
     parser.add_argument("--out", required=True, help="manifest folder to write")
     parser.add_argument("--metrics", required=True,
-                        help="headline counts to write (JSON; what DVC shows)")
+                        help="folder for the headline rows: images included and excluded "
+                        "(JSON files; what DVC shows, retrain.headline)")
     parser.add_argument("--details", required=True,
                         help="every count to write (JSON): images per class and split, "
                              "exclusions by reason")
@@ -53,7 +54,7 @@ def main() -> None:
     write_manifests(manifests, args.out)
     metrics = data_metrics(manifests)
     write_json(args.details, metrics)
-    write_json(args.metrics, data_headline(metrics))
+    write_rows(args.metrics, data_rows(metrics))
     sizes = ", ".join(f"{name} {metrics['images'][name]['total']}" for name in manifests.splits)
     print(f"split: {len(manifests.classes)} classes; {sizes}; "
           f"excluded {metrics['excluded']['total']} (see {args.out}/excluded.csv)")

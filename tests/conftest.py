@@ -132,7 +132,7 @@ def read_metrics(workspace: Path) -> dict[str, dict]:
     """Every figure: the metrics files DVC shows and the stages' details files, by path."""
     return {path.relative_to(workspace).as_posix(): json.loads(path.read_text())
             for folder in ("metrics", "reports/details")
-            for path in sorted((workspace / folder).glob("*.json"))}
+            for path in sorted((workspace / folder).rglob("*.json"))}
 
 
 STAGE_SECONDS = "stage-seconds.json"  # beside the session's pipeline run, not in it

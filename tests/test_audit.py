@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from retrain.errors import DataError, ParamsError
+from retrain.headline import AUDIT_ROWS
 
 SPLIT = {"val_fraction": 0.25, "test_fraction": 0.34, "seed": 3}
 PLANTED_MOVES = 4  # images of class_000 filed under class_001
@@ -459,8 +460,11 @@ def test_stage_groups_planted_copies_and_counts_the_leaks(audited):
     ) - details["leaked_test_images"]
     # a set this small is searched whole for outliers, not a draw of it
     assert details["outlier_reference_images"] == details["images"]
-    headline = json.loads((ws / "metrics/audit.json").read_text())
-    assert headline["cross_split_groups"] == details["cross_split_groups"]
+    assert details["near_duplicate_images"] == len(groups)
+    headline = {name: json.loads((ws / f"metrics/audit/{name}.json").read_text())
+                for name in ("near_duplicates", "test_leaks")}
+    assert headline == {"near_duplicates": {"images": len(groups)},
+                        "test_leaks": {"images": details["leaked_test_images"]}}
 
 
 @pytest.mark.xdist_group("audited")
@@ -503,7 +507,7 @@ def test_excluding_and_relabelling_images_rerun_split_and_the_label_gate_reads_t
     excluded = pd.read_csv(ws / "data/manifests/excluded.csv")
     reason = excluded.set_index("path").loc[target, "reason"]
     assert reason.startswith("excluded by user (data/exclude.txt:")
-    report = compose_report("HEAD", [{"metric": "metrics/audit.json:label_agreement",
+    report = compose_report("HEAD", [{"metric": "metrics/audit/label_issues.json:agreement",
                                       "direction": "higher", "tolerance": 0.01,
                                       "significance": 0.05}], ws)
 
@@ -526,8 +530,8 @@ def test_excluding_and_relabelling_images_rerun_split_and_the_label_gate_reads_t
             f"agreement lost by {lost} ({lost_relabelled} relabelled), gained by {gained}"
             in report.verdict), report.verdict
     assert lost_relabelled >= 12, lost_relabelled  # most of the twenty it relabelled
-    headline = json.loads((ws / "metrics" / "audit.json").read_text())
-    assert headline["label_agreement"] == pytest.approx(agreed["new"].mean(), abs=1e-6)
+    headline = json.loads((ws / "metrics" / "audit" / "label_issues.json").read_text())
+    assert headline["agreement"] == pytest.approx(agreed["new"].mean(), abs=1e-6)
 
 
 @pytest.mark.xdist_group("audited")
@@ -537,7 +541,8 @@ def test_audit_off_writes_enabled_false(audited, tmp_path):
     set_param(ws, "audit.enabled", False)
     result = dvc(ws, "repro", "audit")
     assert stages_run(result.stdout) == ["audit"]
-    assert json.loads((ws / "metrics/audit.json").read_text()) == {"enabled": False}
+    rows = {path.name: json.loads(path.read_text()) for path in (ws / "metrics/audit").iterdir()}
+    assert rows == {f"{name}.json": {"enabled": False} for name in AUDIT_ROWS}
     assert read_csv(ws, "label_issues.csv").empty
 
 

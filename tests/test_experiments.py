@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 # The compact `dvc exp show` of the README's Experiments section: the swept params and the
 # headline metrics.
 SHOW_KEEP = (r"^(Experiment|Created|State)$|^head\.(dropout|learning_rate)$"
-             r"|^finetuned\.(test_accuracy|macro_f1)$")
+             r"|^metrics/models/finetuned\.json:(accuracy|macro_f1)$")
+FINETUNED = "metrics/models/finetuned.json"
 
 
 def stages_changed(workspace: Path) -> set[str]:
@@ -180,15 +181,15 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
     assert sorted(experiments) == [name]
     data = experiments[name]
     assert data["params"]["params.yaml"]["data"]["head"]["dropout"] == 0.2
-    finetuned = data["metrics"]["metrics/evaluate.json"]["data"]["finetuned"]
-    assert 0.0 <= finetuned["test_accuracy"] <= 1.0
+    finetuned = data["metrics"][FINETUNED]["data"]
+    assert 0.0 <= finetuned["accuracy"] <= 1.0
     assert data["deps"]["data/features"]["hash"] == baseline["extract"]["data/features"]
 
     # The documented compact table keeps exactly the chosen columns.
     table = dvc(workspace, "exp", "show", "--csv", "--drop", ".*", "--keep", SHOW_KEEP).stdout
     header, *rows = table.splitlines()
-    assert header.split(",") == ["Experiment", "Created", "State", "finetuned.macro_f1",
-                                 "finetuned.test_accuracy", "head.dropout",
+    assert header.split(",") == ["Experiment", "Created", "State", f"{FINETUNED}:accuracy",
+                                 f"{FINETUNED}:macro_f1", "head.dropout",
                                  "head.learning_rate"]
     assert name in {row.split(",")[0] for row in rows}
 
@@ -198,20 +199,17 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
 
     dvc(workspace, "exp", "apply", name)
     assert yaml.safe_load((workspace / "params.yaml").read_text())["head"]["dropout"] == 0.2
-    applied = json.loads((workspace / "metrics" / "evaluate.json").read_text())
-    shown_metrics = data["metrics"]["metrics/evaluate.json"]["data"]
-    # DVC shows numbers, not lists: each [low, high] interval is there as its two bounds.
-    assert {key: value for key, value in applied["finetuned"].items()
-            if not isinstance(value, list)} == shown_metrics["finetuned"]
-    assert [shown_metrics["finetuned"]["test_accuracy_ci95_low"],
-            shown_metrics["finetuned"]["test_accuracy_ci95_high"]] == \
-        applied["finetuned"]["test_accuracy_ci95"]
+    applied = json.loads((workspace / FINETUNED).read_text())
+    assert applied == finetuned
+    details = json.loads((workspace / "reports/details/evaluate.json").read_text())
+    assert [applied["ci95_low"], applied["ci95_high"]] == \
+        details["finetuned"]["test_accuracy_ci95"]
     assert dvc(workspace, "status").stdout.strip() == "Data and pipelines are up to date."
     report = subprocess.run([sys.executable, "-m", "retrain", "report", "--base", "HEAD"],
                             cwd=workspace, capture_output=True, text=True)
     assert report.returncode in (0, 1), report.stderr
     check_two_replicates(workspace, base_predictions, report.stdout)
-    check_int8_gate(metrics_before["metrics/export.json"], workspace, report.stdout)
+    check_int8_gate(metrics_before[INT8], workspace, report.stdout)
     check_data_gates(base_crossval, workspace, report.stdout)
 
     # Back at the committed params, then at the experiment's, by hand: nothing runs, the
@@ -230,7 +228,8 @@ def test_queued_sweep_reruns_from_train_head_and_fills_the_run_cache(workspace):
             assert read_metrics(workspace) == metrics_before
 
 
-INT8_GATE = {"metric": "int8.agreement", "direction": "higher", "tolerance": 0.05}
+INT8 = "metrics/export/int8.json"
+INT8_GATE = {"metric": f"{INT8}:agreement", "direction": "higher", "tolerance": 0.05}
 
 
 def check_int8_gate(base_export: dict, workspace: Path, report: str) -> None:
@@ -239,12 +238,12 @@ def check_int8_gate(base_export: dict, workspace: Path, report: str) -> None:
     than the tolerance."""
     from retrain.report import RESULT_MARKS
 
-    after = json.loads((workspace / "metrics" / "export.json").read_text())
-    assert after["int8"]["size_bytes"] > 0 and set(after) == set(base_export)
+    after = json.loads((workspace / INT8).read_text())
+    assert after["size_mb"] > 0 and set(after) == set(base_export)
     rows = [line for line in report.splitlines()
-            if line.startswith("| `int8.agreement` | `metrics/export.json`")]
+            if line.startswith(f"| `{INT8_GATE['metric']}` | `{INT8}`")]
     assert len(rows) == 1, report
-    worse = base_export["int8"]["agreement"] - after["int8"]["agreement"]
+    worse = base_export["agreement"] - after["agreement"]
     expected = "regression" if worse > INT8_GATE["tolerance"] + 1e-9 else "pass"
     assert rows[0].rstrip(" |").endswith(RESULT_MARKS[expected]), rows[0]
 
@@ -261,10 +260,10 @@ def check_data_gates(base_crossval: dict, workspace: Path, report: str) -> None:
     folds = corrected_resampled_ttest(base_crossval["per_fold"]["val_accuracy"],
                                       new["per_fold"]["val_accuracy"], new["folds"], 0.95)
     [crossval] = [line for line in report.splitlines()
-                  if line.startswith("| `metrics/crossval.json:val_accuracy_mean`")]
+                  if line.startswith("| `metrics/crossval.json:accuracy`")]
     assert f" {_interval(folds.interval)} |" in crossval, (crossval, folds)
     [agreement] = [line for line in report.splitlines()
-                   if line.startswith("| `metrics/audit.json:label_agreement`")]
+                   if line.startswith("| `metrics/audit/label_issues.json:agreement`")]
     assert "| 1 (0 vs 0) |" in agreement and agreement.rstrip(" |").endswith(
         RESULT_MARKS["pass"]), agreement
 
@@ -285,13 +284,14 @@ def check_two_replicates(workspace: Path, base_predictions: str, report: str) ->
         replicates[1]["seed"]
     assert (folder / replicates[1]["weights"]).is_file()
 
-    headline = json.loads((workspace / "metrics" / "evaluate.json").read_text())
-    spread = headline["finetuned"]["replicates"]
-    assert spread["count"] == 2 and spread["test_accuracy_sd"] >= 0
+    headline = json.loads((workspace / FINETUNED).read_text())
+    spread = json.loads((workspace / "reports/details/evaluate.json").read_text())[
+        "finetuned"]["replicates"]
+    assert spread["count"] == 2 and headline["sd"] == spread["test_accuracy_sd"] >= 0
     new_predictions = (workspace / "reports" / "predictions.csv").read_text()
     assert "predicted_replicate_1" in new_predictions.splitlines()[0]
 
-    assert "`finetuned.replicates.test_accuracy_sd`" in report, report
+    assert f"| `{FINETUNED}` | `sd` | — |" in report, report
     # What the gate weighs, read from both tables as report reads them: the recipe test
     # over one base replicate and two new ones.
     base, new = (_read_predictions(text, "predictions.csv")

@@ -430,7 +430,7 @@ def test_a_card_whose_class_count_differs_from_the_model_is_named_in_the_error(t
 
 def made_up_export(int8_agreement: float, int8_accuracy: float = 0.861,
                    int8_latency: float = 0.97) -> dict:
-    """metrics/export.json as `export` writes it, with chosen int8 figures."""
+    """reports/details/export.json as `export` writes it, with chosen int8 figures."""
     def entry(accuracy, agreement, size, latency):
         return {"accuracy": accuracy, "macro_f1": accuracy, "agreement": agreement,
                 "agreement_ci95": [agreement - 0.05, min(agreement + 0.02, 1.0)],

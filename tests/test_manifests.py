@@ -239,10 +239,11 @@ def test_split_stage_on_the_real_flower_sample(tmp_path):
         tar.extractall(tmp_path / "raw", filter="data")
     (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", "raw", "--out",
-                    "manifests", "--metrics", "data.json", "--details", "details.json"],
+                    "manifests", "--metrics", "data", "--details", "details.json"],
                    cwd=tmp_path, check=True)
-    assert yaml.safe_load((tmp_path / "data.json").read_text()) == {
-        "classes": 5, "images": 200, "excluded": 0}
+    assert {path.name: yaml.safe_load(path.read_text()) for path in
+            (tmp_path / "data").iterdir()} == {"included.json": {"classes": 5, "images": 200},
+                                              "excluded.json": {"images": 0}}
     metrics = yaml.safe_load((tmp_path / "details.json").read_text())
     assert [metrics["images"][s]["total"] for s in ("train", "val", "test")] == [144, 40, 16]
     for label in ("daisy", "dandelion", "roses", "sunflowers", "tulips"):
@@ -347,7 +348,7 @@ def run_split_stage(workspace, raw, **split):
     params["split"].update(split)
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     return subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", raw, "--out",
-                           "manifests", "--metrics", "data.json", "--details",
+                           "manifests", "--metrics", "data", "--details",
                            "details.json"], cwd=workspace,
                           capture_output=True, text=True, env={**os.environ,
                                                               "PYTHONPATH": str(REPO / "src")})
@@ -360,7 +361,7 @@ def test_split_stage_stops_on_impossible_fractions_with_one_line(class_tree, tmp
         "error: split.val_fraction=0.05 and split.test_fraction=0.1 give val 2 of 36 distinct "
         "images, fewer than the 3 classes (each split needs one image per class): raise "
         "split.val_fraction"]
-    assert not (tmp_path / "manifests").exists() and not (tmp_path / "data.json").exists()
+    assert not (tmp_path / "manifests").exists() and not (tmp_path / "data").exists()
 
 
 def test_split_stage_notes_each_image_it_moves(lopsided_tree, tmp_path):

@@ -128,7 +128,7 @@ def test_split_stage_with_the_prefilter(classifier, red_tree):
     params["prefilter"] = prefilter_params(classifier, CARS, threshold=0.5)
     (red_tree.parent / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, REPO / "stages" / "split.py", "--raw", "raw",
-                             "--out", "manifests", "--metrics", "data.json",
+                             "--out", "manifests", "--metrics", "metrics",
                              "--details", "details.json"],
                             cwd=red_tree.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

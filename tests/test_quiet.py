@@ -98,7 +98,7 @@ def run_stages(workspace, class_tree, **env):
                    if key not in ("RETRAIN_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
     environment.update(PYTHONPATH=str(REPO / "src"), **env)
     for args in (["split.py", "--raw", str(class_tree), "--out", "manifests",
-                  "--metrics", "data.json", "--details", "data-details.json"],
+                  "--metrics", "metrics", "--details", "data-details.json"],
                  ["extract.py", "--raw", str(class_tree), "--manifests", "manifests",
                   "--out", "features", "--details", "extract.json"]):
         result = subprocess.run([sys.executable, REPO / "stages" / args[0], *args[1:]],

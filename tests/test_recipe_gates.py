@@ -157,7 +157,8 @@ def gate_on(base, new, level="recipe", significance=0.05):
     from retrain.report import GateResult, TestSets, gather_evidence
 
     sets = TestSets("finetuned", base, new, shared=len(base))
-    result = GateResult("finetuned.test_accuracy", "metrics/evaluate.json", "higher", 0.01,
+    result = GateResult("metrics/models/finetuned.json:accuracy",
+                        "metrics/models/finetuned.json", "higher", 0.01,
                         old=0.9, new=0.85, significance=significance, level=level)
     return replace(result, evidence=gather_evidence(result, sets))
 
@@ -216,12 +217,12 @@ def test_crossval_gate_pairs_the_folds_of_both_revisions():
     def details(old, new, seed=(42, 42)):
         return summaries(old, new, seed)
 
-    gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.0,
+    gate = GateResult("metrics/crossval.json:accuracy", "metrics/crossval.json", "higher", 0.0,
                       old=0.8025, new=0.8125, significance=0.05)
     base, new = [0.80, 0.82, 0.78, 0.81], [0.82, 0.81, 0.81, 0.81]
     evidence = fold_evidence(gate, *details(base, new))
     assert evidence.folds.t == pytest.approx(0.48990, abs=1e-5)
-    drop = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.0,
+    drop = GateResult("metrics/crossval.json:accuracy", "metrics/crossval.json", "higher", 0.0,
                       old=0.8, new=0.7, significance=0.05,
                       evidence=fold_evidence(gate, *details([0.8, 0.81, 0.79, 0.8],
                                                            [0.7, 0.7, 0.69, 0.71])))
@@ -239,7 +240,7 @@ def test_crossval_gate_on_other_folds_pairs_by_position_and_on_other_counts_not_
         return summaries(old, new, seed, folds)
 
     base, new = [0.80, 0.82, 0.78, 0.81], [0.82, 0.81, 0.81, 0.81]
-    gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.0,
+    gate = GateResult("metrics/crossval.json:accuracy", "metrics/crossval.json", "higher", 0.0,
                       old=0.8025, new=0.8125, significance=0.05)
     evidence = fold_evidence(gate, *details(base, new))
     assert evidence.folds.t == pytest.approx(0.48990, abs=1e-5)
@@ -256,7 +257,7 @@ def test_a_crossval_gate_is_judged_by_its_folds_at_either_level(level):
     from retrain.report import GateResult, fold_evidence
 
     details = summaries([0.8, 0.81, 0.79, 0.8], [0.7, 0.7, 0.69, 0.71])
-    gate = GateResult("val_accuracy_mean", "metrics/crossval.json", "higher", 0.01,
+    gate = GateResult("metrics/crossval.json:accuracy", "metrics/crossval.json", "higher", 0.01,
                       old=0.8, new=0.7, significance=0.05, level=level)
     judged = replace(gate, evidence=fold_evidence(gate, *details))
     assert judged.status == "regression"

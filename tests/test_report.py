@@ -43,7 +43,7 @@ stages:
     params:
       - head.epochs
     metrics:
-      - metrics/evaluate.json:
+      - metrics/models:
           cache: false
     outs:
       - reports/figures
@@ -55,16 +55,23 @@ stages:
   audit:
     cmd: python -c "pass"
     metrics:
-      - metrics/audit.json:
+      - metrics/audit:
+          cache: false
+  export:
+    cmd: python -c "pass"
+    metrics:
+      - metrics/export:
           cache: false
 """
 
+# evaluate's headline rows (retrain.headline), one file per model.
 BASE_METRICS = {
-    "head": {"test_accuracy": 0.80, "test_loss": 0.50, "macro_f1": 0.78},
-    "finetuned": {"test_accuracy": 0.90, "test_loss": 0.30, "macro_f1": 0.88},
+    "head": {"accuracy": 0.80, "macro_f1": 0.78},
+    "finetuned": {"accuracy": 0.90, "macro_f1": 0.88},
 }
-
-ACCURACY = "finetuned.test_accuracy"
+FINETUNED = "metrics/models/finetuned.json"
+ACCURACY = f"{FINETUNED}:accuracy"
+MACRO_F1 = f"{FINETUNED}:macro_f1"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,16 @@ def write_metrics(repo: Path, **finetuned: float | None) -> None:
             metrics["finetuned"].pop(key)
         else:
             metrics["finetuned"][key] = value
-    (repo / "metrics" / "evaluate.json").write_text(json.dumps(metrics))
+    (repo / "metrics" / "models").mkdir(parents=True, exist_ok=True)
+    for model, row in metrics.items():
+        (repo / "metrics" / "models" / f"{model}.json").write_text(json.dumps(row))
+
+
+def write_latency(repo: Path, latency_ms: float) -> None:
+    """export's headline row of one format."""
+    (repo / "metrics" / "export").mkdir(parents=True, exist_ok=True)
+    (repo / "metrics" / "export" / "int8.json").write_text(
+        json.dumps({"agreement": 0.99, "size_mb": 0.7, "latency_ms": latency_ms}))
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +127,14 @@ def _make_base_repo(repo: Path) -> Path:
     _dvc("init", "-q", cwd=repo)
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     (repo / "dvc.yaml").write_text(DVC_YAML)
-    (repo / "metrics").mkdir()
     write_metrics(repo)
     # What the default crossval and audit gates read (the stages' headlines; no per-fold
     # details or audit tables here: those gates fall back to their tolerance).
-    (repo / "metrics" / "crossval.json").write_text(
-        json.dumps({"val_accuracy_mean": 0.7, "val_accuracy_sd": 0.05}))
-    (repo / "metrics" / "audit.json").write_text(
-        json.dumps({"label_issues": 3, "label_agreement": 0.8}))
+    (repo / "metrics" / "crossval.json").write_text(json.dumps({"accuracy": 0.7, "sd": 0.05}))
+    (repo / "metrics" / "audit").mkdir()
+    (repo / "metrics" / "audit" / "label_issues.json").write_text(
+        json.dumps({"images": 3, "agreement": 0.8}))
+    write_latency(repo, 1.0)
     figures = repo / "reports" / "figures"
     figures.mkdir(parents=True)
     (figures / "confusion.png").write_bytes(b"png-confusion-v1")
@@ -146,7 +162,7 @@ def gate(metric: str, direction: str = "higher", tolerance: float = 0.01) -> dic
 
 
 def test_regression_exits_1_and_names_the_metric(repo, capsys):
-    write_metrics(repo, test_accuracy=0.85)
+    write_metrics(repo, accuracy=0.85)
 
     assert main(["--base", "base"]) == 1
 
@@ -159,19 +175,19 @@ def test_regression_exits_1_and_names_the_metric(repo, capsys):
 
 
 def test_improvement_exits_0(repo, capsys):
-    write_metrics(repo, test_accuracy=0.95, macro_f1=0.93)
+    write_metrics(repo, accuracy=0.95, macro_f1=0.93)
 
     assert main(["--base", "base"]) == 0
 
     out = capsys.readouterr().out
     assert "✅" in out and "❌" not in out
     # Changed metrics are tabulated with old, new and change.
-    assert f"| `metrics/evaluate.json` | `{ACCURACY}` | 0.9 | 0.95 | +0.05 |" in out
+    assert f"| `{FINETUNED}` | `accuracy` | 0.9 | 0.95 | +0.05 |" in out
 
 
 def test_a_drop_of_exactly_the_tolerance_passes(repo):
     # 0.9 - 0.89 is 0.010000000000000009 in floating point: still within 0.01.
-    write_metrics(repo, test_accuracy=0.89)
+    write_metrics(repo, accuracy=0.89)
 
     markdown, passed = build_report("base", [gate(ACCURACY, tolerance=0.01)])
 
@@ -179,21 +195,22 @@ def test_a_drop_of_exactly_the_tolerance_passes(repo):
 
 
 def test_lower_is_better_gate_fails_when_the_value_rises(repo):
-    write_metrics(repo, test_loss=0.40)
+    write_latency(repo, 1.1)
+    latency = "metrics/export/int8.json:latency_ms"
 
-    markdown, passed = build_report("base", [gate("finetuned.test_loss", "lower", 0.05)])
+    markdown, passed = build_report("base", [gate(latency, "lower", 0.05)])
 
     assert not passed
-    assert "`finetuned.test_loss`" in markdown.splitlines()[2]
+    assert f"`{latency}`" in markdown.splitlines()[2]
 
 
 def test_gated_metric_missing_in_the_workspace_is_reported_and_fails(repo):
-    write_metrics(repo, test_accuracy=None)
+    write_metrics(repo, accuracy=None)
 
     markdown, passed = build_report("base", [gate(ACCURACY)])
 
     assert not passed
-    assert f"`{ACCURACY}` (metrics/evaluate.json) is missing in the workspace" in markdown
+    assert f"`{ACCURACY}` ({FINETUNED}) is missing in the workspace" in markdown
 
 
 def test_unknown_base_is_a_one_line_error(repo, capsys):
@@ -209,7 +226,7 @@ def test_unknown_base_is_a_one_line_error(repo, capsys):
 def test_out_file_params_and_changed_figures(repo, capsys):
     params = repo / "params.yaml"
     params.write_text(params.read_text().replace("epochs: 5", "epochs: 7", 1))
-    write_metrics(repo, test_accuracy=0.91)
+    write_metrics(repo, accuracy=0.91)
     figures = repo / "reports" / "figures"
     (figures / "confusion.png").write_bytes(b"png-confusion-v2")
     (figures / "new samples.png").write_bytes(b"png-samples")
@@ -264,7 +281,7 @@ def test_figures_of_a_folder_dvc_cannot_list_all_count_as_changed(repo):
 
 def test_cli_exit_status_in_a_subprocess(repo):
     """What CI sees: the process's exit status, not a return value."""
-    write_metrics(repo, test_accuracy=0.80)
+    write_metrics(repo, accuracy=0.80)
     code = "import sys; from retrain.report import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
@@ -284,8 +301,8 @@ def test_cli_exit_status_in_a_subprocess(repo):
 # --- gate logic on `dvc metrics diff --all --json` output, without dvc ----------------------
 
 
-def diff_of(old: float | None, new: float | None, key: str = ACCURACY) -> dict:
-    return {"metrics/evaluate.json": {key: {"old": old, "new": new}}}
+def diff_of(old: float | None, new: float | None, key: str = "accuracy") -> dict:
+    return {FINETUNED: {key: {"old": old, "new": new}}}
 
 
 @pytest.mark.parametrize(
@@ -323,24 +340,24 @@ def test_a_change_that_does_nothing_fails_a_005_accuracy_gate_at_most_1_time_in_
 
 
 def test_a_significance_on_a_metric_without_a_paired_test_says_the_tolerance_decided():
-    metric = "int8.agreement"
-    diff = {"metrics/export.json": {metric: {"old": 1.0, "new": 0.9}}}
+    metric = "metrics/export/int8.json:agreement"
+    diff = {"metrics/export/int8.json": {"agreement": {"old": 1.0, "new": 0.9}}}
     results = check_gates(diff, [{**gate(metric), "significance": 0.05}], "base")
 
-    results, test_sets = add_evidence(results, "base", ".")  # export.json: no predictions
+    results, test_sets = add_evidence(results, "base", ".")  # export: no predictions
 
     assert test_sets == {} and [r.status for r in results] == ["regression"]
     assert "no paired test for this metric: tolerance only" in _verdict(results)
 
 
 def test_gate_matches_a_key_in_every_metrics_file_or_one_file_by_name():
-    metrics = {**diff_of(0.9, 0.5), "metrics/other.json": {ACCURACY: {"old": 0.9, "new": 0.9}}}
+    metrics = {**diff_of(0.9, 0.5), "metrics/other.json": {"accuracy": {"old": 0.9, "new": 0.9}}}
 
-    everywhere = check_gates(metrics, [gate(ACCURACY)], "base")
-    one_file = check_gates(metrics, [gate(f"metrics/other.json:{ACCURACY}")], "base")
+    everywhere = check_gates(metrics, [gate("accuracy")], "base")
+    one_file = check_gates(metrics, [gate("metrics/other.json:accuracy")], "base")
 
     assert [(r.path, r.passed) for r in everywhere] == [
-        ("metrics/evaluate.json", False),
+        (FINETUNED, False),
         ("metrics/other.json", True),
     ]
     assert [(r.path, r.passed) for r in one_file] == [("metrics/other.json", True)]
@@ -356,7 +373,7 @@ def test_a_gate_on_a_stage_off_on_both_sides_is_not_checked_and_says_so():
     the default crossval gate passes unchecked, and the verdict names it."""
     crossval = {"enabled": {"old": False, "new": False}}
     metrics = {**diff_of(0.9, 0.9), "metrics/crossval.json": crossval}
-    named = "metrics/crossval.json:val_accuracy_mean"
+    named = "metrics/crossval.json:accuracy"
 
     results = check_gates(metrics, [gate(ACCURACY), gate(named)], "base")
 
@@ -369,9 +386,9 @@ def test_a_gate_on_a_stage_off_on_both_sides_is_not_checked_and_says_so():
 def test_a_pull_request_that_turns_a_gated_stage_off_fails():
     """Otherwise a pull request could switch off the check it would fail."""
     crossval = {"enabled": {"old": None, "new": False},
-                "val_accuracy_mean": {"old": 0.7, "new": None}}
+                "accuracy": {"old": 0.7, "new": None}}
     metrics = {**diff_of(0.9, 0.9), "metrics/crossval.json": crossval}
-    named = "metrics/crossval.json:val_accuracy_mean"
+    named = "metrics/crossval.json:accuracy"
 
     results = check_gates(metrics, [gate(ACCURACY), gate(named)], "base")
 
@@ -486,13 +503,14 @@ def test_a_base_without_sha256_pairs_by_file_name_and_says_so(repo):
 # them. A perfect base makes every edit a known number of discordant files.
 
 SIGNIFICANT_GATES = [dict(gate(ACCURACY), significance=0.05),
-                     dict(gate("finetuned.macro_f1"), significance=0.05)]
+                     dict(gate(MACRO_F1), significance=0.05)]
 
 
 def write_finetuned_predictions(ws: Path, paths, digests, actual, predicted) -> None:
-    """reports/predictions.csv and the `finetuned` metrics of evaluate.json, as the evaluate
+    """reports/predictions.csv and the fine-tuned model's headline row, as the evaluate
     stage writes them, for a model that predicts `predicted` with certainty."""
     from retrain.evaluate import classification_metrics, predictions_table
+    from retrain.headline import model_rows
 
     classes = (ws / "data" / "manifests" / "classes.txt").read_text().splitlines()
     index = {name: i for i, name in enumerate(classes)}
@@ -500,10 +518,8 @@ def write_finetuned_predictions(ws: Path, paths, digests, actual, predicted) -> 
     probabilities = np.eye(len(classes))[[index[name] for name in predicted]]
     table = predictions_table(list(paths), list(digests), probabilities, labels, classes)
     table.to_csv(ws / "reports" / "predictions.csv", index=False, lineterminator="\n")
-    metrics_path = ws / "metrics" / "evaluate.json"
-    metrics = json.loads(metrics_path.read_text())
-    metrics["finetuned"] = classification_metrics(probabilities, labels, classes)
-    metrics_path.write_text(json.dumps(metrics))
+    figures = {"finetuned": classification_metrics(probabilities, labels, classes)}
+    (ws / FINETUNED).write_text(json.dumps(model_rows(figures)["finetuned"]))
 
 
 def perfect_base(ws: Path) -> pd.DataFrame:
@@ -556,9 +572,9 @@ def test_many_files_flipped_to_wrong_fail_naming_metric_change_interval_and_p(wo
     p = stats.binomtest(0, len(base), 0.5).pvalue
     verdict = report.verdict
     assert verdict.startswith("❌")
-    assert f"`{ACCURACY}` (metrics/evaluate.json) 1 → 0 (-1, 95% paired interval [-1, -1], " \
+    assert f"`{ACCURACY}` ({FINETUNED}) 1 → 0 (-1, 95% paired interval [-1, -1], " \
            f"McNemar p = {p:.3g}; tolerance 0.01, significance 0.05" in verdict
-    assert "`finetuned.macro_f1` (metrics/evaluate.json) 1 → 0 (-1, 95% paired interval" \
+    assert f"`{MACRO_F1}` ({FINETUNED}) 1 → 0 (-1, 95% paired interval" \
            in verdict
 
 
@@ -581,7 +597,7 @@ def test_different_test_sets_are_reported_unpaired_and_judged_by_the_tolerance(w
             ) in report.markdown
     assert "test sets differ: tolerance only" in report.verdict
     row = next(line for line in report.markdown.splitlines() if f"`{ACCURACY}`" in line
-               and line.startswith("| `finetuned"))
+               and line.startswith(f"| `{ACCURACY}`"))
     assert row.count("[") == 2 and "| — |" in row   # both intervals, no McNemar
 
 
@@ -621,7 +637,8 @@ def test_label_agreement_tests_the_images_only_the_workspace_holds():
     assert (evidence.added.images, evidence.added.agreeing) == (60, 40)
     assert evidence.added.pvalue == pytest.approx(
         stats.binomtest(40, 60, 0.8, alternative="less").pvalue)
-    result = GateResult("metrics/audit.json:label_agreement", "metrics/audit.json", "higher",
+    result = GateResult("metrics/audit/label_issues.json:agreement",
+                        "metrics/audit/label_issues.json", "higher",
                         0.01, 0.8, float(new["agrees"].mean()), 0.05, evidence=evidence)
     assert result.status == ("regression" if evidence.added.pvalue < 0.025
                              else "not significant")

@@ -82,7 +82,7 @@ def test_finetune_starts_from_the_head_and_base_that_extract_used(mode, class_tr
     monkeypatch.chdir(ws)
 
     run_stage("split", "--raw", "data/raw", "--out", "data/manifests",
-              "--metrics", "metrics/data.json", "--details", "reports/details/data.json")
+              "--metrics", "metrics/data", "--details", "reports/details/data.json")
     run_stage("extract", "--raw", "data/raw", "--manifests", "data/manifests",
               "--out", "data/features", "--details", "reports/details/extract.json")
     run_stage("train_head", "--features", "data/features", "--manifests", "data/manifests",

@@ -378,6 +378,7 @@ def audit(inputs: AuditInputs, params: dict, *, folds: int, seed: int) -> dict:
         "label_issues": int((issues["flagged"] == "yes").sum()),
         "label_agreement": label_agreement(inputs, probabilities),
         "near_duplicate_groups": int(len(crossing)),
+        "near_duplicate_images": len(groups),
         "cross_split_groups": int(crossing.sum()),
         "leaked_test_images": len(leaked),
         "outliers": int((odd["flagged"] == "yes").sum()),

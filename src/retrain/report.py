@@ -8,9 +8,9 @@ The Markdown it writes is meant for a pull-request comment (`cml comment create`
 
 A test metric is noisy (retrain.uncertainty), so a fixed tolerance alone fails on noise and
 misses real drops hidden in it. When both revisions predicted the same test images (matched by
-content: the sha256 evaluate writes beside each path), each gated
-metric of metrics/evaluate.json also gets a paired comparison on those files: the difference
-with its paired bootstrap interval and, for accuracy, McNemar's exact test. A gate with a
+content: the sha256 evaluate writes beside each path), each gated test
+figure of a model (metrics/models/<model>.json) also gets a paired comparison on those files:
+the difference with its paired bootstrap interval and, for accuracy, McNemar's exact test. A gate with a
 `significance` level then fails only when the drop exceeds its tolerance *and* the paired
 test calls it real at that level; without a shared test set the tolerance alone decides.
 Two default gates weigh more than the test images: crossval's mean (the folds of both
@@ -38,7 +38,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from retrain import uncertainty
+from retrain import headline, uncertainty
 from retrain.atomic import write_text
 from retrain.errors import UserError, exits_cleanly
 from retrain.params import load_params
@@ -58,20 +58,19 @@ class ReportError(UserError):
     exit_code = 2
 
 
-# evaluate's outputs (dvc.yaml): the metrics file, and each model's per-image predictions by
-# its key in that file.
-EVALUATE_METRICS = "metrics/evaluate.json"
 # Every figure the stages measured, of which the metrics files hold the headline
 # (retrain.headline): a gate may name a figure DVC does not show, e.g. a class's recall.
-DETAILS = "reports/details"
+DETAILS = headline.DETAILS
+# evaluate's figures, and each model's per-image predictions by its key in them.
+EVALUATE_DETAILS = f"{DETAILS}/evaluate.json"
 PREDICTIONS = {"finetuned": "reports/predictions.csv", "head": "reports/predictions_head.csv"}
 # Fine-tuning replicate k >= 1's predicted class in the predictions CSV (retrain.evaluate).
 REPLICATE_COLUMN = "predicted_replicate_{}"
 # crossval's per-fold scores, paired by fold for a gate on `<score>_mean` (metrics/crossval).
-CROSSVAL_DETAILS = "reports/details/crossval.json"
+CROSSVAL_DETAILS = f"{DETAILS}/crossval.json"
 # The audit's label_agreement, and its per-image table (each image's label and the class a
 # classifier that never saw it predicts), paired by image for a gate on it.
-AUDIT_METRICS = "metrics/audit.json"
+AUDIT_DETAILS = f"{DETAILS}/audit.json"
 AUDIT_AGREEMENT = "label_agreement"
 AUDIT_LABELS = "reports/audit/label_issues.csv"
 
@@ -91,7 +90,7 @@ class AddedImages:
 class Evidence:
     """What the paired data say about one gated metric's change.
 
-    For evaluate.json's metrics, `difference` and `mcnemar` exist only when both revisions
+    For a model's test figures, `difference` and `mcnemar` exist only when both revisions
     predicted the same test files, the two revisions' own intervals whenever both
     predictions tables could be read; for the audit's label agreement, they are over the
     images both audits hold, and `added` tests the images only the workspace holds; for
@@ -412,7 +411,7 @@ def _base_text(base: str, path: str, repo_dir: Path) -> str | None:
 
 
 def load_test_sets(model: str, base: str, repo_dir: str | Path) -> TestSets:
-    """Both revisions' predictions of `model` (a key of metrics/evaluate.json)."""
+    """Both revisions' predictions of `model` (head or finetuned)."""
     repo_dir, path = Path(repo_dir), PREDICTIONS[model]
     base_text = _base_text(base, path, repo_dir)
     if base_text is None:
@@ -444,10 +443,19 @@ def _class_indices(*columns: pd.Series) -> list[np.ndarray]:
     return [column.map(index).to_numpy(np.int64) for column in columns]
 
 
+def stage_figure(result: GateResult) -> tuple[str, str]:
+    """The stage figure a gate read, as (details file, dotted key): a headline figure is a
+    copy of one (retrain.headline.source), a details figure is itself."""
+    key = result.metric.rpartition(":")[2]
+    if result.path.startswith(DETAILS + "/"):
+        return result.path, key
+    return headline.source(result.path, key) or (result.path, key)
+
+
 def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:
-    """The intervals and paired test for a gated evaluate.json metric; None when the
+    """The intervals and paired test for a gate on a model's test metric; None when the
     predictions cannot tell (unreadable tables, or a metric without an interval)."""
-    metric = result.metric.rpartition(":")[2].split(".", 1)[-1]
+    metric = stage_figure(result)[1].split(".", 1)[-1]
     if test_sets.base is None or metric not in uncertainty.METRICS:
         return None
     old, new = test_sets.base, test_sets.new
@@ -485,7 +493,7 @@ def fold_evidence(result: GateResult, old: dict, new: dict) -> Evidence | None:
     removes none of the fold-to-fold variance, which the differences' spread counts in
     full, so the test is conservative (it loses power; it does not call noise real more
     often). `FoldComparison.same_folds` says which case it was."""
-    score = result.metric.rpartition(":")[2].removesuffix("_mean")
+    score = stage_figure(result)[1].removesuffix("_mean")
     old_scores = (old.get("per_fold") or {}).get(score)
     new_scores = (new.get("per_fold") or {}).get(score)
     if not (isinstance(old_scores, list) and isinstance(new_scores, list)
@@ -503,7 +511,8 @@ def crossval_evidence(result: GateResult, base: str, repo_dir: str | Path) -> Ev
     """`fold_evidence` for a gate on metrics/crossval.json, from crossval's details at
     `base` and in the workspace. They are read here, not taken from `dvc metrics diff`,
     which leaves lists such as the per-fold scores out."""
-    if not (result.path.endswith("crossval.json") and result.metric.endswith("_mean")):
+    path, key = stage_figure(result)
+    if not (path == CROSSVAL_DETAILS and key.endswith("_mean")):
         return None
     texts = _both_revisions(CROSSVAL_DETAILS, base, repo_dir)
     try:
@@ -594,8 +603,7 @@ def label_agreement_evidence(result: GateResult, base: str,
                              repo_dir: str | Path) -> Evidence | None:
     """For a gate on the audit's label_agreement: both revisions' audit tables paired by
     image (`agreement_evidence`); None where either cannot be read."""
-    if not (result.path == AUDIT_METRICS
-            and result.metric.rpartition(":")[2] == AUDIT_AGREEMENT):
+    if stage_figure(result) != (AUDIT_DETAILS, AUDIT_AGREEMENT):
         return None
     texts = _both_revisions(AUDIT_LABELS, base, repo_dir)
     if texts is None:
@@ -608,9 +616,11 @@ def label_agreement_evidence(result: GateResult, base: str,
 
 
 def _evaluated_model(result: GateResult) -> str | None:
-    """`finetuned` for a gate on metrics/evaluate.json's `finetuned.*`, else None."""
-    model = result.metric.rpartition(":")[2].split(".", 1)[0]
-    return model if result.path == EVALUATE_METRICS and model in PREDICTIONS else None
+    """`finetuned` for a gate on one of the fine-tuned model's test figures (headline or
+    details), else None."""
+    path, key = stage_figure(result)
+    model = key.split(".", 1)[0]
+    return model if path == EVALUATE_DETAILS and model in PREDICTIONS else None
 
 
 def add_evidence(results: list[GateResult], base: str, repo_dir: str | Path
@@ -724,8 +734,8 @@ def _evidence_words(r: GateResult) -> str:
     """`95% paired interval [a, b], McNemar p = 0.03`, or why the tolerance alone decides."""
     e = r.evidence
     if e is None:
-        # A gate's significance applies only where a paired test exists (evaluate.json's
-        # metrics with intervals); say so rather than let the level suggest a test ran.
+        # A gate's significance applies only where a paired test exists (a model's test
+        # figures with intervals, crossval's means, the audit's label agreement); say so rather than let the level suggest a test ran.
         return "no paired test for this metric: tolerance only" if r.significance else ""
     if not e.paired:
         return f"{e.over or 'test sets differ'}: tolerance only"

@@ -159,7 +159,7 @@ def demo(argv: list[str] | None = None) -> int:
     run([sys.executable, "-m", "dvc", "repro"], workspace)
     figures = (workspace / "reports" / "figures").resolve()
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
-    print(f"metrics: {(workspace / 'metrics' / 'evaluate.json').resolve()}")
+    print(f"metrics: {(workspace / 'metrics').resolve()} (`dvc metrics show` there)")
     print(f"model card: {(workspace / 'models' / 'model_card.md').resolve()}")
     print(f"figures: {figures}")
     for png in sorted(figures.glob("*.png")):
