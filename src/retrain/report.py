@@ -8,9 +8,9 @@ The Markdown it writes is meant for a pull-request comment (`cml comment create`
 
 A test metric is noisy (retrain.uncertainty), so a fixed tolerance alone fails on noise and
 misses real drops hidden in it. When both revisions predicted the same test images (matched by
-content: the sha256 evaluate writes beside each path), each gated test
-figure of a model (metrics/models/<model>.json) also gets a paired comparison on those files:
-the difference with its paired bootstrap interval and, for accuracy, McNemar's exact test. A gate with a
+content: the sha256 evaluate writes beside each path), each gated test figure of a model
+(metrics/models/<model>.json) also gets a paired comparison on those files: the difference
+with its paired bootstrap interval and, for accuracy, McNemar's exact test. A gate with a
 `significance` level then fails only when the drop exceeds its tolerance *and* the paired
 test calls it real at that level; without a shared test set the tolerance alone decides.
 Two default gates weigh more than the test images: crossval's mean (the folds of both
@@ -735,7 +735,8 @@ def _evidence_words(r: GateResult) -> str:
     e = r.evidence
     if e is None:
         # A gate's significance applies only where a paired test exists (a model's test
-        # figures with intervals, crossval's means, the audit's label agreement); say so rather than let the level suggest a test ran.
+        # figures with intervals, crossval's means, the audit's label agreement); say so
+        # rather than let the level suggest a test ran.
         return "no paired test for this metric: tolerance only" if r.significance else ""
     if not e.paired:
         return f"{e.over or 'test sets differ'}: tolerance only"
