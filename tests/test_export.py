@@ -313,7 +313,8 @@ def shipped(trained, exported, tmp_path_factory):
                       "image_size": SIZE},
         data_sha256="ab" * 32, split_sizes={"train": 20, "val": 8, "test": 8},
         evaluate={"finetuned": {"test_accuracy": 0.9, "macro_f1": 0.88, "per_class": {},
-                                "test_accuracy_ci95": [0.8, 0.97]}},
+                                "test_accuracy_ci95": [0.8, 0.97],
+                                "leak_free_test_accuracy_ci95": [0.8, 0.97]}},
         export={"int8": {"accuracy": 0.9, "agreement": 1.0, "size_bytes": 1000,
                          "latency_ms": 0.1, "macro_f1": 0.8, "max_prob_diff": 0.01}},
         files=files)

@@ -32,7 +32,7 @@ LOADING = ("model.keras needs the retrain package: its preprocessing is a retrai
            "(retrain.base.Preprocess); `import retrain.base` before keras.models.load_model. "
            "serving/ (TensorFlow) and the .tflite files (LiteRT) need no retrain")
 # Test metrics copied from evaluate's `finetuned` figures (reports/details/evaluate.json),
-# plus any `*_ci95`.
+# each with its `*_ci95` where evaluate gives one (never an interval without its figure).
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
 FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
                   "size_bytes", "latency_ms", "float_layers", "images", "test_images",
@@ -109,7 +109,7 @@ def build_card(*, classes: list[str], model_params: dict, data_sha256: str,
                     "audit": _audit(audit)},
         "training": training,
         "test_metrics": {key: value for key, value in finetuned.items()
-                         if key in TEST_METRICS or key.endswith("_ci95")},
+                         if key.removesuffix("_ci95") in TEST_METRICS},
         "replicates": _replicates(finetuned.get("replicates")),
         "formats": {name: {key: entry[key] for key in FORMAT_COLUMNS if key in entry}
                     for name, entry in export.items()},
