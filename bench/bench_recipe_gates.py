@@ -63,12 +63,13 @@ def default_params() -> dict:
     return load_params(REPO / "params.yaml", check_model=False)
 
 
-def stage_figure(gate: dict) -> tuple[str, str]:
-    """(details file, dotted key) of the stage figure a default gate's headline figure
-    copies (retrain.headline.source)."""
-    from retrain.headline import source
+def gate_figure(gate: dict) -> tuple[str, str]:
+    """(file, dotted key) of the stage figure a default gate reads, as `report` resolves it
+    (retrain.report.stage_figure): a headline figure's details source, else the name."""
+    from retrain.headline import copied_from
 
-    return source(*gate["metric"].rsplit(":", 1))
+    path, _, key = gate["metric"].rpartition(":")
+    return copied_from(path, key) or (path, key)
 
 
 # `report`'s default gates, as params.yaml holds them: on the fine-tuned model's test
@@ -76,9 +77,9 @@ def stage_figure(gate: dict) -> tuple[str, str]:
 # audit's label agreement.
 DEFAULT_GATES = default_params()["report"]["gates"]
 FINETUNED_GATES = [g for g in DEFAULT_GATES
-                   if stage_figure(g)[1].startswith("finetuned.")]
-CROSSVAL_GATES = [g for g in DEFAULT_GATES if stage_figure(g)[0].endswith("/crossval.json")]
-AUDIT_GATES = [g for g in DEFAULT_GATES if stage_figure(g)[0].endswith("/audit.json")]
+                   if gate_figure(g)[1].startswith("finetuned.")]
+CROSSVAL_GATES = [g for g in DEFAULT_GATES if gate_figure(g)[0].endswith("/crossval.json")]
+AUDIT_GATES = [g for g in DEFAULT_GATES if gate_figure(g)[0].endswith("/audit.json")]
 REGRESSIONS = {"lr_factor_10": {"lr_factor": 10.0},
                "labels_shuffled_20pc": {"shuffle": 0.2},
                "labels_shuffled_50pc": {"shuffle": 0.5},
@@ -269,7 +270,7 @@ def verdicts(labels, base, new, level, replicates):
     sets = TestSets("finetuned", *tables, shared=len(labels))
     out = {}
     for gate in FINETUNED_GATES:
-        metric = stage_figure(gate)[1].split(".")[1]
+        metric = gate_figure(gate)[1].split(".")[1]
 
         def value(predicted, metric=metric):
             return float(METRICS[metric](confusion_counts(labels, predicted, len(classes))))
@@ -307,7 +308,7 @@ def crossval_verdicts(base: dict, new: dict) -> dict:
 
     out = {}
     for gate in CROSSVAL_GATES:
-        key = stage_figure(gate)[1]
+        key = gate_figure(gate)[1]
         result = GateResult(gate["metric"], gate["metric"].rpartition(":")[0], gate["direction"],
                             gate["tolerance"], base[key], new[key], gate["significance"])
         out[gate["metric"]] = replace(result, evidence=fold_evidence(result, base, new)).status

@@ -11,7 +11,7 @@ import pandas as pd
 
 from retrain.atomic import atomic_path, write_json
 from retrain.errors import exits_cleanly
-from retrain.headline import AUDIT_ROWS, audit_rows, turned_off, write_rows
+from retrain.headline import AUDIT_ROWS, OFF, audit_rows, off_rows, write_rows
 from retrain.params import load_params
 from retrain.raw import ensure_raw
 
@@ -79,8 +79,8 @@ def main() -> None:
         for name, frame in empty.items():
             write_table(frame, out / f"{name}.csv")
         draw_galleries(args.raw, empty, settings["gallery_size"], out)
-        write_json(args.details, {"enabled": False})
-        write_rows(args.metrics, turned_off(AUDIT_ROWS))
+        write_json(args.details, OFF)
+        write_rows(args.metrics, off_rows(AUDIT_ROWS))
         print("audit: off (audit.enabled is false)")
         return
 

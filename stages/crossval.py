@@ -8,7 +8,7 @@ import numpy as np
 
 from retrain.atomic import write_json
 from retrain.errors import exits_cleanly
-from retrain.headline import crossval_row
+from retrain.headline import OFF, crossval_row
 from retrain.manifests import load_split_arrays, read_classes, read_split
 from retrain.params import load_params
 
@@ -18,15 +18,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--features", required=True)
     parser.add_argument("--manifests", required=True)
-    parser.add_argument("--metrics", required=True, help="mean and sd (JSON; what DVC shows)")
+    parser.add_argument("--metrics", required=True, help="the headline row: accuracy and macro F1 "
+                        "means over the folds, accuracy's sd (JSON; what DVC shows)")
     parser.add_argument("--details", required=True, help="every figure, per fold (JSON)")
     args = parser.parse_args()
     params = load_params()
     crossval = params["crossval"]
     if not crossval["folds"] or not crossval["repeats"]:
         # The output stays declared, and says why it holds no figures.
-        write_json(args.details, {"enabled": False, **crossval})
-        write_json(args.metrics, {"enabled": False})
+        write_json(args.details, {**OFF, **crossval})
+        write_json(args.metrics, OFF)
         print("crossval: off (crossval.folds or crossval.repeats is 0)")
         return
     classes = read_classes(args.manifests)

@@ -48,12 +48,12 @@ def evaluate_details(classes: int, rows: int = 200, replicates: int = 1, seed: i
 
 
 def copies_its_source(path: str, row: dict, details: dict, stage: str) -> None:
-    """Each column of a headline row is the figure of `stage`'s details `headline.source`
-    names for it."""
+    """Each column of a headline row is the figure of `stage`'s details
+    `headline.copied_from` names for it."""
     for column, value in row.items():
-        file, dotted = headline.source(path, column)
+        file, dotted = headline.copied_from(path, column)
         assert file == f"reports/details/{stage}.json"
-        assert headline._figure(details, dotted) == value, (path, column)
+        assert headline.figure(details, dotted) == value, (path, column)
 
 
 @pytest.mark.parametrize("classes", [3, 40])
@@ -88,9 +88,9 @@ def test_format_crossval_and_audit_rows_copy_their_stage_figures():
     row = headline.format_rows(export)["int8"]
     assert row == {"accuracy": 0.8, "macro_f1": 0.79, "agreement": 0.97, "size_mb": 0.72852,
                    "latency_ms": 0.67}
-    assert headline.source("metrics/export/int8.json", "agreement") == (
+    assert headline.copied_from("metrics/export/int8.json", "agreement") == (
         "reports/details/export.json", "int8.agreement")
-    assert headline.source("metrics/export/int8.json", "size_mb") is None  # other units
+    assert headline.copied_from("metrics/export/int8.json", "size_mb") is None  # other units
 
     crossval = {"val_accuracy_mean": 0.7, "val_accuracy_sd": 0.05, "macro_f1_mean": 0.68,
                 "per_fold": {"val_accuracy": [0.7, 0.7]}, "folds": 2}
@@ -107,7 +107,7 @@ def test_format_crossval_and_audit_rows_copy_their_stage_figures():
                     "outliers": {"images": 5}}
     for name, row in rows.items():
         copies_its_source(f"metrics/audit/{name}.json", row, counts, "audit")
-    assert headline.source("metrics/audit/outliers.json", "agreement") is None
+    assert headline.copied_from("metrics/audit/outliers.json", "agreement") is None
 
 
 def test_data_rows_count_images_included_and_excluded():
@@ -129,26 +129,86 @@ def test_write_rows_replaces_the_folder_whole(tmp_path):
 
 
 def test_a_gate_finds_a_figure_in_the_details_but_prefers_the_headline():
-    shown = {"metrics/models/finetuned.json": {"accuracy": {"old": 0.9, "new": 0.8}}}
+    shown = {"metrics/models/finetuned.json": {"accuracy": {"old": 0.9, "new": 0.8}},
+             "metrics/audit/outliers.json": {"images": {"old": 2, "new": 2}}}
     details = {"reports/details/evaluate.json": {
         "finetuned.test_accuracy": {"old": 0.9, "new": 0.8},
-        "finetuned.per_class.roses.recall": {"old": 0.9, "new": 0.5}}}
+        "finetuned.per_class.roses.recall": {"old": 0.9, "new": 0.5}},
+        "reports/details/audit.json": {"images": {"old": 200, "new": 100}}}
     gates = [{"metric": name, "direction": "higher", "tolerance": 0.01}
              for name in ("metrics/models/finetuned.json:accuracy", "finetuned.test_accuracy",
-                          "finetuned.per_class.roses.recall")]
+                          "finetuned.per_class.roses.recall", "images")]
     results = check_gates(shown, gates, "main", details)
     assert [(r.metric, r.path, r.status) for r in results] == [
         ("metrics/models/finetuned.json:accuracy", "metrics/models/finetuned.json",
          "regression"),
         ("finetuned.test_accuracy", "reports/details/evaluate.json", "regression"),
-        ("finetuned.per_class.roses.recall", "reports/details/evaluate.json", "regression")]
+        ("finetuned.per_class.roses.recall", "reports/details/evaluate.json", "regression"),
+        # in both: only the headline's is gated
+        ("images", "metrics/audit/outliers.json", "pass")]
+
+
+def test_a_gate_on_a_headline_figure_the_base_lacks_compares_its_stage_figure():
+    """A base written before the headline held the figure (another layout) still has the
+    stage figure it copies: the gate compares that, not "new"."""
+    shown = {"metrics/models/finetuned.json": {"accuracy": {"old": None, "new": 0.8}}}
+    details = {"reports/details/evaluate.json": {
+        "finetuned.test_accuracy": {"old": 0.9, "new": 0.8}}}
+    gate = {"metric": "metrics/models/finetuned.json:accuracy", "direction": "higher",
+            "tolerance": 0.01}
+    [result] = check_gates(shown, [gate], "main", details)
+    assert (result.old, result.new, result.status) == (0.9, 0.8, "regression")
+    [alone] = check_gates(shown, [gate], "main", {})
+    assert alone.status == "new"
+
+
+@pytest.mark.parametrize("name, path, figure", [
+    ("metrics/models/finetuned.json:accuracy", "metrics/models/finetuned.json",
+     ("reports/details/evaluate.json", "finetuned.test_accuracy")),
+    ("finetuned.macro_f1", "reports/details/evaluate.json",
+     ("reports/details/evaluate.json", "finetuned.macro_f1")),
+    ("metrics/crossval.json:accuracy", "metrics/crossval.json",
+     ("reports/details/crossval.json", "val_accuracy_mean")),
+    ("reports/details/crossval.json:macro_f1_mean", "reports/details/crossval.json",
+     ("reports/details/crossval.json", "macro_f1_mean")),
+    ("label_agreement", "reports/details/audit.json",
+     ("reports/details/audit.json", "label_agreement")),
+    ("metrics/audit/label_issues.json:agreement", "metrics/audit/label_issues.json",
+     ("reports/details/audit.json", "label_agreement")),
+    ("metrics/export/int8.json:size_mb", "metrics/export/int8.json",
+     ("metrics/export/int8.json", "size_mb")),
+])
+def test_a_gate_named_by_the_headline_or_the_details_reaches_the_same_paired_test(
+        name, path, figure):
+    from retrain.report import GateResult, _evaluated_model, stage_figure
+
+    result = GateResult(name, path, "higher", 0.01, 0.9, 0.8)
+    assert stage_figure(result) == figure
+    assert _evaluated_model(result) == (
+        "finetuned" if figure[0].endswith("evaluate.json") else None)
+
+
+@pytest.mark.parametrize("name", ["metrics/audit/label_issues.json:agreement",
+                                  "reports/details/audit.json:label_agreement"])
+def test_a_gate_naming_its_file_reads_the_stage_as_off_in_either_file(name):
+    shown = {"metrics/audit/label_issues.json": {"enabled": {"old": False, "new": False}}}
+    details = {"reports/details/audit.json": {"enabled": {"old": False, "new": False}}}
+    gate = {"metric": name, "direction": "higher", "tolerance": 0.01}
+    [result] = check_gates(shown, [gate], "main", details)
+    assert result.status == "off"
+    shown["metrics/audit/label_issues.json"] = {"enabled": {"old": None, "new": False},
+                                                "agreement": {"old": 0.8, "new": None}}
+    details["reports/details/audit.json"] = {"enabled": {"old": True, "new": False},
+                                             "label_agreement": {"old": 0.8, "new": None}}
+    [result] = check_gates(shown, [gate], "main", details)
+    assert result.status == "turned off" and result.old == 0.8
 
 
 def test_every_default_gate_names_a_headline_figure_copied_from_a_stage_figure():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for gate in params["report"]["gates"]:
         path, _, column = gate["metric"].rpartition(":")
-        assert headline.source(path, column) is not None, gate["metric"]
+        assert headline.copied_from(path, column) is not None, gate["metric"]
 
 
 def widest_rows() -> dict[str, dict]:
@@ -210,19 +270,19 @@ def test_dvc_shows_the_headline_and_the_details_hold_the_rest(pipeline_run):
                          *(f"metrics/audit/{name}.json" for name in headline.AUDIT_ROWS)}
     assert set(rows["metrics/models/finetuned.json"]) == MODEL_COLUMNS
     columns = set().union(*rows.values())
-    assert len(columns) <= 12, columns
+    assert columns <= headline.COLUMNS and len(headline.COLUMNS) == 11, columns
 
     # Every headline figure is a copy of its stage's figure.
     for path, row in rows.items():
         if path.startswith(headline.DATA):
             continue
         for column, value in row.items():
-            source = headline.source(path, column)
+            source = headline.copied_from(path, column)
             if source is None:  # a figure in other units
-                assert column in headline.UNITS
+                assert column in headline.SCALE
                 continue
             details = json.loads((ws / source[0]).read_text())
-            assert headline._figure(details, source[1]) == value, (path, column)
+            assert headline.figure(details, source[1]) == value, (path, column)
     data = json.loads((ws / "reports" / "details" / "data.json").read_text())
     assert {f"{headline.DATA}/{name}.json": row for name, row in
             headline.data_rows(data).items()} == {p: r for p, r in rows.items()

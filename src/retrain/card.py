@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 from retrain.errors import UserError
-from retrain.headline import replicate_spread
 
 CARD_NAME = "model_card.json"
 # How `retrain.images.load_image` turns a file into the model's input (and what the
@@ -148,11 +147,12 @@ def _audit_markdown(audit: dict | None) -> list[str]:
 
 def _replicates(spread: dict | None) -> dict | None:
     """With more than one fine-tuning replicate: their seeds and test accuracy's mean and sd.
-    The files describe replicate 0 (finetune writes, exports and serves it)."""
-    shown = replicate_spread(spread)
-    if shown is None:
+    The files describe replicate 0 (finetune writes, exports and serves it). None for one
+    replicate (no spread, and a mean that is test_accuracy again)."""
+    if not spread or spread.get("count", 1) < 2:
         return None
-    return {**shown, "seeds": [row["seed"] for row in spread["per_replicate"]]}
+    return {**{key: spread[key] for key in ("count", "test_accuracy_mean", "test_accuracy_sd")},
+            "seeds": [row["seed"] for row in spread["per_replicate"]]}
 
 
 def recommend_format(formats: dict[str, dict]) -> dict:

@@ -24,6 +24,13 @@ from pathlib import Path, PurePosixPath
 from retrain.atomic import atomic_path
 
 DETAILS = "reports/details"
+
+
+def details_file(stage: str) -> str:
+    """The stage's details file: every figure it measured."""
+    return f"{DETAILS}/{stage}.json"
+
+
 # The headline's folders and file (dvc.yaml passes the same paths to the stages).
 DATA = "metrics/data"  # split: included.json, excluded.json
 CROSSVAL = "metrics/crossval.json"
@@ -61,11 +68,17 @@ AUDIT_ROWS = {
     "test_leaks": {"images": "leaked_test_images"},  # test images with a twin in train or val
     "outliers": {"images": "outliers"},
 }
-# Columns shown in other units than the figure they copy.
-UNITS = {"size_mb": 1e-6}
+DATA_COLUMNS = ("images", "classes")  # split's sums (data_rows)
+# Every column of the headline (README, "What you get"); `enabled` joins them when a stage
+# is off.
+COLUMNS = frozenset().union(MODEL_COLUMNS, FORMAT_COLUMNS, CROSSVAL_COLUMNS, DATA_COLUMNS,
+                            *AUDIT_ROWS.values())
+# Columns shown in other units than the figure they copy: the factor applied.
+SCALE = {"size_mb": 1e-6}
 
 
-def _figure(figures: dict, dotted: str):
+def figure(figures: dict, dotted: str):
+    """The value at the dotted key of nested `figures`, or None."""
     node = figures
     for key in dotted.split("."):
         if not isinstance(node, dict):
@@ -79,9 +92,9 @@ def _row(figures: dict, columns: dict[str, str]) -> dict:
     as None, makes no column)."""
     row = {}
     for column, dotted in columns.items():
-        value = _figure(figures, dotted)
+        value = figure(figures, dotted)
         if value is not None:
-            row[column] = round(value * UNITS[column], 6) if column in UNITS else value
+            row[column] = round(value * SCALE[column], 6) if column in SCALE else value
     return row
 
 
@@ -110,10 +123,13 @@ def data_rows(figures: dict) -> dict[str, dict]:
             "excluded": {"images": figures["excluded"]["total"]}}
 
 
-def turned_off(names) -> dict[str, dict]:
-    """Rows of a stage turned off by its params: each says so, and a gate naming one of its
-    figures reads it as off (`report`)."""
-    return {name: {"enabled": False} for name in names}
+# What a stage turned off by its params writes in each of its rows (and its details): a gate
+# naming one of its figures reads it as off (`report`).
+OFF = {"enabled": False}
+
+
+def off_rows(names) -> dict[str, dict]:
+    return {name: dict(OFF) for name in names}
 
 
 def write_rows(folder: str | Path, rows: dict[str, dict]) -> None:
@@ -123,26 +139,20 @@ def write_rows(folder: str | Path, rows: dict[str, dict]) -> None:
             (tmp / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
 
 
-def replicate_spread(replicates: dict | None) -> dict | None:
-    """The spread people compare from evaluate's replicate figures: count and test accuracy's
-    mean and sd; None for one replicate (no spread, and a mean that is test_accuracy again)."""
-    if not replicates or replicates.get("count", 1) < 2:
-        return None
-    return {key: replicates[key] for key in ("count", "test_accuracy_mean", "test_accuracy_sd")}
-
-
-def source(path: str, column: str) -> tuple[str, str] | None:
-    """The stage figure a headline figure copies, as (details file, dotted key), e.g.
-    `metrics/models/finetuned.json`, `accuracy` -> `reports/details/evaluate.json`,
-    `finetuned.test_accuracy`; None for a figure that is not in the headline."""
+def copied_from(path: str, column: str) -> tuple[str, str] | None:
+    """The stage figure a headline figure copies as it is, as (details file, dotted key),
+    e.g. `metrics/models/finetuned.json`, `accuracy` -> `reports/details/evaluate.json`,
+    `finetuned.test_accuracy`. None for a figure that is not in the headline, and for the
+    few headline figures that are not a copy of one stage figure: `size_mb` (other units)
+    and the data rows (`split`'s sums)."""
     path = PurePosixPath(path)
     folder, name = path.parent.as_posix(), path.stem
     if path.as_posix() == CROSSVAL and column in CROSSVAL_COLUMNS:
-        return f"{DETAILS}/crossval.json", CROSSVAL_COLUMNS[column]
+        return details_file("crossval"), CROSSVAL_COLUMNS[column]
     if folder == MODELS and column in MODEL_COLUMNS:
-        return f"{DETAILS}/evaluate.json", f"{name}.{MODEL_COLUMNS[column]}"
-    if folder == EXPORT and column in FORMAT_COLUMNS and column not in UNITS:
-        return f"{DETAILS}/export.json", f"{name}.{FORMAT_COLUMNS[column]}"
+        return details_file("evaluate"), f"{name}.{MODEL_COLUMNS[column]}"
+    if folder == EXPORT and column in FORMAT_COLUMNS and column not in SCALE:
+        return details_file("export"), f"{name}.{FORMAT_COLUMNS[column]}"
     if folder == AUDIT and column in AUDIT_ROWS.get(name, {}):
-        return f"{DETAILS}/audit.json", AUDIT_ROWS[name][column]
+        return details_file("audit"), AUDIT_ROWS[name][column]
     return None

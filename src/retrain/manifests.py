@@ -508,7 +508,7 @@ def near_duplicate_keys(rows: list[dict], max_bits: int) -> dict[str, str]:
 
 def data_metrics(manifests: Manifests) -> dict:
     """Images per class per split and exclusion counts, for reports/details/data.json
-    (retrain.headline.data_headline sums them up for metrics/data.json)."""
+    (retrain.headline.data_rows sums them up for metrics/data/)."""
     per_split = {}
     for name, frame in manifests.splits.items():
         counts = frame["label"].value_counts()

@@ -62,16 +62,17 @@ class ReportError(UserError):
 # (retrain.headline): a gate may name a figure DVC does not show, e.g. a class's recall.
 DETAILS = headline.DETAILS
 # evaluate's figures, and each model's per-image predictions by its key in them.
-EVALUATE_DETAILS = f"{DETAILS}/evaluate.json"
+EVALUATE_DETAILS = headline.details_file("evaluate")
 PREDICTIONS = {"finetuned": "reports/predictions.csv", "head": "reports/predictions_head.csv"}
 # Fine-tuning replicate k >= 1's predicted class in the predictions CSV (retrain.evaluate).
 REPLICATE_COLUMN = "predicted_replicate_{}"
-# crossval's per-fold scores, paired by fold for a gate on `<score>_mean` (metrics/crossval).
-CROSSVAL_DETAILS = f"{DETAILS}/crossval.json"
+# crossval's per-fold scores, paired by fold for a gate on one of its `<score>_mean` figures
+# (or their headline copies: metrics/crossval.json's `accuracy` is `val_accuracy_mean`).
+CROSSVAL_DETAILS = headline.details_file("crossval")
 # The audit's label_agreement, and its per-image table (each image's label and the class a
 # classifier that never saw it predicts), paired by image for a gate on it.
-AUDIT_DETAILS = f"{DETAILS}/audit.json"
-AUDIT_AGREEMENT = "label_agreement"
+AUDIT_DETAILS = headline.details_file("audit")
+AUDIT_AGREEMENT = headline.AUDIT_ROWS["label_issues"]["agreement"]
 AUDIT_LABELS = "reports/audit/label_issues.csv"
 
 
@@ -288,11 +289,23 @@ def _present(metrics: dict[str, dict], metric: str) -> list[tuple[str, dict]]:
             if entry.get("old") is not None or entry.get("new") is not None]
 
 
-def _turned_off(metrics: dict[str, dict], metric: str) -> bool:
-    """Whether a gate naming its file (`file:key`) finds that file saying its stage is off
-    in the workspace (`{"enabled": false}`, as crossval and audit write when turned off)."""
+def _turned_off(diffs: dict[str, dict], metric: str) -> bool:
+    """Whether a gate naming its file (`file:key`, a headline or a details file) finds that
+    file saying its stage is off in the workspace (`{"enabled": false}`, as crossval and
+    audit write in each of their files when turned off)."""
     path, sep, _ = metric.rpartition(":")
-    return bool(sep) and (metrics.get(path, {}).get("enabled") or {}).get("new") is False
+    return bool(sep) and (diffs.get(path, {}).get("enabled") or {}).get("new") is False
+
+
+def _with_base_from_details(path: str, key: str, entry: dict,
+                            details: dict[str, dict]) -> dict:
+    """A headline figure the base does not have (written before the headline held it, in
+    another layout) takes the base's value of the stage figure it copies, so that the gate
+    still compares the two revisions."""
+    source = headline.copied_from(path, key)
+    if entry.get("old") is not None or source is None:
+        return entry
+    return {**entry, "old": (details.get(source[0], {}).get(source[1]) or {}).get("old")}
 
 
 def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
@@ -300,17 +313,21 @@ def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
     """Evaluate each gate against `dvc metrics diff --all --json` output: the metrics files
     DVC shows, then, for a metric none of them holds, `details` (the same diff over the
     stages' details files)."""
+    details = details or {}
+    both = {**details, **metrics}
     results = []
     for gate in gates:
         name = gate["metric"]
-        if _turned_off(metrics, name):
+        if _turned_off(both, name):
             path, _, key = name.rpartition(":")
-            old = (metrics.get(path, {}).get(key) or {}).get("old")
+            old = (both.get(path, {}).get(key) or {}).get("old")
             results.append(GateResult(name, path, gate["direction"], float(gate["tolerance"]),
                                       _number(old, name), None, gate.get("significance"),
                                       level=gate.get("level", "recipe"), off=True))
             continue
-        found = _present(metrics, name) or _present(details or {}, name)
+        found = ([(path, _with_base_from_details(path, name.rpartition(":")[2], entry, details))
+                  for path, entry in _present(metrics, name)]
+                 or _present(details, name))
         if not found:
             raise ReportError(f"gated metric {name}: found neither in {base} nor in the workspace")
         for path, entry in found:
@@ -445,11 +462,13 @@ def _class_indices(*columns: pd.Series) -> list[np.ndarray]:
 
 def stage_figure(result: GateResult) -> tuple[str, str]:
     """The stage figure a gate read, as (details file, dotted key): a headline figure is a
-    copy of one (retrain.headline.source), a details figure is itself."""
+    copy of one (retrain.headline.copied_from), a details figure is itself. A headline
+    figure that copies none (`size_mb`, the data rows) stays (its metrics file, key): no
+    paired test reads those."""
     key = result.metric.rpartition(":")[2]
     if result.path.startswith(DETAILS + "/"):
         return result.path, key
-    return headline.source(result.path, key) or (result.path, key)
+    return headline.copied_from(result.path, key) or (result.path, key)
 
 
 def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:

@@ -78,7 +78,7 @@ def balanced_accuracy_of(counts: np.ndarray) -> np.ndarray:
     return np.nanmean(recall, axis=-1)
 
 
-# The metrics with intervals, by their name in metrics/evaluate.json.
+# The metrics with intervals, by their name in reports/details/evaluate.json.
 METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "test_accuracy": accuracy_of,
     "macro_f1": macro_f1_of,
