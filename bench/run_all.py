@@ -1,4 +1,6 @@
 """Run every benchmark and write bench/results.md: the machine, the date, every figure.
+Sections of an existing results file that these benchmarks do not write (those of the
+benchmarks run on their own) are kept, after the ones written.
 
     python bench/run_all.py            # full sizes (tens of minutes on 2 CPU cores)
     python bench/run_all.py --quick    # small sizes, a smoke run of every benchmark
@@ -80,6 +82,36 @@ def run_benchmark(name: str, module, args) -> tuple[dict | None, str]:
     return results, module.markdown(results)
 
 
+def sections_of(text: str) -> list[str]:
+    """A Markdown file cut at its `## ` headings (each piece keeps its `###` subsections)."""
+    pieces, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## ") and current:
+            pieces.append("".join(current))
+            current = []
+        current.append(line)
+    if current:
+        pieces.append("".join(current))
+    return [piece for piece in pieces if piece.startswith("## ")]
+
+
+def heading(section: str) -> str:
+    return section.splitlines()[0].strip()
+
+
+# Sections run_all writes afresh every time; every other `## ` section of an existing
+# results file (the benchmarks run on their own: audit, recipe gates, scale, ...) is kept.
+OWN_HEADINGS = ("## Goals", "## Reading these numbers")
+
+
+def kept_sections(old_text: str, new_sections: list[str]) -> list[str]:
+    """The existing file's sections that this run does not write, in their order: what
+    other benchmark scripts recorded there is not lost when run_all rewrites the file."""
+    written = {heading(section) for section in new_sections} | set(OWN_HEADINGS)
+    return [section.rstrip("\n") + "\n" for section in sections_of(old_text)
+            if heading(section) not in written]
+
+
 def goals_table(results: dict) -> str:
     ext, mem, pipe = (results.get(k) for k in ("extraction", "memory", "pipeline"))
 
@@ -140,7 +172,8 @@ def main(argv=None) -> int:
         "",
         goals_table(results),
     ]
-    text = "\n".join(header) + "\n" + "\n".join(sections) + "\n" + READING
+    kept = kept_sections(args.out.read_text() if args.out.exists() else "", sections)
+    text = "\n".join(header) + "\n" + "\n".join(sections + kept) + "\n" + READING
     tmp = args.out.with_name(f".tmp-{args.out.name}")
     tmp.write_text(text)
     tmp.replace(args.out)
