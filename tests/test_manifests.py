@@ -6,6 +6,8 @@ import sys
 import pytest
 import yaml
 from conftest import REPO
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retrain.errors import DataError, ParamsError
 from retrain.manifests import (
@@ -426,3 +428,41 @@ def test_a_near_duplicate_group_across_two_classes_splits_per_class(class_tree):
                                     group_near_duplicates=True)
         for frame in manifests.splits.values():
             assert set(frame["label"]) == set(manifests.classes)
+
+
+# --- near-duplicate keys: the Hamming radius graph by pigeonhole, against brute force ---
+
+
+def brute_force_groups(hashes: list[int], max_bits: int) -> set[frozenset[int]]:
+    """Connected components of "at most max_bits bits apart", every pair compared."""
+    import numpy as np
+    from scipy.sparse.csgraph import connected_components
+
+    values = np.array(hashes, dtype=np.uint64)
+    near = np.bitwise_count(values[:, None] ^ values[None, :]) <= max_bits
+    _, labels = connected_components(near, directed=False)
+    return {frozenset(np.flatnonzero(labels == label).tolist()) for label in set(labels)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), max_bits=st.sampled_from([0, 1, 4, 7, 15, 16, 30]),
+       count=st.integers(2, 60))
+def test_near_duplicate_keys_group_exactly_as_every_pair_compared(seed, max_bits, count):
+    """Random hashes with planted near copies (a few bits flipped, chained, some equal):
+    the groups are those of the brute-force comparison of every pair."""
+    import numpy as np
+
+    from retrain.manifests import near_duplicate_keys
+
+    rng = np.random.default_rng(seed)
+    hashes = [int(v) for v in rng.integers(0, 2**64, count, dtype=np.uint64)]
+    for i in range(1, count, 3):  # a near copy of the previous hash: chains form
+        flipped = rng.choice(64, size=int(rng.integers(0, max_bits + 3)), replace=False)
+        hashes[i] = hashes[i - 1] ^ int(sum(1 << int(bit) for bit in flipped))
+    rows = [{"sha256": f"{i:064x}", "dhash": h} for i, h in enumerate(hashes)]
+    keys = near_duplicate_keys(rows, max_bits)
+    found = {}
+    for i in range(count):
+        found.setdefault(keys[f"{i:064x}"], set()).add(i)
+    assert {frozenset(group) for group in found.values()} == brute_force_groups(hashes, max_bits)
+    assert all(key == min(f"{i:064x}" for i in group) for key, group in found.items())
