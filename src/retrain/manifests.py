@@ -517,24 +517,34 @@ def hamming_pairs(values: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.nda
     """Index pairs (i < j) of distinct 64-bit `values` at most `max_bits` bits apart, all of
     them (exact). Pigeonhole: cut the bits into max_bits + 1 chunks, and two values that
     differ in at most max_bits bits agree on at least one chunk whole; so only values
-    sharing a chunk are compared, not every pair (a brute-force radius search took 120
-    CPU-s for 36,700 hashes, rows squared)."""
+    sharing a chunk are compared, not every pair (36,700 hashes: 0.39 CPU-s, where a search
+    over every pair took 99; bench/bench_hash_groups.py). Radii of 16 bits or more leave
+    slices too narrow to tell values apart: every pair is compared then, a block at a time."""
     chunks = max_bits + 1
-    if chunks > HASH_BITS // 4:  # chunks under 4 bits share values with most others
-        rows, cols = np.triu_indices(len(values), 1)
-        candidates = [(rows, cols)]
-    else:
-        bounds = np.linspace(0, HASH_BITS, chunks + 1).astype(int)
-        candidates = [_sharing((values >> np.uint64(low))
-                                & np.uint64((1 << (high - low)) - 1))
-                      for low, high in zip(bounds[:-1], bounds[1:], strict=True)]
-    one = np.concatenate([pair[0] for pair in candidates])
-    other = np.concatenate([pair[1] for pair in candidates])
-    pairs = np.unique(np.stack([one, other], axis=1), axis=0) if len(one) else \
-        np.empty((0, 2), dtype=np.int64)
-    differing = np.bitwise_count(values[pairs[:, 0]] ^ values[pairs[:, 1]])
-    keep = differing <= max_bits
+    if chunks > HASH_BITS // 4:  # slices under 4 bits: most values share one with most others
+        return _close_pairs_by_blocks(values, max_bits)
+    bounds = np.linspace(0, HASH_BITS, chunks + 1).astype(int)
+    candidates = [_sharing((values >> np.uint64(low)) & np.uint64((1 << (high - low)) - 1))
+                  for low, high in zip(bounds[:-1], bounds[1:], strict=True)]
+    pairs = np.unique(np.stack([np.concatenate([pair[0] for pair in candidates]),
+                                np.concatenate([pair[1] for pair in candidates])], axis=1),
+                      axis=0)
+    keep = np.bitwise_count(values[pairs[:, 0]] ^ values[pairs[:, 1]]) <= max_bits
     return pairs[keep, 0], pairs[keep, 1]
+
+
+def _close_pairs_by_blocks(values: np.ndarray, max_bits: int,
+                           block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """`hamming_pairs` by comparing every pair, a block of rows at a time (bounded memory)."""
+    ones, others = [], []
+    for start in range(0, len(values), block):
+        near = np.bitwise_count(values[start:start + block, None] ^ values[None, :]) <= max_bits
+        one, other = np.nonzero(near)
+        one += start
+        later = other > one
+        ones.append(one[later])
+        others.append(other[later])
+    return np.concatenate(ones), np.concatenate(others)
 
 
 def _sharing(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
