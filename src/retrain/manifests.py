@@ -529,8 +529,16 @@ def hamming_pairs(values: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.nda
     pairs = np.unique(np.stack([np.concatenate([pair[0] for pair in candidates]),
                                 np.concatenate([pair[1] for pair in candidates])], axis=1),
                       axis=0)
-    keep = np.bitwise_count(values[pairs[:, 0]] ^ values[pairs[:, 1]]) <= max_bits
+    keep = _bits_set(values[pairs[:, 0]] ^ values[pairs[:, 1]]) <= max_bits
     return pairs[keep, 0], pairs[keep, 1]
+
+
+def _bits_set(words: np.ndarray) -> np.ndarray:
+    """How many bits are set in each uint64 (numpy >= 2 counts them natively)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words)
+    bytes_ = np.ascontiguousarray(words).view(np.uint8).reshape(*words.shape, 8)
+    return np.unpackbits(bytes_, axis=-1).sum(axis=-1)
 
 
 def _close_pairs_by_blocks(values: np.ndarray, max_bits: int,
@@ -538,7 +546,7 @@ def _close_pairs_by_blocks(values: np.ndarray, max_bits: int,
     """`hamming_pairs` by comparing every pair, a block of rows at a time (bounded memory)."""
     ones, others = [], []
     for start in range(0, len(values), block):
-        near = np.bitwise_count(values[start:start + block, None] ^ values[None, :]) <= max_bits
+        near = _bits_set(values[start:start + block, None] ^ values[None, :]) <= max_bits
         one, other = np.nonzero(near)
         one += start
         later = other > one
