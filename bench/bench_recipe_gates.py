@@ -64,12 +64,16 @@ def default_params() -> dict:
 
 
 def gate_figure(gate: dict) -> tuple[str, str]:
-    """(file, dotted key) of the stage figure a default gate reads, as `report` resolves it
-    (retrain.report.stage_figure): a headline figure's details source, else the name."""
-    from retrain.headline import copied_from
+    """(file, dotted key) of the stage figure a default gate reads, as `report` resolves it."""
+    from retrain.headline import stage_figure
 
+    return stage_figure(*gate_file_and_key(gate))
+
+
+def gate_file_and_key(gate: dict) -> tuple[str, str]:
+    """A `file:key` gate's metrics file and key."""
     path, _, key = gate["metric"].rpartition(":")
-    return copied_from(path, key) or (path, key)
+    return path, key
 
 
 # `report`'s default gates, as params.yaml holds them: on the fine-tuned model's test
@@ -275,7 +279,7 @@ def verdicts(labels, base, new, level, replicates):
         def value(predicted, metric=metric):
             return float(METRICS[metric](confusion_counts(labels, predicted, len(classes))))
 
-        result = GateResult(gate["metric"], gate["metric"].rpartition(":")[0], "higher",
+        result = GateResult(gate["metric"], gate_file_and_key(gate)[0], "higher",
                             gate["tolerance"], value(base[0]), value(new[0]),
                             gate["significance"], level=level)
         out[gate["metric"]] = replace(result, evidence=gather_evidence(result, sets)).status
@@ -309,7 +313,7 @@ def crossval_verdicts(base: dict, new: dict) -> dict:
     out = {}
     for gate in CROSSVAL_GATES:
         key = gate_figure(gate)[1]
-        result = GateResult(gate["metric"], gate["metric"].rpartition(":")[0], gate["direction"],
+        result = GateResult(gate["metric"], gate_file_and_key(gate)[0], gate["direction"],
                             gate["tolerance"], base[key], new[key], gate["significance"])
         out[gate["metric"]] = replace(result, evidence=fold_evidence(result, base, new)).status
     return out
@@ -346,7 +350,7 @@ def audit_verdicts(base, new) -> dict:
 
     out = {}
     for gate in AUDIT_GATES:
-        result = GateResult(gate["metric"], gate["metric"].rpartition(":")[0], gate["direction"],
+        result = GateResult(gate["metric"], gate_file_and_key(gate)[0], gate["direction"],
                             gate["tolerance"],
                             float(base["agrees"].mean()), float(new["agrees"].mean()),
                             gate["significance"])

@@ -56,9 +56,10 @@ def main() -> None:
     raw = Path(args.raw)
     # Agreement with Keras needs no labels: any image the model did not train on counts.
     held_out = measured_rows(val, test, export["held_out_images"])
+    held_out_total = len(val) + len(test)
     measured_on = f"{len(held_out)} held-out images" + (
-        f" (of {len(val) + len(test)}: those whose sha256 sorts first)"
-        if len(held_out) < len(val) + len(test) else "")
+        f" (of {held_out_total}: those whose sha256 sorts first)"
+        if len(held_out) < held_out_total else "")
     model = keras.models.load_model(args.model)
     calibration = representative_rows(train, export["representative_images"], seed)
     representative = np.stack([load_image(raw / p, size) for p in calibration["path"]])
@@ -79,7 +80,7 @@ def main() -> None:
             results[name] = measure(path, images, labels, classes, keras_probabilities,
                                     test_rows)
             results[name]["latency_ms"] = float(np.median(latencies[name]))
-            results[name]["held_out_images"] = len(val) + len(test)
+            results[name]["held_out_images"] = held_out_total
             print(f"export: {name} {path.name}: agreement {results[name]['agreement']:.4f} "
                   f"on {measured_on}, "
                   f"accuracy {results[name]['accuracy']:.4f}, "

@@ -438,8 +438,10 @@ def brute_force_groups(hashes: list[int], max_bits: int) -> set[frozenset[int]]:
     import numpy as np
     from scipy.sparse.csgraph import connected_components
 
+    from retrain.manifests import _bits_set
+
     values = np.array(hashes, dtype=np.uint64)
-    near = np.bitwise_count(values[:, None] ^ values[None, :]) <= max_bits
+    near = _bits_set(values[:, None] ^ values[None, :]) <= max_bits
     _, labels = connected_components(near, directed=False)
     return {frozenset(np.flatnonzero(labels == label).tolist()) for label in set(labels)}
 
@@ -450,15 +452,12 @@ def brute_force_groups(hashes: list[int], max_bits: int) -> set[frozenset[int]]:
 def test_near_duplicate_keys_group_exactly_as_every_pair_compared(seed, max_bits, count):
     """Random hashes with planted near copies (a few bits flipped, chained, some equal):
     the groups are those of the brute-force comparison of every pair."""
-    import numpy as np
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_hash_groups import generated_hashes
 
     from retrain.manifests import near_duplicate_keys
 
-    rng = np.random.default_rng(seed)
-    hashes = [int(v) for v in rng.integers(0, 2**64, count, dtype=np.uint64)]
-    for i in range(1, count, 3):  # a near copy of the previous hash: chains form
-        flipped = rng.choice(64, size=int(rng.integers(0, max_bits + 3)), replace=False)
-        hashes[i] = hashes[i - 1] ^ int(sum(1 << int(bit) for bit in flipped))
+    hashes = generated_hashes(count, max_bits, seed)
     rows = [{"sha256": f"{i:064x}", "dhash": h} for i, h in enumerate(hashes)]
     keys = near_duplicate_keys(rows, max_bits)
     found = {}

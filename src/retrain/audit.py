@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.sparse.csgraph import connected_components
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
@@ -43,6 +42,7 @@ from retrain.manifests import (
     SPLITS,
     first_by_digest,
     load_split_arrays,
+    merged_components,
     read_classes,
     read_split,
 )
@@ -231,7 +231,7 @@ def near_duplicate_components(space: NeighbourSpace, similarity: float,
         unlinked = (other > one) & (component[one] != component[other])
         found = _confirmed_pairs(one[unlinked], other[unlinked], space.unit, similarity)
         if len(found[0]):
-            component = _merged(component, *found)
+            component = merged_components(component, *found)
     return component
 
 
@@ -244,19 +244,6 @@ def _confirmed_pairs(rows: np.ndarray, cols: np.ndarray, unit: np.ndarray, simil
         part = slice(start, start + chunk)
         keep[part] = np.einsum("ij,ij->i", unit[rows[part]], unit[cols[part]]) >= similarity
     return rows[keep], cols[keep]
-
-
-def _merged(component: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Components after linking the pairs (rows, cols): a row's component is named by its
-    first row, and `component` links each row to it (a star per component)."""
-    size = len(component)
-    links = sparse.coo_matrix((np.ones(size + len(rows), dtype=np.int8),
-                               (np.concatenate([np.arange(size), rows]),
-                                np.concatenate([component, cols]))), shape=(size, size))
-    _, labels = connected_components(links, directed=False)
-    first = np.full(labels.max() + 1, size)
-    np.minimum.at(first, labels, np.arange(size))
-    return first[labels]
 
 
 def cross_split_groups(groups: pd.DataFrame) -> pd.Series:
@@ -287,10 +274,10 @@ def outliers(inputs: AuditInputs, fraction: float, neighbours: int,
     return frame
 
 
-def outlier_reference(table: pd.DataFrame, limit: int | None = None) -> np.ndarray | None:
-    """The rows the outlier search looks among: None for all of them (up to `limit`, default
-    OUTLIER_REFERENCE_ROWS), else the `limit` rows whose sha256 sorts first (row order)."""
-    limit = limit or OUTLIER_REFERENCE_ROWS
+def outlier_reference(table: pd.DataFrame,
+                      limit: int = OUTLIER_REFERENCE_ROWS) -> np.ndarray | None:
+    """The rows the outlier search looks among: None for all of them (up to `limit`), else
+    the `limit` rows whose sha256 sorts first (row order)."""
     return None if len(table) <= limit else first_by_digest(table, limit)
 
 

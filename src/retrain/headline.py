@@ -98,14 +98,18 @@ def _row(figures: dict, columns: dict[str, str]) -> dict:
     return row
 
 
+def _rows(figures: dict, columns: dict[str, str]) -> dict[str, dict]:
+    return {name: _row(entry, columns) for name, entry in figures.items()}
+
+
 def model_rows(figures: dict) -> dict[str, dict]:
     """`evaluate`'s rows, one per model, from its details."""
-    return {model: _row(entry, MODEL_COLUMNS) for model, entry in figures.items()}
+    return _rows(figures, MODEL_COLUMNS)
 
 
 def format_rows(figures: dict) -> dict[str, dict]:
     """`export`'s rows, one per exported format, from its details."""
-    return {name: _row(entry, FORMAT_COLUMNS) for name, entry in figures.items()}
+    return _rows(figures, FORMAT_COLUMNS)
 
 
 def crossval_row(summary: dict) -> dict:
@@ -139,19 +143,28 @@ def write_rows(folder: str | Path, rows: dict[str, dict]) -> None:
             (tmp / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
 
 
+def stage_figure(path: str, key: str) -> tuple[str, str]:
+    """The stage figure a gate on (`path`, `key`) reads, as (file, dotted key): a headline
+    figure's source (`copied_from`); any other figure (a details figure, `size_mb`, the
+    data rows) is itself."""
+    return copied_from(path, key) or (path, key)
+
+
 def copied_from(path: str, column: str) -> tuple[str, str] | None:
     """The stage figure a headline figure copies as it is, as (details file, dotted key),
     e.g. `metrics/models/finetuned.json`, `accuracy` -> `reports/details/evaluate.json`,
     `finetuned.test_accuracy`. None for a figure that is not in the headline, and for the
     few headline figures that are not a copy of one stage figure: `size_mb` (other units)
     and the data rows (`split`'s sums)."""
+    if column in SCALE:
+        return None
     path = PurePosixPath(path)
     folder, name = path.parent.as_posix(), path.stem
     if path.as_posix() == CROSSVAL and column in CROSSVAL_COLUMNS:
         return details_file("crossval"), CROSSVAL_COLUMNS[column]
     if folder == MODELS and column in MODEL_COLUMNS:
         return details_file("evaluate"), f"{name}.{MODEL_COLUMNS[column]}"
-    if folder == EXPORT and column in FORMAT_COLUMNS and column not in SCALE:
+    if folder == EXPORT and column in FORMAT_COLUMNS:
         return details_file("export"), f"{name}.{FORMAT_COLUMNS[column]}"
     if folder == AUDIT and column in AUDIT_ROWS.get(name, {}):
         return details_file("audit"), AUDIT_ROWS[name][column]

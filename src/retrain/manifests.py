@@ -486,28 +486,33 @@ def near_duplicate_keys(rows: list[dict], max_bits: int) -> dict[str, str]:
     `max_bits` bits apart (chains join: connected components). Unlike `audit`'s groups, from
     the backbone's features, these see only the coarse picture (a 9x8 thumbnail): re-encoded,
     resized or recoloured copies, not a different shot of the same scene."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     hashes = dict(sorted({row["sha256"]: row["dhash"] for row in rows}.items()))
     if len(hashes) < 2:
         return {}
     digests = list(hashes)
-    values, row_of = np.unique(np.array(list(hashes.values()), dtype=np.uint64),
-                               return_inverse=True)
+    values, first_row, row_of = np.unique(np.array(list(hashes.values()), dtype=np.uint64),
+                                          return_index=True, return_inverse=True)
     one, other = hamming_pairs(values, max_bits)
-    # Rows of one hash value are linked through it: value nodes after the row nodes.
-    rows_count, nodes = len(digests), len(digests) + len(values)
-    links = coo_matrix((np.ones(rows_count + len(one), dtype=np.int8),
-                        (np.concatenate([np.arange(rows_count), one + rows_count]),
-                         np.concatenate([row_of + rows_count, other + rows_count]))),
-                       shape=(nodes, nodes))
-    _, component = connected_components(links, directed=False)
-    first = {}
-    for digest, group in zip(digests, component[:rows_count], strict=True):
-        first.setdefault(group, digest)  # digests are sorted: the smallest of its group
-    return {digest: first[group]
-            for digest, group in zip(digests, component[:rows_count], strict=True)}
+    # Rows of one hash value start linked to its first row; digests are sorted, so a
+    # component's first row is its smallest sha256.
+    component = merged_components(first_row[row_of], first_row[one], first_row[other])
+    return {digest: digests[group] for digest, group in zip(digests, component, strict=True)}
+
+
+def merged_components(component: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Components after linking the pairs (rows, cols): a row's component is named by its
+    first row, and `component` links each row to it (a star per component)."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    size = len(component)
+    links = sparse.coo_matrix((np.ones(size + len(rows), dtype=np.int8),
+                               (np.concatenate([np.arange(size), rows]),
+                                np.concatenate([component, cols]))), shape=(size, size))
+    _, labels = connected_components(links, directed=False)
+    first = np.full(labels.max() + 1, size)
+    np.minimum.at(first, labels, np.arange(size))
+    return first[labels]
 
 
 HASH_BITS = 64
@@ -526,11 +531,10 @@ def hamming_pairs(values: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.nda
     bounds = np.linspace(0, HASH_BITS, chunks + 1).astype(int)
     candidates = [_sharing((values >> np.uint64(low)) & np.uint64((1 << (high - low)) - 1))
                   for low, high in zip(bounds[:-1], bounds[1:], strict=True)]
-    pairs = np.unique(np.stack([np.concatenate([pair[0] for pair in candidates]),
-                                np.concatenate([pair[1] for pair in candidates])], axis=1),
-                      axis=0)
-    keep = _bits_set(values[pairs[:, 0]] ^ values[pairs[:, 1]]) <= max_bits
-    return pairs[keep, 0], pairs[keep, 1]
+    keys = np.unique(np.concatenate([one * len(values) + other for one, other in candidates]))
+    one, other = np.divmod(keys, len(values))
+    keep = _bits_set(values[one] ^ values[other]) <= max_bits
+    return one[keep], other[keep]
 
 
 def _bits_set(words: np.ndarray) -> np.ndarray:
@@ -546,9 +550,10 @@ def _close_pairs_by_blocks(values: np.ndarray, max_bits: int,
     """`hamming_pairs` by comparing every pair, a block of rows at a time (bounded memory)."""
     ones, others = [], []
     for start in range(0, len(values), block):
-        near = _bits_set(values[start:start + block, None] ^ values[None, :]) <= max_bits
+        near = _bits_set(values[start:start + block, None] ^ values[None, start:]) <= max_bits
         one, other = np.nonzero(near)
         one += start
+        other += start
         later = other > one
         ones.append(one[later])
         others.append(other[later])
@@ -556,7 +561,8 @@ def _close_pairs_by_blocks(values: np.ndarray, max_bits: int,
 
 
 def _sharing(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) whose `keys` are equal."""
+    """Index pairs (i < j) whose `keys` are equal (a stable sort keeps each run of equal keys
+    in index order, and triu_indices pairs earlier with later)."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
@@ -569,8 +575,7 @@ def _sharing(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         others.append(groups[:, second].ravel())
     if not ones:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    one, other = np.concatenate(ones), np.concatenate(others)
-    return np.minimum(one, other), np.maximum(one, other)
+    return np.concatenate(ones), np.concatenate(others)
 
 
 def data_metrics(manifests: Manifests) -> dict:

@@ -318,14 +318,15 @@ def check_gates(metrics: dict[str, dict], gates: list[dict], base: str,
     results = []
     for gate in gates:
         name = gate["metric"]
+        named_path, _, key = name.rpartition(":")
         if _turned_off(both, name):
-            path, _, key = name.rpartition(":")
-            old = (both.get(path, {}).get(key) or {}).get("old")
-            results.append(GateResult(name, path, gate["direction"], float(gate["tolerance"]),
+            old = (both.get(named_path, {}).get(key) or {}).get("old")
+            results.append(GateResult(name, named_path, gate["direction"],
+                                      float(gate["tolerance"]),
                                       _number(old, name), None, gate.get("significance"),
                                       level=gate.get("level", "recipe"), off=True))
             continue
-        found = ([(path, _with_base_from_details(path, name.rpartition(":")[2], entry, details))
+        found = ([(path, _with_base_from_details(path, key, entry, details))
                   for path, entry in _present(metrics, name)]
                  or _present(details, name))
         if not found:
@@ -461,14 +462,8 @@ def _class_indices(*columns: pd.Series) -> list[np.ndarray]:
 
 
 def stage_figure(result: GateResult) -> tuple[str, str]:
-    """The stage figure a gate read, as (details file, dotted key): a headline figure is a
-    copy of one (retrain.headline.copied_from), a details figure is itself. A headline
-    figure that copies none (`size_mb`, the data rows) stays (its metrics file, key): no
-    paired test reads those."""
-    key = result.metric.rpartition(":")[2]
-    if result.path.startswith(DETAILS + "/"):
-        return result.path, key
-    return headline.copied_from(result.path, key) or (result.path, key)
+    """The stage figure a gate read (retrain.headline.stage_figure)."""
+    return headline.stage_figure(result.path, result.metric.rpartition(":")[2])
 
 
 def gather_evidence(result: GateResult, test_sets: TestSets) -> Evidence | None:
