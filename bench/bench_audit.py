@@ -89,8 +89,9 @@ def measure(rows: int, dims: int, workspace: Path | None = None) -> dict:
     space = timed("projection", audit.neighbour_space, inputs.features, 42)
     groups = timed("near_duplicates", audit.near_duplicate_groups, inputs,
                    PARAMS["duplicate_similarity"], space)
-    timed("outliers", audit.outliers, inputs, PARAMS["outlier_fraction"],
-          PARAMS["outlier_neighbours"], space)
+    # as the stage does: beyond OUTLIER_REFERENCE_ROWS images, among that many (by sha256)
+    odd = timed("outliers", audit.outliers, inputs, PARAMS["outlier_fraction"],
+                PARAMS["outlier_neighbours"], space, audit.outlier_reference(inputs.table))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"rows": rows, "dims": dims, "neighbour_dims": space.reduced.shape[1],
             "seconds": round(sum(parts.values()), 1),
@@ -98,7 +99,9 @@ def measure(rows: int, dims: int, workspace: Path | None = None) -> dict:
             "parts_s": parts, "parts_cpu_s": cpu, "peak_rss_mb": round(peak_mb),
             "tensorflow_imported": "tensorflow" in sys.modules,
             "label_issues": int((issues["flagged"] == "yes").sum()),
-            "near_duplicate_groups": int(groups["group"].nunique())}
+            "near_duplicate_groups": int(groups["group"].nunique()),
+            "near_duplicate_images": len(groups),
+            "outliers": sorted(odd.loc[odd["flagged"] == "yes", "path"])}
 
 
 def main() -> None:

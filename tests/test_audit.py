@@ -205,7 +205,7 @@ def test_near_duplicates_on_the_projection_are_those_of_the_full_features():
     cosines = np.linspace(0.97, 0.99, 20)  # around the threshold 0.98, none on it
     inputs = with_twins(wide_inputs(), cosines)
     space = neighbour_space(inputs.features, exact_rows=0)
-    assert space.reduced.shape[1] == NEIGHBOUR_DIMENSIONS < 512
+    assert space.reduced.shape[1] == NEIGHBOUR_DIMENSIONS + 1 < 512  # + the dropped length
     groups = near_duplicate_groups(inputs, 0.98, space)
 
     exact = cosine_similarity(inputs.features.astype(np.float64)) >= 0.98
@@ -218,6 +218,24 @@ def test_near_duplicates_on_the_projection_are_those_of_the_full_features():
     assert twins_grouped and twins_grouped <= set(groups["path"])
     assert not set(groups["path"]) & {f"twin_{i:04d}.jpg" for i in
                                         np.flatnonzero(cosines < 0.98)}
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(30, 300))
+def test_reduced_rows_bound_every_cosine_from_above(seed, rows):
+    """The search's premise: on the projection with its dropped length, every pair's dot
+    product is at least its cosine on the full features, so no duplicate pair can be missed;
+    and the bound is tight where the projection keeps nearly all of a row."""
+    from retrain.audit import neighbour_space
+
+    rng = np.random.default_rng(seed)
+    # ReLU features whose variance is spread over far more dimensions than the projection keeps
+    features = np.maximum(rng.normal(size=(rows, 400)) + rng.normal(size=(1, 400)), 0)
+    space = neighbour_space(features.astype(np.float32), seed, exact_rows=0)
+    bound = space.reduced.astype(np.float64) @ space.reduced.T.astype(np.float64)
+    cosine = space.unit.astype(np.float64) @ space.unit.T.astype(np.float64)
+    assert (bound >= cosine - 1e-5).all()
+    assert np.allclose(np.diag(bound), 1.0, atol=1e-5)  # projection and dropped length: unit
 
 
 @settings(max_examples=25, deadline=None)

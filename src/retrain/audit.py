@@ -16,10 +16,10 @@ calibrated-enough out-of-fold probabilities, not the head's exact ones.
 The near-duplicate search compares every image with every other; the outlier search compares
 every image with at most OUTLIER_REFERENCE_ROWS of them (those whose sha256 sorts first), so
 its cost per image stays flat. Beyond EXACT_SEARCH_ROWS images both run on the features projected to
-NEIGHBOUR_DIMENSIONS principal components, where each comparison is ten times cheaper than on
-1,280 features; near-duplicate pairs are then confirmed on the full features, so the groups
-are exact (see `neighbour_space`), and outlier scores use exact distances to the neighbours
-found.
+NEIGHBOUR_DIMENSIONS principal components (plus the length the projection drops), where each
+comparison is ten times cheaper than on 1,280 features; near-duplicate pairs are then
+confirmed on the full features, so the groups are exact (see `neighbour_space`), and outlier
+scores use exact distances to the neighbours found.
 """
 
 from __future__ import annotations
@@ -66,12 +66,16 @@ EXACT_SEARCH_ROWS = 5_000
 # The principal components are fitted on at most this many rows (seeded draw): the
 # directions of largest variance are stable long before 100,000 rows.
 PROJECTION_SAMPLE = 20_000
-# Float32 rounding in the projection and the distance computation, as a share of the radius.
-RADIUS_SLACK = 1e-3
-# Rows per radius query of the duplicate search: at most this many rows' candidate pairs are
-# held at once, about 40 bytes each (the worst case, every row a candidate of every other
-# among 100,000: about 1 GB).
+# Float32 rounding in the projection and the products: a pair is a duplicate candidate when
+# its bound reaches the similarity less this much (the rounding is about 1e-6, at most 3e-4
+# through a dropped length near 0).
+SIMILARITY_SLACK = 1e-3
+# Rows per block of the duplicate search: a block's bounds against every later row are held at
+# once, 4 bytes each (256 x 100,000 rows: 100 MB), and its candidate pairs, 16 bytes each.
 DUPLICATE_BLOCK_ROWS = 256
+# Candidate pairs confirmed on the full features at a time; between batches the pairs already
+# linked through others are dropped (on alike images, nearly all of them).
+CONFIRM_BATCH_PAIRS = 8_192
 # The outlier score's neighbours are picked, by their full-feature distance, among this many
 # times as many nearest rows on the projection. Against cleanlab's own search on the full
 # features, projection forced: the same scores (within 1e-6) on the 200 real flower photos'
@@ -157,7 +161,8 @@ def label_issues(inputs: AuditInputs, probabilities: np.ndarray) -> pd.DataFrame
 @dataclass
 class NeighbourSpace:
     """The features scaled to unit length (where cosine similarity s is Euclidean distance
-    sqrt(2 - 2 s)) and the same unit vectors projected to their principal components."""
+    sqrt(2 - 2 s)), and the same unit vectors as seen by the searches: `reduced`, either the
+    unit vectors themselves or their projection (see `neighbour_space`)."""
     unit: np.ndarray
     reduced: np.ndarray
 
@@ -165,13 +170,16 @@ class NeighbourSpace:
 def neighbour_space(features: np.ndarray, seed: int = 0,
                     exact_rows: int = EXACT_SEARCH_ROWS) -> NeighbourSpace:
     """Unit features, and for more than `exact_rows` rows their projection on
-    NEIGHBOUR_DIMENSIONS principal components fitted on a seeded sample of rows (randomized
-    SVD); fewer rows or features than that are searched as they are.
+    NEIGHBOUR_DIMENSIONS principal directions fitted on a seeded sample of rows (randomized
+    SVD), with one more column: the length of what the projection drops. Fewer rows or
+    features than that are searched as they are.
 
-    A PCA projection is an orthogonal projection after subtracting a mean, which two rows'
-    difference cancels: it never lengthens a distance. Every pair within a radius on the unit
-    features is therefore within it on the projection too; only pairs that are not may join
-    them, and the full features sort those out.
+    For unit vectors x, y with projections p, q and dropped lengths a, b (p.p + a^2 = 1):
+    x.y = p.q + (the dropped parts' product) <= p.q + a b, which is the dot product of the
+    two reduced rows (Cauchy-Schwarz). A reduced dot product therefore never falls below the
+    cosine it stands for, and a reduced distance never exceeds the unit distance: every pair
+    above a similarity on the full features is above it on the reduced rows too; only pairs
+    that are not may join them, and the full features sort those out.
     """
     unit = normalize(features.astype(np.float32, copy=False))
     rows, dims = unit.shape
@@ -181,7 +189,12 @@ def neighbour_space(features: np.ndarray, seed: int = 0,
     sample = unit[np.sort(rng.choice(rows, min(rows, PROJECTION_SAMPLE), replace=False))]
     components = min(NEIGHBOUR_DIMENSIONS, len(sample))
     pca = PCA(n_components=components, svd_solver="randomized", random_state=seed).fit(sample)
-    return NeighbourSpace(unit, pca.transform(unit).astype(np.float32, copy=False))
+    # The principal directions, not PCA's transform: no centring, so that a row's projection
+    # and its dropped length make up its unit length.
+    projected = unit @ pca.components_.T.astype(np.float32)
+    kept = np.einsum("ij,ij->i", projected, projected, dtype=np.float64)
+    dropped = np.sqrt(np.maximum(1.0 - kept, 0.0))
+    return NeighbourSpace(unit, np.hstack([projected, dropped[:, None]]).astype(np.float32))
 
 
 def near_duplicate_groups(inputs: AuditInputs, similarity: float,
@@ -208,41 +221,42 @@ def near_duplicate_components(space: NeighbourSpace, similarity: float,
     """Each row's connected component in the graph of pairs whose unit features reach
     cosine `similarity`.
 
-    Candidate pairs come from a radius query on the projection (`neighbour_space`: it finds
-    every pair the full features would, with a little slack for float32 rounding), and a
-    pair is kept only if its full unit features reach `similarity`. The rows are queried a
-    block at a time, and after each block the pairs found so far are reduced to one link
-    from each row to its component's first row: memory is bounded by a block's candidates
-    and the row count, not by the number of pairs, which grows as rows squared when most
-    images are alike (burst shots, video frames, generated sets).
+    Each block of rows is multiplied with itself and every later row on the reduced rows
+    (one matrix product: their dot products bound the cosines from above, `neighbour_space`;
+    each pair is looked at once); a pair above the similarity, less a little slack for
+    float32 rounding, is a candidate, kept only if its full unit features reach `similarity`.
+    Between batches of candidates the components are merged and the pairs already linked
+    through others dropped, and only one link from each row to its component's first row is
+    kept: memory is bounded by a block, not by the number of pairs, which grows as rows
+    squared when most images are alike (burst shots, video frames, generated sets).
     """
-    rows = len(space.unit)
-    radius = float(np.sqrt(max(2.0 - 2.0 * similarity, 0.0)))
-    index = NearestNeighbors(radius=radius * (1 + RADIUS_SLACK) + RADIUS_SLACK).fit(
-        space.reduced)
+    unit, reduced = space.unit, space.reduced
+    rows = len(unit)
+    floor = similarity - SIMILARITY_SLACK
     component = np.arange(rows)
     for start in range(0, rows, block_rows):
-        candidates = index.radius_neighbors_graph(space.reduced[start:start + block_rows],
-                                                  mode="connectivity").tocoo()
-        one, other = candidates.row + start, candidates.col
-        # Each pair once, no row with itself, and none already linked through others: when
-        # most images are alike nearly every candidate is, and confirming each on the full
-        # features would cost rows squared times 1,280 products.
-        unlinked = (other > one) & (component[one] != component[other])
-        found = _confirmed_pairs(one[unlinked], other[unlinked], space.unit, similarity)
-        if len(found[0]):
-            component = merged_components(component, *found)
+        bounds = reduced[start:start + block_rows] @ reduced[start:].T
+        one, other = np.nonzero(bounds >= floor)
+        del bounds
+        later = other > one  # each pair once, no row with itself
+        one, other = one[later] + start, other[later] + start
+        for first in range(0, len(one), CONFIRM_BATCH_PAIRS):
+            batch = slice(first, first + CONFIRM_BATCH_PAIRS)
+            found = _confirmed_pairs(one[batch], other[batch], component, unit, similarity)
+            if len(found[0]):
+                component = merged_components(component, *found)
     return component
 
 
-def _confirmed_pairs(rows: np.ndarray, cols: np.ndarray, unit: np.ndarray, similarity: float,
-                     chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
-    """The (rows, cols) pairs whose unit features' dot product (cosine similarity) reaches
-    `similarity`."""
-    keep = np.zeros(len(rows), dtype=bool)
-    for start in range(0, len(rows), chunk):  # bounded memory: a chunk of row pairs at once
-        part = slice(start, start + chunk)
-        keep[part] = np.einsum("ij,ij->i", unit[rows[part]], unit[cols[part]]) >= similarity
+def _confirmed_pairs(rows: np.ndarray, cols: np.ndarray, component: np.ndarray,
+                     unit: np.ndarray, similarity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (rows, cols) pairs not yet in one component whose unit features' dot product
+    (cosine similarity) reaches `similarity`. On alike images nearly every candidate is
+    already linked through others, and confirming each would cost rows squared times 1,280
+    products."""
+    unlinked = component[rows] != component[cols]
+    rows, cols = rows[unlinked], cols[unlinked]
+    keep = np.einsum("ij,ij->i", unit[rows], unit[cols]) >= similarity
     return rows[keep], cols[keep]
 
 
