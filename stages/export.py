@@ -87,8 +87,10 @@ def main() -> None:
                   f"{results[name]['size_bytes'] / 1e6:.1f} MB, "
                   f"{results[name]['latency_ms']:.2f} ms per image")
             if results[name].get("float_layers"):
-                print(f"export: {name} layers kept in float: "
-                      + ", ".join(short_layer_name(n) for n in float_layer_names(path)))
+                kept = float_layer_names(path)  # from the input on: the last says how far
+                print(f"export: {name} computes its first {len(kept)} layers in float "
+                      f"(through {short_layer_name(kept[-1])}; export.int8_float_layers), "
+                      "the rest in int8")
     write_json(args.details, results)
     write_rows(args.metrics, format_rows(results))
 
