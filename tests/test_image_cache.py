@@ -120,3 +120,42 @@ def test_image_rows_read_what_the_memmap_holds(tmp_path):
     assert len(rows) == 7 and rows.shape == cached.shape
     for indices in (np.array([0, 3, 6]), np.array([5]), slice(2, 5), np.arange(7)):
         np.testing.assert_array_equal(rows[indices], cached[indices])
+
+
+def test_the_folder_stays_within_its_budget_least_recently_used_first(photos, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Each new set of images makes a new file; beyond $RETRAIN_IMAGE_CACHE_GB the files
+    used longest ago go first, a file just reused stays, and a deleted one is decoded again
+    with the same pixels."""
+    import os
+
+    paths, digests = photos
+    cache = tmp_path / "cache"
+    one_file = len(paths[:4]) * 32 * 32 * 3  # bytes of pixels in a 4-image file
+    monkeypatch.setenv("RETRAIN_IMAGE_CACHE_GB", str(2.5 * (one_file + 128) / 1e9))
+    sets = [(paths[i:i + 4], digests[i:i + 4]) for i in range(3)]  # three versions of the data
+    first = np.array(cached_image_array(*sets[0], 32, cache))
+    cached_image_array(*sets[1], 32, cache)
+    (older,) = [p for p in cache.iterdir() if p.stat().st_size and p.name.startswith("images-")
+                and np.array_equal(np.load(p), first)]
+    os.utime(older, (1, 1))  # used long ago ...
+    cached_image_array(*sets[0], 32, cache)  # ... and reused now: the other is the oldest
+    assert len(cache_files(cache)) == 2
+    capsys.readouterr()
+    cached_image_array(*sets[2], 32, cache)  # a third file: one must go
+    assert older.exists() and len(cache_files(cache)) == 2
+    assert "removed 1 decoded-image file(s)" in capsys.readouterr().err
+    again = cached_image_array(*sets[1], 32, cache)  # the evicted version, decoded again
+    assert np.array_equal(again, np.stack([load_image(p, 32) for p in sets[1][0]]))
+    assert sum(p.stat().st_size for p in cache.iterdir()) <= 2.5 * (one_file + 128)
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf"])
+def test_a_bad_cache_budget_is_refused_by_name(photos, tmp_path, monkeypatch, value):
+    from retrain.errors import UserError
+
+    monkeypatch.setenv("RETRAIN_IMAGE_CACHE_GB", value)
+    paths, digests = photos
+    with pytest.raises(UserError, match="RETRAIN_IMAGE_CACHE_GB"):
+        cached_image_array(paths, digests, 32, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())

@@ -2,10 +2,22 @@
 
 `$RETRAIN_CACHE` if set, else `~/.cache/retrain`. Entries are named by content hashes, so
 a stale entry can never be mistaken for a fresh one, and deleting the folder is always safe.
+
+Decoded images are 2.5x the size of the JPEGs they come from (150 kB per image at 224 px),
+and every new set of images (an image excluded, relabelled or added) makes a new file: at
+100,000 images one data version's files take about 16 GB. So their folder is kept within a
+budget (`$RETRAIN_IMAGE_CACHE_GB`, default 20), the least recently used files deleted
+first; a deleted file is decoded again when a run needs it.
 """
 
 import os
+import sys
 from pathlib import Path
+
+from retrain.errors import UserError
+
+DEFAULT_IMAGE_CACHE_GB = 20.0
+IMAGE_CACHE_BUDGET_VARIABLE = "RETRAIN_IMAGE_CACHE_GB"
 
 
 def user_cache_dir(kind: str) -> Path:
@@ -13,3 +25,61 @@ def user_cache_dir(kind: str) -> Path:
     path = root / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def image_cache_budget_bytes() -> int:
+    """The decoded-image folder's budget in bytes, from $RETRAIN_IMAGE_CACHE_GB."""
+    text = os.environ.get(IMAGE_CACHE_BUDGET_VARIABLE, "").strip()
+    if not text:
+        return int(DEFAULT_IMAGE_CACHE_GB * 1e9)
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = -1.0
+    if not budget >= 0 or budget == float("inf"):
+        raise UserError(f"{IMAGE_CACHE_BUDGET_VARIABLE}={text!r}: expected a size in GB, "
+                        "a number >= 0 (0 keeps only the files a run is using)")
+    return int(budget * 1e9)
+
+
+def mark_used(path: Path) -> None:
+    """Record that `path` was used now (its modification time orders eviction)."""
+    try:
+        os.utime(path)
+    except OSError:  # read-only cache or file gone: eviction order matters little then
+        pass
+
+
+def make_room(directory: Path, pattern: str, needed_bytes: int, budget_bytes: int) -> list[Path]:
+    """Delete the least recently used files matching `pattern` in `directory` until they
+    and `needed_bytes` more fit in `budget_bytes` (or none is left); the deleted files.
+
+    Safe while another run reads a deleted file: on POSIX an open file lives on until it is
+    closed. A file that cannot be deleted (Windows, while open elsewhere) is skipped."""
+    entries = []
+    for path in directory.glob(pattern):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((stat.st_mtime, path.name, path, stat.st_size))
+    entries.sort()
+    total = sum(entry[3] for entry in entries)
+    deleted = []
+    for _, _, path, size in entries:
+        if total + needed_bytes <= budget_bytes:
+            break
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        total -= size
+        deleted.append((path, size))
+    if deleted:
+        print(f"note: removed {len(deleted)} decoded-image file(s) from {directory}, the least "
+              f"recently used ({sum(size for _, size in deleted) / 1e9:.1f} GB), to keep it "
+              f"within {IMAGE_CACHE_BUDGET_VARIABLE}={budget_bytes / 1e9:g}",
+              file=sys.stderr)
+    return [path for path, _ in deleted]

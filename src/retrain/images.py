@@ -23,6 +23,7 @@ import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrain.atomic import atomic_path
+from retrain.cache import image_cache_budget_bytes, make_room, mark_used
 from retrain.errors import DataError, stop_if_interrupted
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -168,13 +169,20 @@ def cached_image_array(
 
     The cache file is named after the images' sha256 digests, the size and the loader
     (`loader_fingerprint`), so a change to the data, the size, this module's decoding or
-    Pillow makes a new one; an existing file is reused without decoding.
+    Pillow makes a new one; an existing file is reused without decoding. The folder's files
+    are kept within $RETRAIN_IMAGE_CACHE_GB, the least recently used deleted first
+    (`retrain.cache.make_room`).
     """
     salt = f"v2:{loader_fingerprint()}:{size}:"
     key = hashlib.sha256(salt.encode() + ",".join(digests).encode()).hexdigest()[:32]
     cache_dir = Path(cache_dir)
     dest = cache_dir / f"images-{size}px-{key}.npy"
-    if not dest.exists():
+    if dest.exists():
+        mark_used(dest)
+    else:
+        # Room first, then the file: the folder stays within its budget on disk too.
+        make_room(cache_dir, "images-*px-*.npy", len(paths) * size * size * 3,
+                  image_cache_budget_bytes())
         with atomic_path(dest) as tmp:
             # The .npy header through open_memmap, the rows by plain writes: rows written
             # through a memory map would stay mapped, growing the process by the whole file.
