@@ -179,22 +179,25 @@ def cached_image_array(
     dest = cache_dir / f"images-{size}px-{key}.npy"
     if dest.exists():
         mark_used(dest)
-    else:
-        # Room first, then the file: the folder stays within its budget on disk too.
-        make_room(cache_dir, "images-*px-*.npy", len(paths) * size * size * 3,
-                  image_cache_budget_bytes())
-        with atomic_path(dest) as tmp:
-            # The .npy header through open_memmap, the rows by plain writes: rows written
-            # through a memory map would stay mapped, growing the process by the whole file.
-            header = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
-            )
-            offset = header.offset
-            del header
-            with open(tmp, "r+b") as out:
-                out.seek(offset)
-                for batch in iter_image_batches(paths, size, batch_size=64):
-                    out.write(np.ascontiguousarray(batch, np.uint8).tobytes())
+        try:
+            return np.load(dest, mmap_mode="r")
+        except FileNotFoundError:  # deleted by another run's make_room just now: decode again
+            pass
+    # Room first, then the file: the folder stays within its budget on disk too.
+    make_room(cache_dir, "images-*px-*.npy", len(paths) * size * size * 3,
+              image_cache_budget_bytes())
+    with atomic_path(dest) as tmp:
+        # The .npy header through open_memmap, the rows by plain writes: rows written
+        # through a memory map would stay mapped, growing the process by the whole file.
+        header = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
+        )
+        offset = header.offset
+        del header
+        with open(tmp, "r+b") as out:
+            out.seek(offset)
+            for batch in iter_image_batches(paths, size, batch_size=64):
+                out.write(np.ascontiguousarray(batch, np.uint8).tobytes())
     return np.load(dest, mmap_mode="r")
 
 
