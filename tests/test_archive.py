@@ -241,10 +241,11 @@ def test_archive_bomb_rejected(place, tmp_path, make, limits, pattern):
     assert_nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("fmt, planner", [("w:gz", "_plan_tar"), ("zip", "_plan_zip")])
+@pytest.mark.parametrize("fmt, planner", [("zip", "_plan_zip")])
 def test_limits_enforced_while_extracting(place, tmp_path, monkeypatch, fmt, planner):
-    """Should declared sizes ever get past the check before extraction, the bytes and members
-    actually written are counted against the same limits."""
+    """Should a zip's declared sizes ever get past the check before extraction, the bytes and
+    members actually written are counted against the same limits. (A tar is checked member by
+    member as it is read, in the one pass that extracts it: test_archive_bomb_rejected.)"""
     plan = getattr(archive, planner)
     monkeypatch.setattr(archive, planner,
                         lambda source, limits: plan(source, (limits[0], 1e9, 1e18)))

@@ -32,6 +32,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from retrain.atomic import atomic_path, remove
@@ -193,6 +194,10 @@ def _is_litter(parts: tuple[str, ...]) -> bool:
 
 
 def _unpack_tar(archive: Path, mode: str, dest: Path, limits: tuple) -> None:
+    """Extract in one pass over the archive: each member is checked as it is read, before it
+    is written; a member that fails stops the extraction, and `extract_dataset` discards its
+    staging folder, so nothing of a refused archive is kept. (Checking every member first and
+    then extracting read a compressed archive twice: a fifth of `fetch`'s time.)"""
     label = limits[0]
     if not hasattr(tarfile, "data_filter"):
         raise RuntimeError("safe tar extraction needs tarfile filters: Python 3.10.12+, "
@@ -202,28 +207,24 @@ def _unpack_tar(archive: Path, mode: str, dest: Path, limits: tuple) -> None:
     except CORRUPT as exc:
         raise DataError(f"{label}: not a readable tar archive ({first_line(exc)})") from None
     with tar:
-        members = _plan_tar(tar, limits)
         budget = _Budget(*limits)
-
-        def guard(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-            budget.add_member()
-            budget.add_bytes(member.size if member.isreg() else 0)
-            return tarfile.data_filter(member, path)
-
         try:
-            tar.extractall(dest, members=members, filter=guard)
+            tar.extractall(dest, members=_checked_members(tar, budget, label),
+                           filter="data")
         except tarfile.FilterError as exc:
             raise DataError(f"{label}: unsafe member ({exc})") from None
         except CORRUPT as exc:
             raise DataError(f"{label}: cannot extract ({first_line(exc)})") from None
+        _check_end_of_archive(tar, label)
+    if budget.members == 0:
+        raise DataError(f"{label}: archive is empty")
 
 
-def _plan_tar(tar: tarfile.TarFile, limits: tuple) -> list[tarfile.TarInfo]:
-    """Check every member before extraction; return those to extract (litter left out)."""
-    label = limits[0]
-    budget = _Budget(*limits)
+def _checked_members(tar: tarfile.TarFile, budget: _Budget, label: str
+                     ) -> Iterator[tarfile.TarInfo]:
+    """The members to extract (litter left out), each checked as the archive is read: safe
+    name, allowed type, within the member and byte limits."""
     files: set[tuple[str, ...]] = set()
-    keep = []
     for member in _members(tar, label):
         budget.add_member()
         parts = _safe_parts(member.name, label)
@@ -232,11 +233,7 @@ def _plan_tar(tar: tarfile.TarFile, limits: tuple) -> list[tarfile.TarInfo]:
             files.add(parts)
         if parts and not _is_litter(parts):
             budget.add_bytes(member.size if member.isreg() else 0)
-            keep.append(member)
-    _check_end_of_archive(tar, label)
-    if budget.members == 0:
-        raise DataError(f"{label}: archive is empty")
-    return keep
+            yield member
 
 
 def _members(tar: tarfile.TarFile, label: str):
