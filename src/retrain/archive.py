@@ -1,15 +1,17 @@
 """Safe extraction of dataset archives into the one folder layout every later stage reads.
 
 Safety. An archive from the internet is untrusted input, so every member is checked before
-anything is written, and an unsafe member rejects the whole archive (DataError) rather than
-being skipped: a half-extracted dataset that silently lacks files is worse than an error.
+it is written (a zip's all before the first, from its central directory; a tar's each as the
+one pass over it reads it, into a staging folder that a refusal discards), and an unsafe
+member rejects the whole archive (DataError) rather than being skipped: a half-extracted
+dataset that silently lacks files is worse than an error.
 Rejected: absolute names, `..` components, symbolic links (a dataset of images has no use
 for them, and the layout step below moves folders, which would break relative links), hard
 links to anything but an earlier file of the same archive, device files and FIFOs, encrypted
 zip members. Tar members are then extracted with tarfile's `data` filter as a second line of
 defence. Archive bombs: more than `max_members` members, or more than `max_extracted_bytes`
-declared, fail before extraction; bytes are counted again while writing, in case a size
-lies.
+declared, fail before they are written; a zip's bytes are counted again while writing, in
+case a declared size lies (a tar member's data is as long as its header says).
 
 The format comes from the content (magic bytes), never the file name: gzip/bzip2/xz
 compressed or plain tar, and zip.
