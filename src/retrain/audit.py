@@ -66,9 +66,8 @@ EXACT_SEARCH_ROWS = 5_000
 # The principal components are fitted on at most this many rows (seeded draw): the
 # directions of largest variance are stable long before 100,000 rows.
 PROJECTION_SAMPLE = 20_000
-# Float32 rounding in the projection and the products: a pair is a duplicate candidate when
-# its bound reaches the similarity less this much (the rounding is about 1e-6, at most 3e-4
-# through a dropped length near 0).
+# Float32 rounding in the projection and the products (about 1e-6): a pair is a duplicate
+# candidate when its bound reaches the similarity less this much.
 SIMILARITY_SLACK = 1e-3
 # Rows per block of the duplicate search: a block's bounds against every later row are held at
 # once, 4 bytes each (256 x 100,000 rows: 100 MB), and its candidate pairs, 16 bytes each.
@@ -191,10 +190,22 @@ def neighbour_space(features: np.ndarray, seed: int = 0,
     pca = PCA(n_components=components, svd_solver="randomized", random_state=seed).fit(sample)
     # The principal directions, not PCA's transform: no centring, so that a row's projection
     # and its dropped length make up its unit length.
-    projected = unit @ pca.components_.T.astype(np.float32)
-    kept = np.einsum("ij,ij->i", projected, projected, dtype=np.float64)
-    dropped = np.sqrt(np.maximum(1.0 - kept, 0.0))
-    return NeighbourSpace(unit, np.hstack([projected, dropped[:, None]]).astype(np.float32))
+    directions = pca.components_.astype(np.float32)
+    projected = unit @ directions.T
+    return NeighbourSpace(unit, np.hstack([projected, _dropped_lengths(unit, projected,
+                                                                       directions)]))
+
+
+def _dropped_lengths(unit: np.ndarray, projected: np.ndarray, directions: np.ndarray,
+                     chunk: int = 8_192) -> np.ndarray:
+    """Each row's distance from its projection, as a column: the length of the residual
+    itself, accurate to float32 rounding (sqrt(1 - |projection|^2) would lose up to 1e-3
+    where a row lies almost wholly in the projection's span)."""
+    lengths = np.empty((len(unit), 1), dtype=np.float32)
+    for start in range(0, len(unit), chunk):  # bounded memory: a chunk of residuals at once
+        part = slice(start, start + chunk)
+        lengths[part, 0] = np.linalg.norm(unit[part] - projected[part] @ directions, axis=1)
+    return lengths
 
 
 def near_duplicate_groups(inputs: AuditInputs, similarity: float,
