@@ -122,6 +122,13 @@ def test_image_rows_read_what_the_memmap_holds(tmp_path):
         np.testing.assert_array_equal(rows[indices], cached[indices])
 
 
+def new_process(monkeypatch):
+    """What a later stage's process sees: none of the cache files is its own yet."""
+    from retrain import cache
+
+    monkeypatch.setattr(cache, "_used_by_this_process", set())
+
+
 def test_the_folder_stays_within_its_budget_least_recently_used_first(photos, tmp_path,
                                                                        monkeypatch, capsys):
     """Each new set of images makes a new file; beyond $RETRAIN_IMAGE_CACHE_GB the files
@@ -134,23 +141,57 @@ def test_the_folder_stays_within_its_budget_least_recently_used_first(photos, tm
     one_file = len(paths[:4]) * 32 * 32 * 3  # bytes of pixels in a 4-image file
     monkeypatch.setenv("RETRAIN_IMAGE_CACHE_GB", str(2.5 * (one_file + 128) / 1e9))
     sets = [(paths[i:i + 4], digests[i:i + 4]) for i in range(3)]  # three versions of the data
+    new_process(monkeypatch)
     first = np.array(cached_image_array(*sets[0], 32, cache))
+    new_process(monkeypatch)
     cached_image_array(*sets[1], 32, cache)
     (older,) = [p for p in cache.iterdir() if p.stat().st_size and p.name.startswith("images-")
                 and np.array_equal(np.load(p), first)]
     os.utime(older, (1, 1))  # used long ago ...
+    new_process(monkeypatch)
     cached_image_array(*sets[0], 32, cache)  # ... and reused now: the other is the oldest
     assert len(cache_files(cache)) == 2
     capsys.readouterr()
+    new_process(monkeypatch)
     cached_image_array(*sets[2], 32, cache)  # a third file: one must go
     assert older.exists() and len(cache_files(cache)) == 2
     assert "removed 1 decoded-image file(s)" in capsys.readouterr().err
+    new_process(monkeypatch)
     again = cached_image_array(*sets[1], 32, cache)  # the evicted version, decoded again
     assert np.array_equal(again, np.stack([load_image(p, 32) for p in sets[1][0]]))
     assert sum(p.stat().st_size for p in cache.iterdir()) <= 2.5 * (one_file + 128)
 
 
-@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf"])
+def test_a_budget_of_zero_keeps_only_the_files_the_running_stage_uses(photos, tmp_path,
+                                                                       monkeypatch):
+    """A stage decoding its training images and then its validation images keeps both while
+    it runs; the next stage's first new file removes them."""
+    paths, digests = photos
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RETRAIN_IMAGE_CACHE_GB", "0")
+    new_process(monkeypatch)
+    train = cached_image_array(paths[:4], digests[:4], 32, cache)
+    val = cached_image_array(paths[4:], digests[4:], 32, cache)
+    assert len(cache_files(cache)) == 2
+    np.testing.assert_array_equal(train, np.stack([load_image(p, 32) for p in paths[:4]]))
+    np.testing.assert_array_equal(val, np.stack([load_image(p, 32) for p in paths[4:]]))
+    new_process(monkeypatch)
+    cached_image_array(paths[1:5], digests[1:5], 32, cache)
+    assert len(cache_files(cache)) == 1
+
+
+def test_rows_of_a_file_deleted_after_it_was_mapped_are_still_read(photos, tmp_path):
+    """Another process may delete a cache file between its load and `image_rows`: the
+    mapping still holds the file's pixels."""
+    paths, digests = photos
+    array = cached_image_array(paths, digests, 32, tmp_path / "cache")
+    expected = np.array(array)
+    for path in (tmp_path / "cache").iterdir():
+        path.unlink()
+    np.testing.assert_array_equal(images.image_rows(array)[np.arange(len(paths))], expected)
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf", "1e300"])
 def test_a_bad_cache_budget_is_refused_by_name(photos, tmp_path, monkeypatch, value):
     from retrain.errors import UserError
 
@@ -159,3 +200,14 @@ def test_a_bad_cache_budget_is_refused_by_name(photos, tmp_path, monkeypatch, va
     with pytest.raises(UserError, match="RETRAIN_IMAGE_CACHE_GB"):
         cached_image_array(paths, digests, 32, tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_a_bad_cache_budget_is_refused_where_the_images_are_cached_already(photos, tmp_path,
+                                                                           monkeypatch):
+    from retrain.errors import UserError
+
+    paths, digests = photos
+    cached_image_array(paths, digests, 32, tmp_path / "cache")
+    monkeypatch.setenv("RETRAIN_IMAGE_CACHE_GB", "20GB")
+    with pytest.raises(UserError, match="RETRAIN_IMAGE_CACHE_GB='20GB'"):
+        cached_image_array(paths, digests, 32, tmp_path / "cache")

@@ -7,9 +7,11 @@ Decoded images are 2.5x the size of the JPEGs they come from (150 kB per image a
 and every new set of images (an image excluded, relabelled or added) makes a new file: at
 100,000 images one data version's files take about 16 GB. So their folder is kept within a
 budget (`$RETRAIN_IMAGE_CACHE_GB`, default 20), the least recently used files deleted
-first; a deleted file is decoded again when a run needs it.
+first; a deleted file is decoded again when a run needs it. A process never deletes the
+files it uses itself, so a stage that needs more than the budget exceeds it while it runs.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,6 +20,10 @@ from retrain.errors import UserError
 
 DEFAULT_IMAGE_CACHE_GB = 20.0
 IMAGE_CACHE_BUDGET_VARIABLE = "RETRAIN_IMAGE_CACHE_GB"
+
+# Files this process has used (absolute paths): its own make_room leaves them alone, so a
+# stage that decodes its training images and then its validation images keeps both.
+_used_by_this_process: set[str] = set()
 
 
 def user_cache_dir(kind: str) -> Path:
@@ -33,17 +39,19 @@ def image_cache_budget_bytes() -> int:
     if not text:
         return int(DEFAULT_IMAGE_CACHE_GB * 1e9)
     try:
-        budget = float(text)
+        budget = float(text) * 1e9
     except ValueError:
         budget = -1.0
-    if not budget >= 0 or budget == float("inf"):
+    if not (budget >= 0 and math.isfinite(budget)):
         raise UserError(f"{IMAGE_CACHE_BUDGET_VARIABLE}={text!r}: expected a size in GB, "
-                        "a number >= 0 (0 keeps only the files a run is using)")
-    return int(budget * 1e9)
+                        "a finite number >= 0 (0 keeps only the files the running stage uses)")
+    return int(budget)
 
 
 def mark_used(path: Path) -> None:
-    """Record that `path` was used now (its modification time orders eviction)."""
+    """Record that `path` was used now (its modification time orders eviction) and that
+    this process uses it (its own `make_room` will not delete it)."""
+    _used_by_this_process.add(os.path.abspath(path))
     try:
         os.utime(path)
     except OSError:  # read-only cache or file gone: eviction order matters little then
@@ -52,12 +60,16 @@ def mark_used(path: Path) -> None:
 
 def make_room(directory: Path, pattern: str, needed_bytes: int, budget_bytes: int) -> list[Path]:
     """Delete the least recently used files matching `pattern` in `directory` until they
-    and `needed_bytes` more fit in `budget_bytes` (or none is left); the deleted files.
+    and `needed_bytes` more fit in `budget_bytes` (or none is left but this process's own,
+    `mark_used`); the deleted files.
 
-    Safe while another run reads a deleted file: on POSIX an open file lives on until it is
-    closed. A file that cannot be deleted (Windows, while open elsewhere) is skipped."""
+    Safe while another process reads a deleted file: on POSIX an open file lives on (and
+    keeps its disk space) until it is closed. A file that cannot be deleted (Windows, while
+    open elsewhere) is skipped."""
     entries = []
     for path in directory.glob(pattern):
+        if os.path.abspath(path) in _used_by_this_process:
+            continue
         try:
             stat = path.stat()
         except FileNotFoundError:

@@ -177,15 +177,16 @@ def cached_image_array(
     key = hashlib.sha256(salt.encode() + ",".join(digests).encode()).hexdigest()[:32]
     cache_dir = Path(cache_dir)
     dest = cache_dir / f"images-{size}px-{key}.npy"
+    budget = image_cache_budget_bytes()  # a bad value is refused on every run, cached or not
     if dest.exists():
         mark_used(dest)
         try:
             return np.load(dest, mmap_mode="r")
         except FileNotFoundError:  # deleted by another run's make_room just now: decode again
             pass
-    # Room first, then the file: the folder stays within its budget on disk too.
-    make_room(cache_dir, "images-*px-*.npy", len(paths) * size * size * 3,
-              image_cache_budget_bytes())
+    # Room first, then the file, so the folder does not outgrow its budget while it is
+    # written (files other processes still hold open free their space when closed).
+    make_room(cache_dir, "images-*px-*.npy", len(paths) * size * size * 3, budget)
     with atomic_path(dest) as tmp:
         # The .npy header through open_memmap, the rows by plain writes: rows written
         # through a memory map would stay mapped, growing the process by the whole file.
@@ -198,6 +199,7 @@ def cached_image_array(
             out.seek(offset)
             for batch in iter_image_batches(paths, size, batch_size=64):
                 out.write(np.ascontiguousarray(batch, np.uint8).tobytes())
+    mark_used(dest)
     return np.load(dest, mmap_mode="r")
 
 
@@ -233,8 +235,16 @@ class ImageRows:
 
 
 def image_rows(array: np.memmap) -> ImageRows | np.memmap:
-    """`ImageRows` over a cached image array where the OS has `pread` (not Windows)."""
-    return ImageRows(array) if hasattr(os, "pread") else array
+    """`ImageRows` over a cached image array where the OS has `pread` (not Windows).
+
+    The memmap itself where its file was deleted since it was mapped (another process
+    keeping the cache within its budget): the mapping still reads the deleted file."""
+    if not hasattr(os, "pread"):
+        return array
+    try:
+        return ImageRows(array)
+    except FileNotFoundError:
+        return array
 
 
 def is_utf8(name: str) -> bool:
