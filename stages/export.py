@@ -46,10 +46,9 @@ def main() -> None:
         measure,
         measured_rows,
         representative_rows,
-        short_layer_name,
     )
     from retrain.images import cached_image_array, image_rows, load_image
-    from retrain.litert import float_layer_names, litert_available
+    from retrain.litert import litert_available
 
     if not litert_available():
         raise UserError("export needs the LiteRT interpreter: pip install ai-edge-litert")
@@ -87,10 +86,9 @@ def main() -> None:
                   f"{results[name]['size_bytes'] / 1e6:.1f} MB, "
                   f"{results[name]['latency_ms']:.2f} ms per image")
             if results[name].get("float_layers"):
-                kept = float_layer_names(path)  # from the input on: the last says how far
-                print(f"export: {name} computes its first {len(kept)} layers in float "
-                      f"(through {short_layer_name(kept[-1])}; export.int8_float_layers), "
-                      "the rest in int8")
+                print(f"export: {name} computes its first {results[name]['float_layers']} "
+                      f"layers in float (through {results[name]['float_layers_through']}; "
+                      "export.int8_float_layers), the rest in int8")
     write_json(args.details, results)
     write_rows(args.metrics, format_rows(results))
 

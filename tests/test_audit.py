@@ -225,30 +225,43 @@ def test_near_duplicates_on_the_projection_are_those_of_the_full_features():
 def test_reduced_rows_bound_every_cosine_from_above(seed, rows):
     """The search's premise: on the projection with its dropped length, every pair's dot
     product is at least its cosine on the full features, so no duplicate pair can be missed;
-    and the bound is tight where the projection keeps nearly all of a row."""
+    each reduced row has unit length; and where the projection keeps all of every row the
+    bound is the cosine itself."""
     from retrain.audit import neighbour_space
+
+    def bound_and_cosine(features):
+        space = neighbour_space(features.astype(np.float32), seed, exact_rows=0)
+        return (space.reduced.astype(np.float64) @ space.reduced.T.astype(np.float64),
+                space.unit.astype(np.float64) @ space.unit.T.astype(np.float64))
 
     rng = np.random.default_rng(seed)
     # ReLU features whose variance is spread over far more dimensions than the projection keeps
-    features = np.maximum(rng.normal(size=(rows, 400)) + rng.normal(size=(1, 400)), 0)
-    space = neighbour_space(features.astype(np.float32), seed, exact_rows=0)
-    bound = space.reduced.astype(np.float64) @ space.reduced.T.astype(np.float64)
-    cosine = space.unit.astype(np.float64) @ space.unit.T.astype(np.float64)
+    bound, cosine = bound_and_cosine(
+        np.maximum(rng.normal(size=(rows, 400)) + rng.normal(size=(1, 400)), 0))
     assert (bound >= cosine - 1e-5).all()
     assert np.allclose(np.diag(bound), 1.0, atol=1e-5)  # projection and dropped length: unit
+    # Rank 20: the projection's directions span every row, nothing is dropped
+    bound, cosine = bound_and_cosine(rng.normal(size=(rows, 20)) @ rng.normal(size=(20, 400)))
+    np.testing.assert_allclose(bound, cosine, atol=1e-4)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(rows=st.integers(2, 60), chains=st.integers(0, 6), block_rows=st.integers(1, 70),
+       confirm_batch=st.integers(1, 3), projected_dimensions=st.sampled_from([None, 3, 8]),
        seed=st.integers(0, 2**16))
-def test_blockwise_duplicate_search_finds_the_components_of_all_pairs(rows, chains,
-                                                                      block_rows, seed):
-    """Whatever the block size, the components are those of the graph of every pair above
-    the threshold (chains of near-copies reaching across blocks included)."""
+def test_blockwise_duplicate_search_finds_the_components_of_all_pairs(
+        rows, chains, block_rows, confirm_batch, projected_dimensions, seed):
+    """Whatever the block size, the candidates confirmed a few at a time, on the unit rows
+    or on a projection far narrower than the rows' span, the components are those of the
+    graph of every pair above the threshold (chains of near-copies reaching across blocks
+    included)."""
+    from unittest import mock
+
     from scipy.sparse.csgraph import connected_components
     from sklearn.preprocessing import normalize
 
-    from retrain.audit import NeighbourSpace, near_duplicate_components
+    from retrain import audit
+    from retrain.audit import NeighbourSpace, near_duplicate_components, neighbour_space
 
     rng = np.random.default_rng(seed)
     unit = rng.normal(size=(rows, 16))
@@ -258,7 +271,14 @@ def test_blockwise_duplicate_search_finds_the_components_of_all_pairs(rows, chai
     unit = normalize(unit).astype(np.float32)
     cosines = unit.astype(np.float64) @ unit.T.astype(np.float64)
     assume(not (np.abs(cosines - 0.98) < 1e-5).any())  # no pair on the threshold's rounding
-    component = near_duplicate_components(NeighbourSpace(unit, unit), 0.98, block_rows)
+    if projected_dimensions is None:
+        space = NeighbourSpace(unit, unit)
+    else:
+        with mock.patch.object(audit, "NEIGHBOUR_DIMENSIONS", projected_dimensions):
+            space = neighbour_space(unit, seed, exact_rows=0)
+        assert space.reduced.shape[1] == min(projected_dimensions, rows) + 1
+    with mock.patch.object(audit, "CONFIRM_BATCH_PAIRS", confirm_batch):
+        component = near_duplicate_components(space, 0.98, block_rows)
 
     exact = cosines >= 0.98
     _, expected = connected_components(exact, directed=False)

@@ -90,7 +90,7 @@ def test_each_format_converts_loads_and_agrees_with_keras(trained, exported):
     assert {name: len(rounds) for name, rounds in latencies.items()} == dict.fromkeys(FILES, 2)
     assert all(ms > 0 for rounds in latencies.values() for ms in rounds)
     for name, entry in results.items():
-        assert set(entry) - {"float_layers"} == {
+        assert set(entry) - {"float_layers", "float_layers_through"} == {
             "accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
             "size_bytes", "images", "test_images"}, name
         assert entry["images"] == entry["test_images"] == len(images)  # all test rows here
@@ -123,8 +123,10 @@ def test_int8_keeps_the_first_layers_in_float_and_no_others(trained, exported, t
 
     from retrain.export import export_formats
 
-    model, _, _ = trained
-    paths, images, _ = exported
+    from retrain.export import measure, short_layer_name
+
+    model, _, labels = trained
+    paths, images, keras_probabilities = exported
     path = export_formats(model, ["int8"], images[::3], tmp_path, float_layers)["int8"]
     all_int8 = litert.quantized_layers(paths["int8"])  # the default export: float_layers 0
     assert len(all_int8) >= 5  # preprocessing, 2 convolutions, pooling, dense, softmax
@@ -134,6 +136,9 @@ def test_int8_keeps_the_first_layers_in_float_and_no_others(trained, exported, t
     assert all(dtypes[name] == np.float32 for name in kept)
     assert all(dtypes[name] == np.int8 for name in all_int8[float_layers:])
     assert litert.float_layer_names(path) == kept
+    entry = measure(path, images, labels, CLASSES, keras_probabilities)
+    assert entry["float_layers"] == float_layers
+    assert entry.get("float_layers_through") == (short_layer_name(kept[-1]) if kept else None)
     assert interpreter.get_input_details()[0]["dtype"] == np.uint8
     assert interpreter.get_output_details()[0]["dtype"] == np.float32
 

@@ -30,7 +30,7 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
     sizes = {s: len(pd.read_csv(ws / "data" / "manifests" / f"{s}.csv")) for s in
              ("train", "val", "test")}
     for name, entry in export.items():
-        assert set(entry) - {"float_layers"} == EXPORT_KEYS, name
+        assert set(entry) - {"float_layers", "float_layers_through"} == EXPORT_KEYS, name
         assert 0 <= entry["agreement"] <= 1 and 0 <= entry["accuracy"] <= 1
         low, high = entry["agreement_ci95"]
         assert low <= entry["agreement"] <= high
@@ -39,6 +39,7 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
         assert entry["test_images"] == sizes["test"]
     # As many layers from the input as the size budget allows, at most the count asked.
     assert 0 < export["int8"]["float_layers"] <= params["export"]["int8_float_layers"]
+    assert "/" not in export["int8"]["float_layers_through"]  # a layer name, its scope cut
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     shown = shown[""]["data"]  # DVC knows each format's row as a metrics file
     assert {f"metrics/export/{name}.json" for name in export} <= set(shown)

@@ -470,8 +470,9 @@ def test_near_duplicate_keys_group_exactly_as_every_pair_compared(seed, max_bits
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 40), data=st.data())
 def test_components_merged_batch_by_batch_are_those_of_all_pairs_at_once(rows, data):
-    """Linking pairs a batch at a time (as the audit's duplicate search does) ends in the
-    connected components of every pair, each named by its first row."""
+    """Linking pairs a batch at a time (as the audit's duplicate search does), from rows
+    alone or from components already formed, ends in the connected components of the
+    first components and every pair, each named by its first row."""
     import numpy as np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -481,12 +482,16 @@ def test_components_merged_batch_by_batch_are_those_of_all_pairs_at_once(rows, d
     pairs = data.draw(st.lists(st.tuples(st.integers(0, rows - 1), st.integers(0, rows - 1)),
                                max_size=60))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(pairs)), max_size=5)))
-    component = np.arange(rows)
+    # The start: each row in a drawn group, every group named by its first row
+    group_of = np.array(data.draw(st.lists(st.integers(0, 5), min_size=rows, max_size=rows)))
+    first_row = {group: int(np.flatnonzero(group_of == group)[0]) for group in set(group_of)}
+    component = np.array([first_row[group] for group in group_of])
+    start_links = [(row, int(first)) for row, first in enumerate(component)]
     for low, high in zip([0, *cuts], [*cuts, len(pairs)]):
         batch = np.array(pairs[low:high], dtype=np.int64).reshape(-1, 2)
         component = merged_components(component, batch[:, 0], batch[:, 1])
 
-    edges = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    edges = np.array(pairs + start_links, dtype=np.int64).reshape(-1, 2)
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(rows, rows))
     _, labels = connected_components(graph, directed=False)
     first = {label: int(np.flatnonzero(labels == label)[0]) for label in set(labels)}

@@ -54,7 +54,7 @@ MAX_ITERATIONS = 300
 # out-of-fold log loss on the 200 real flower photos (1, 0.1, 0.01, 0.001 tried).
 INVERSE_REGULARISATION = 0.1
 # The neighbour searches' space: 128 components, a tenth of 1,280 features' cost per pair.
-# Fewer would be cheaper but let more distinct images into the duplicate radius: the
+# Fewer would be cheaper but let more distinct images above the duplicate similarity: the
 # projection keeps only its share of the variance that is spread evenly over all dimensions
 # (noise), and it is such variance that holds distinct images of one class apart. On the
 # generated features of bench/bench_audit.py (class clusters plus isotropic noise, the hard
@@ -70,7 +70,9 @@ PROJECTION_SAMPLE = 20_000
 # candidate when its bound reaches the similarity less this much.
 SIMILARITY_SLACK = 1e-3
 # Rows per block of the duplicate search: a block's bounds against every later row are held at
-# once, 4 bytes each (256 x 100,000 rows: 100 MB), and its candidate pairs, 16 bytes each.
+# once, 4 bytes each (256 x 100,000 rows: 100 MB), and its candidate pairs' positions, about
+# 40 bytes each at their peak (flat positions, then row and column): a block of wholly alike
+# images, every pair a candidate, peaks near 1 GB at 100,000 rows.
 DUPLICATE_BLOCK_ROWS = 256
 # Candidate pairs confirmed on the full features at a time; between batches the pairs already
 # linked through others are dropped (on alike images, nearly all of them).
@@ -161,7 +163,8 @@ def label_issues(inputs: AuditInputs, probabilities: np.ndarray) -> pd.DataFrame
 class NeighbourSpace:
     """The features scaled to unit length (where cosine similarity s is Euclidean distance
     sqrt(2 - 2 s)), and the same unit vectors as seen by the searches: `reduced`, either the
-    unit vectors themselves or their projection (see `neighbour_space`)."""
+    unit vectors themselves or their projection with one more column, the length the
+    projection drops (see `neighbour_space`)."""
     unit: np.ndarray
     reduced: np.ndarray
 

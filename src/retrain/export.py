@@ -111,7 +111,10 @@ def measure(path: str | Path, images: np.ndarray, labels: np.ndarray, classes: l
         "test_images": int(test_rows.sum()),
     }
     if classifier.input_dtype == np.uint8:  # the int8 file: how much of it is float
-        entry["float_layers"] = len(litert.float_layer_names(path))
+        kept = litert.float_layer_names(path)  # from the input on: the last says how far
+        entry["float_layers"] = len(kept)
+        if kept:
+            entry["float_layers_through"] = short_layer_name(kept[-1])
     return entry
 
 

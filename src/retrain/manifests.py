@@ -501,10 +501,11 @@ def near_duplicate_keys(rows: list[dict], max_bits: int) -> dict[str, str]:
 
 def merged_components(component: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Components after linking the pairs (rows, cols). `component` names each row's
-    component by its first row (np.arange: every row alone; a named row names itself), and so
-    does the result. Only the
-    components the pairs touch are looked at: a search that links a few pairs at a time among
-    100,000 rows pays for those pairs, not for every row's component each time."""
+    component by a row of it, its first (np.arange: every row alone; so component[i] <= i and
+    component[component] == component), and so does the result: a new array, or `component`
+    itself where there are no pairs. The graph is built over the components the pairs touch
+    alone, so a search linking a few pairs at a time among 100,000 rows pays a graph of those
+    pairs and one vectorised relabelling pass over the rows, not a graph of every row."""
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
 
