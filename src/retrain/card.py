@@ -34,8 +34,8 @@ LOADING = ("model.keras needs the retrain package: its preprocessing is a retrai
 # each with its `*_ci95` where evaluate gives one (never an interval without its figure).
 TEST_METRICS = ("test_accuracy", "macro_f1", "balanced_accuracy", "test_loss")
 FORMAT_COLUMNS = ("accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_diff",
-                  "size_bytes", "latency_ms", "float_layers", "images", "test_images",
-                  "held_out_images")
+                  "size_bytes", "latency_ms", "float_layers", "float_layers_through", "images",
+                  "test_images", "held_out_images")
 # A format is recommended only if it agrees top-1 with the Keras model on at least this
 # share of the held-out images (float32, the reference, always may be).
 SHIP_MIN_AGREEMENT = 0.98
