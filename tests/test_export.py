@@ -121,9 +121,7 @@ def test_int8_keeps_the_first_layers_in_float_and_no_others(trained, exported, t
     tensors, every other layer computes in int8, and the pixels still go in as uint8."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from retrain.export import export_formats
-
-    from retrain.export import measure, short_layer_name
+    from retrain.export import export_formats, measure, short_layer_name
 
     model, _, labels = trained
     paths, images, keras_probabilities = exported
