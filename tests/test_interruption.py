@@ -36,12 +36,17 @@ class SignalledWhenCollected:
         signal.raise_signal(signal.SIGINT)
 
 
-def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_command(tmp_path, capsys,
-                                                                 monkeypatch):
-    dropped = []  # what Python drops, printing "Exception ignored in ... __del__"
+@pytest.fixture
+def dropped(monkeypatch):
+    """What Python drops from finalizers ("Exception ignored in ... __del__"), recorded
+    instead of printed (and instead of pytest's warning about it)."""
+    dropped = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(
         unraisable.exc_type))
+    return dropped
 
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_command(tmp_path, capsys, dropped):
     @exits_cleanly
     def command():
         SignalledWhenCollected()  # collected at once; its KeyboardInterrupt is dropped
@@ -104,18 +109,19 @@ def test_ctrl_c_turned_into_another_error_still_exits_130(capsys):
     assert "error: interrupted" in capsys.readouterr().err
 
 
-def test_a_command_after_an_interrupted_one_runs(tmp_path):
+def test_a_command_after_an_interrupted_one_runs(tmp_path, dropped):
     @exits_cleanly
     def interrupted():
         SignalledWhenCollected()
 
     with pytest.raises(SystemExit):
         interrupted()
+    assert dropped == [KeyboardInterrupt]
     exits_cleanly(lambda: write_json(tmp_path / "out.json", {}))()  # the flag is per command
     assert (tmp_path / "out.json").exists()
 
 
-def test_a_stage_run_in_process_leaves_its_caller_as_it_found_it(tmp_path):
+def test_a_stage_run_in_process_leaves_its_caller_as_it_found_it(tmp_path, dropped):
     # A stage run by `runpy` (as tests and notebooks do) installs its Ctrl-C handling from its
     # first import; once its command returns, the caller's handler and excepthook are back
     # and a later command starts with no Ctrl-C on record.
@@ -129,7 +135,7 @@ def test_a_stage_run_in_process_leaves_its_caller_as_it_found_it(tmp_path):
 
     with pytest.raises(SystemExit) as stopped:
         interrupted()
-    assert stopped.value.code == 130
+    assert stopped.value.code == 130 and dropped == [KeyboardInterrupt]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert sys.excepthook is hook
     write_json(tmp_path / "outside.json", {})  # code outside any command is not stopped
@@ -137,7 +143,8 @@ def test_a_stage_run_in_process_leaves_its_caller_as_it_found_it(tmp_path):
     assert (tmp_path / "out.json").exists()
 
 
-def test_a_ctrl_c_swallowed_inside_a_nested_command_still_stops_the_outer_one(tmp_path):
+def test_a_ctrl_c_swallowed_inside_a_nested_command_still_stops_the_outer_one(tmp_path,
+                                                                             dropped):
     # `python -m retrain report`: the CLI's main (a command) calls report's main (another).
     @exits_cleanly
     def inner():
@@ -153,7 +160,7 @@ def test_a_ctrl_c_swallowed_inside_a_nested_command_still_stops_the_outer_one(tm
 
     with pytest.raises(SystemExit) as stopped:
         outer()
-    assert stopped.value.code == 130
+    assert stopped.value.code == 130 and dropped == [KeyboardInterrupt]
     assert not (tmp_path / "out.json").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
