@@ -23,6 +23,9 @@ EXPORT_KEYS = {"accuracy", "macro_f1", "agreement", "agreement_ci95", "max_prob_
 
 
 def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
+    from retrain.export import FILES, short_layer_name
+    from retrain.litert import float_layer_names
+
     ws = pipeline_run
     params = yaml.safe_load((ws / "params.yaml").read_text())
     export = json.loads((ws / "reports" / "details" / "export.json").read_text())
@@ -39,9 +42,6 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
         assert entry["test_images"] == sizes["test"]
     # As many layers from the input as the size budget allows, at most the count asked.
     assert 0 < export["int8"]["float_layers"] <= params["export"]["int8_float_layers"]
-    from retrain.export import FILES, short_layer_name
-    from retrain.litert import float_layer_names
-
     kept = float_layer_names(ws / "models" / "tflite" / FILES["int8"])  # the file it shipped
     assert export["int8"]["float_layers"] == len(kept)
     assert export["int8"]["float_layers_through"] == short_layer_name(kept[-1])
@@ -58,7 +58,10 @@ def test_export_metrics_and_card_describe_the_workspace(pipeline_run):
     assert card["formats"] == export
     for name, digest in card["files"].items():
         assert file_sha256(ws / "models" / name) == digest, name
-    assert (ws / "models" / "model_card.md").read_text().startswith("# Model card")
+    card_text = (ws / "models" / "model_card.md").read_text()
+    assert card_text.startswith("# Model card")
+    int8_row = next(line for line in card_text.splitlines() if line.startswith("| int8 |"))
+    assert int8_row.endswith(f"| {len(kept)} (through {short_layer_name(kept[-1])}) |")
     assert card["training"]["seed"] == params["seed"]  # the recipe of this workspace's run
     assert card["training"]["finetune"]["from_layer"] == params["finetune"]["from_layer"]
     assert card["training"]["finetune"]["augment"] == params["finetune"]["augment"]

@@ -180,6 +180,27 @@ def test_a_budget_of_zero_keeps_only_the_files_the_running_stage_uses(photos, tm
     assert len(cache_files(cache)) == 1
 
 
+def test_a_stage_s_own_files_count_towards_the_budget(photos, tmp_path, monkeypatch):
+    """A stage's own files are never deleted, but they count: its second file makes room
+    by deleting another run's file where the folder would otherwise go over."""
+    import os
+
+    paths, digests = photos
+    cache = tmp_path / "cache"
+    one_file = len(paths[:3]) * 32 * 32 * 3 + 128  # bytes of a 3-image file and its header
+    monkeypatch.setenv("RETRAIN_IMAGE_CACHE_GB", str(2.5 * one_file / 1e9))
+    new_process(monkeypatch)
+    cached_image_array(paths[4:7], digests[4:7], 32, cache)  # an earlier run's file
+    (other,) = cache.iterdir()
+    os.utime(other, (1, 1))
+    new_process(monkeypatch)
+    cached_image_array(paths[:3], digests[:3], 32, cache)  # this stage: training images ...
+    assert other.exists()  # two files fit
+    cached_image_array(paths[1:4], digests[1:4], 32, cache)  # ... then validation images
+    assert not other.exists() and len(cache_files(cache)) == 2
+    assert sum(p.stat().st_size for p in cache.iterdir()) <= 2.5 * one_file
+
+
 def test_rows_of_a_file_deleted_after_it_was_mapped_are_still_read(photos, tmp_path):
     """Another process may delete a cache file between its load and `image_rows`: the
     mapping still holds the file's pixels."""

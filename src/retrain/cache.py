@@ -7,8 +7,9 @@ Decoded images are 2.5x the size of the JPEGs they come from (150 kB per image a
 and every new set of images (an image excluded, relabelled or added) makes a new file: at
 100,000 images one data version's files take about 16 GB. So their folder is kept within a
 budget (`$RETRAIN_IMAGE_CACHE_GB`, default 20), the least recently used files deleted
-first; a deleted file is decoded again when a run needs it. A process never deletes the
-files it uses itself, so a stage that needs more than the budget exceeds it while it runs.
+first; a deleted file is decoded again when a run needs it. A process (each stage `dvc
+repro` runs is one) never deletes the files it uses itself, so one that needs more than the
+budget leaves the folder above it until a later process writes a new file.
 """
 
 import math
@@ -22,7 +23,8 @@ DEFAULT_IMAGE_CACHE_GB = 20.0
 IMAGE_CACHE_BUDGET_VARIABLE = "RETRAIN_IMAGE_CACHE_GB"
 
 # Files this process has used (absolute paths): its own make_room leaves them alone, so a
-# stage that decodes its training images and then its validation images keeps both.
+# stage that decodes its training images and then its validation images keeps both. A
+# notebook running stages in one kernel keeps every file it used until it restarts.
 _used_by_this_process: set[str] = set()
 
 
@@ -44,7 +46,8 @@ def image_cache_budget_bytes() -> int:
         budget = -1.0
     if not (budget >= 0 and math.isfinite(budget)):
         raise UserError(f"{IMAGE_CACHE_BUDGET_VARIABLE}={text!r}: expected a size in GB, "
-                        "a finite number >= 0 (0 keeps only the files the running stage uses)")
+                        "a number from 0 (keep only the files the running stage uses) to "
+                        "1e299")
     return int(budget)
 
 
@@ -66,17 +69,16 @@ def make_room(directory: Path, pattern: str, needed_bytes: int, budget_bytes: in
     Safe while another process reads a deleted file: on POSIX an open file lives on (and
     keeps its disk space) until it is closed. A file that cannot be deleted (Windows, while
     open elsewhere) is skipped."""
-    entries = []
+    entries, total = [], 0
     for path in directory.glob(pattern):
-        if os.path.abspath(path) in _used_by_this_process:
-            continue
         try:
             stat = path.stat()
         except FileNotFoundError:
             continue
-        entries.append((stat.st_mtime, path.name, path, stat.st_size))
+        total += stat.st_size  # this process's own files count, though none is deleted
+        if os.path.abspath(path) not in _used_by_this_process:
+            entries.append((stat.st_mtime, path.name, path, stat.st_size))
     entries.sort()
-    total = sum(entry[3] for entry in entries)
     deleted = []
     for _, _, path, size in entries:
         if total + needed_bytes <= budget_bytes:

@@ -244,7 +244,7 @@ def card_markdown(card: dict) -> str:
           f"| {_number(e.get('agreement'))} | {_number(e.get('agreement_ci95'))} "
           f"| {_number(e.get('max_prob_diff'))} "
           f"| {e['size_bytes'] / 1e6:.2f} | {_number(e.get('latency_ms'))} "
-          f"| {_number(e.get('float_layers', 'all'))} |"
+          f"| {_float_layers(e)} |"
           for name, e in card["formats"].items()],
         "",
         *_recommendation_markdown(card),
@@ -270,6 +270,15 @@ def _more_images(entry: dict) -> str:
         return ""
     return (f" (it was measured on {sample[0]:,} of {sample[1]:,} held-out images: "
             "`export.held_out_images: 0` measures all of them)")
+
+
+def _float_layers(entry: dict) -> str:
+    """The card's "layers in float" cell: all (a float format), none, or how many and the
+    last of them."""
+    if "float_layers" not in entry:
+        return "all"
+    through = entry.get("float_layers_through")
+    return f"{entry['float_layers']}" + (f" (through {through})" if through else "")
 
 
 def _measured_on(formats: dict[str, dict]) -> str:

@@ -238,7 +238,8 @@ def image_rows(array: np.memmap) -> ImageRows | np.memmap:
     """`ImageRows` over a cached image array where the OS has `pread` (not Windows).
 
     The memmap itself where its file was deleted since it was mapped (another process
-    keeping the cache within its budget): the mapping still reads the deleted file."""
+    keeping the cache within its budget): the mapping still reads the deleted file, though
+    the pages it touches then count in this process's resident memory."""
     if not hasattr(os, "pread"):
         return array
     try:
