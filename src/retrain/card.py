@@ -273,8 +273,8 @@ def _more_images(entry: dict) -> str:
 
 
 def _float_layers(entry: dict) -> str:
-    """The card's "layers in float" cell: all (a float format), none, or how many and the
-    last of them."""
+    """The card's "layers in float" cell: all (a float format), 0 (every layer int8), or
+    how many and the last of them."""
     if "float_layers" not in entry:
         return "all"
     through = entry.get("float_layers_through")
